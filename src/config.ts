@@ -1,0 +1,148 @@
+/**
+ * Configuration from environment variables: the seed's names, libpq's names,
+ * `DATABASE_URL`, and `PORT` as container platforms set it.
+ * @module
+ */
+
+/** Where and how to reach PostgreSQL; passed to `npm:pg` as is. */
+export interface DatabaseConfig {
+  host: string;
+  port: number;
+  user: string;
+  password?: string;
+  database: string;
+  /** `DATABASE_URL`, when given; its parts win over the fields above. */
+  connectionString?: string;
+  application_name: string;
+}
+
+/** The server's whole configuration. */
+export interface Config {
+  database: DatabaseConfig;
+  /** Interface the HTTP server listens on. */
+  hostname: string;
+  /** Port the HTTP server listens on (0: any free port). */
+  port: number;
+  /** How long an init's snapshot stays readable, in seconds. */
+  snapshotTtlSeconds: number;
+  /** How long a stream request waits for a slot still held by a dying connection, in seconds. */
+  slotBusyTimeoutSeconds: number;
+  /** Name prefix of the publications the server creates and owns. */
+  publicationPrefix: string;
+}
+
+/** Every environment variable the server or `npm:pg` reads: the `--allow-env` list. */
+export const ENV_VARS = [
+  "DATABASE_URL",
+  "DBNAME",
+  "PGDATABASE",
+  "PGUSER",
+  "USER",
+  "PGPASS",
+  "PGPASSWORD",
+  "PGPASSFILE",
+  "HOME",
+  "PGHOST",
+  "PGPORT",
+  "PGSSLMODE",
+  "PGAPPNAME",
+  "PGCONNECT_TIMEOUT",
+  "PGCLIENTENCODING",
+  "PGOPTIONS",
+  "SERVERHOST",
+  "SERVERPORT",
+  "PORT",
+  "SNAPSHOT_TTL_SECONDS",
+  "SLOT_BUSY_TIMEOUT_SECONDS",
+  "PUBLICATION_PREFIX",
+  "LOG_LEVEL",
+  "NODE_PG_FORCE_NATIVE",
+] as const;
+
+/** Reads one environment variable; `Deno.env.get` in production, a map in tests. */
+export type EnvReader = (name: string) => string | undefined;
+
+function nonEmpty(env: EnvReader, ...names: string[]): string | undefined {
+  for (const name of names) {
+    const value = env(name);
+    if (value !== undefined && value !== "") return value;
+  }
+  return undefined;
+}
+
+function integer(
+  env: EnvReader,
+  names: string[],
+  fallback: number,
+  min: number,
+  max: number,
+): number {
+  const name = names.find((n) => nonEmpty(env, n) !== undefined);
+  if (name === undefined) return fallback;
+  const text = env(name)!;
+  const value = Number(text);
+  if (!/^\d+$/.test(text.trim()) || value < min || value > max) {
+    throw new RangeError(
+      `${name}=${JSON.stringify(text)} is invalid: expected an integer from ${min} to ${max}`,
+    );
+  }
+  return value;
+}
+
+/**
+ * The seed documented `PGPASS="''"` for "no password": shell quotes that
+ * arrive literally through `docker run -e`. Treat them as an empty password.
+ */
+function password(env: EnvReader): string | undefined {
+  const value = nonEmpty(env, "PGPASS", "PGPASSWORD");
+  if (value === "''" || value === '""') return "";
+  return value;
+}
+
+/** Builds the configuration from the environment; throws a `RangeError` naming the bad variable. */
+export function loadConfig(env: EnvReader): Config {
+  const user = nonEmpty(env, "PGUSER", "USER") ?? "postgres";
+  const connectionString = nonEmpty(env, "DATABASE_URL");
+  if (connectionString !== undefined && !/^postgres(ql)?:\/\//.test(connectionString)) {
+    throw new RangeError(
+      "DATABASE_URL is invalid: expected postgres://user:password@host:port/database",
+    );
+  }
+  const prefix = nonEmpty(env, "PUBLICATION_PREFIX") ?? "pgdeltastream";
+  if (!/^[a-z_][a-z0-9_]{0,40}$/.test(prefix)) {
+    throw new RangeError(
+      `PUBLICATION_PREFIX=${
+        JSON.stringify(prefix)
+      } is invalid: use lower-case letters, digits and _`,
+    );
+  }
+  return {
+    database: {
+      host: nonEmpty(env, "PGHOST") ?? "localhost",
+      port: integer(env, ["PGPORT"], 5432, 1, 65535),
+      user,
+      password: password(env),
+      database: nonEmpty(env, "DBNAME", "PGDATABASE") ?? user,
+      connectionString,
+      application_name: "pgdeltastream",
+    },
+    hostname: nonEmpty(env, "SERVERHOST") ?? "127.0.0.1",
+    port: integer(env, ["SERVERPORT", "PORT"], 12312, 0, 65535),
+    snapshotTtlSeconds: integer(env, ["SNAPSHOT_TTL_SECONDS"], 3600, 1, 7 * 24 * 3600),
+    slotBusyTimeoutSeconds: integer(env, ["SLOT_BUSY_TIMEOUT_SECONDS"], 10, 0, 600),
+    publicationPrefix: prefix,
+  };
+}
+
+/** `host:port/database` for messages; never includes the password. */
+export function describeDatabase(db: DatabaseConfig): string {
+  if (db.connectionString !== undefined) {
+    try {
+      const url = new URL(db.connectionString);
+      return `${url.hostname}:${url.port || 5432}${url.pathname}`;
+    } catch {
+      return "DATABASE_URL";
+    }
+  }
+  return `${db.host}:${db.port}/${db.database}`;
+}

@@ -1,0 +1,53 @@
+/**
+ * Connections to PostgreSQL through `npm:pg`, and the few error facts the
+ * rest of the server needs from it.
+ * @module
+ */
+
+import pg from "pg";
+import type { DatabaseConfig } from "./config.ts";
+
+/** A pool for short metadata queries (catalog look-ups, slot bookkeeping). */
+export function createPool(db: DatabaseConfig, max = 4): pg.Pool {
+  const pool = new pg.Pool({ ...db, max, idleTimeoutMillis: 10_000 });
+  // An idle client's connection dying must not crash the process; the next query reconnects.
+  pool.on("error", () => {});
+  return pool;
+}
+
+/** A dedicated connection; `replication` opens a walsender connection for replication commands. */
+export async function connect(db: DatabaseConfig, replication = false): Promise<pg.Client> {
+  const client = new pg.Client(
+    replication ? { ...db, replication: "database" } as pg.ClientConfig : db,
+  );
+  client.on("error", () => {});
+  await client.connect();
+  return client;
+}
+
+/** SQLSTATE of a PostgreSQL error, or undefined for anything else. */
+export function sqlState(error: unknown): string | undefined {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
+}
+
+/** SQLSTATEs the server reacts to. */
+export const SqlState = {
+  /** `undefined_object`: e.g. a replication slot that does not exist. */
+  UndefinedObject: "42704",
+  /** `duplicate_object`: e.g. a slot name already taken. */
+  DuplicateObject: "42710",
+  /** `object_in_use`: e.g. a slot another walsender is streaming. */
+  ObjectInUse: "55006",
+  /** `insufficient_privilege`. */
+  InsufficientPrivilege: "42501",
+  /** `undefined_table`. */
+  UndefinedTable: "42P01",
+  /** `undefined_function`: e.g. no ordering operator for an order_by column's type. */
+  UndefinedFunction: "42883",
+  /** `configuration_limit_exceeded`: e.g. all replication slots in use. */
+  ConfigurationLimitExceeded: "53400",
+} as const;
+
+/** Rows as arrays of PostgreSQL's text output, untouched by `npm:pg`'s type parsers. */
+export const RAW_TEXT_TYPES = { getTypeParser: () => (value: string) => value };

@@ -1,0 +1,53 @@
+/**
+ * `deno task start`: configuration from the environment, start-up checks,
+ * then the server until SIGINT or SIGTERM.
+ * @module
+ */
+
+import { describeDatabase, loadConfig } from "./config.ts";
+import { preflight } from "./preflight.ts";
+import { startServer } from "./server.ts";
+
+/** Exit codes: configuration error, database not ready. */
+export const EXIT_CONFIG = 2;
+/** The database is unreachable or not set up for logical replication. */
+export const EXIT_DATABASE = 1;
+
+/** Runs the server until a signal asks it to stop; returns the exit code. */
+export async function main(): Promise<number> {
+  let config;
+  try {
+    config = loadConfig((name) => Deno.env.get(name));
+  } catch (error) {
+    console.error(`pgdeltastream: ${(error as Error).message}`);
+    return EXIT_CONFIG;
+  }
+  const problems = await preflight(config.database);
+  if (problems.length > 0) {
+    console.error(`pgdeltastream cannot start:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
+    return EXIT_DATABASE;
+  }
+  let server;
+  try {
+    server = await startServer(config);
+  } catch (error) {
+    console.error(`pgdeltastream cannot start: ${(error as Error).message}`);
+    return EXIT_DATABASE;
+  }
+  console.log(
+    `pgdeltastream listening on ${server.url.href} (database ${describeDatabase(config.database)})`,
+  );
+  const stop = Promise.withResolvers<string>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    Deno.addSignalListener(signal, () => stop.resolve(signal));
+  }
+  const signal = await stop.promise;
+  console.log(`pgdeltastream: ${signal}, shutting down`);
+  // A second signal, or a shutdown taking over 5 s, exits at once: slots are kept, nothing acked is lost.
+  const deadline = setTimeout(() => Deno.exit(0), 5000);
+  await server[Symbol.asyncDispose]();
+  clearTimeout(deadline);
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main());

@@ -1,0 +1,92 @@
+/**
+ * Start-up checks: each problem PostgreSQL can have that would make the
+ * server useless, found before it listens, with what to do about it.
+ * @module
+ */
+
+import { type DatabaseConfig, describeDatabase } from "./config.ts";
+import { connect, sqlState } from "./database.ts";
+
+function connectionProblem(db: DatabaseConfig, error: unknown, replication: boolean): string {
+  const where = describeDatabase(db);
+  const message = (error as Error).message;
+  const code = sqlState(error) ?? (error as { code?: string }).code;
+  switch (code) {
+    case "ECONNREFUSED":
+    case "ENOTFOUND":
+    case "EAI_AGAIN":
+    case "ETIMEDOUT":
+      return `Cannot connect to PostgreSQL at ${where}: ${message}. Is it running? ` +
+        "Set PGHOST and PGPORT (or DATABASE_URL) to where it listens.";
+    case "28P01":
+    case "28000":
+      return replication && /replication/.test(message)
+        ? `PostgreSQL at ${where} refuses replication connections: ${message}. ` +
+          `Add "host replication ${db.user} <client address> scram-sha-256" (or trust) to pg_hba.conf and reload.`
+        : `PostgreSQL at ${where} rejected user "${db.user}": ${message}. Check PGUSER and PGPASS (or DATABASE_URL).`;
+    case "3D000":
+      return `Database missing at ${where}: ${message}. Set DBNAME (or PGDATABASE, DATABASE_URL) to an existing database.`;
+  }
+  return `Cannot connect to PostgreSQL at ${where}${
+    replication ? " for replication" : ""
+  }: ${message}`;
+}
+
+/** Runs every check; returns the problems found (empty when the database is ready). */
+export async function preflight(db: DatabaseConfig): Promise<string[]> {
+  let client;
+  try {
+    client = await connect(db);
+  } catch (error) {
+    return [connectionProblem(db, error, false)];
+  }
+  const problems: string[] = [];
+  try {
+    const { rows } = await client.query<{
+      wal_level: string;
+      can_replicate: boolean;
+      free_slots: number;
+      version: number;
+    }>(
+      `SELECT current_setting('wal_level') AS wal_level,
+              (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) AS can_replicate,
+              current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int
+                AS free_slots,
+              current_setting('server_version_num')::int AS version`,
+    );
+    const facts = rows[0];
+    if (facts.version < 100000) {
+      problems.push(
+        `PostgreSQL ${facts.version} is too old: logical replication with pgoutput needs 10 or later.`,
+      );
+    }
+    if (facts.wal_level !== "logical") {
+      problems.push(
+        `wal_level is "${facts.wal_level}", but logical decoding needs "logical": set wal_level = logical ` +
+          "in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL.",
+      );
+    }
+    if (!facts.can_replicate) {
+      problems.push(
+        `Role "${db.user}" lacks the REPLICATION privilege: run ALTER ROLE "${db.user}" WITH REPLICATION as a superuser.`,
+      );
+    }
+    if (facts.free_slots <= 0) {
+      problems.push(
+        "No free replication slots (max_replication_slots is reached): drop unused slots with " +
+          "pg_drop_replication_slot() or raise max_replication_slots and restart PostgreSQL.",
+      );
+    }
+  } finally {
+    await client.end().catch(() => {});
+  }
+  if (problems.length > 0) return problems;
+  try {
+    const replication = await connect(db, true);
+    await replication.query("IDENTIFY_SYSTEM");
+    await replication.end();
+  } catch (error) {
+    problems.push(connectionProblem(db, error, true));
+  }
+  return problems;
+}

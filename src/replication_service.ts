@@ -1,0 +1,295 @@
+/**
+ * One slot's replication connection as a `ReadableStream` of transaction
+ * frames. Bridges `npm:pg-logical-replication` (connection, copy protocol,
+ * keepalives) to the pgoutput decoder, and reports to PostgreSQL only what
+ * the client acknowledged.
+ * @module
+ */
+
+import type { Buffer } from "node:buffer";
+import type pg from "pg";
+import { LogicalReplicationService } from "pg-logical-replication";
+import type { DatabaseConfig } from "./config.ts";
+import { SqlState, sqlState } from "./database.ts";
+import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "./lsn.ts";
+import {
+  type Frame,
+  PgoutputDecoder,
+  type SchemaFilter,
+  type TypeNameResolver,
+} from "./pgoutput_decoder.ts";
+
+/** Options of {@link ReplicationService.start}. */
+export interface ReplicationOptions {
+  database: DatabaseConfig;
+  slotName: string;
+  publications: string[];
+  resolveTypes: TypeNameResolver;
+  skipSchema: SchemaFilter;
+  /** Frames decoded ahead of the consumer before reading from PostgreSQL pauses. Default 16. */
+  highWaterMark?: number;
+}
+
+/** The slot does not exist. */
+export class SlotNotFoundError extends Error {
+  /** Creates the error for `slotName`. */
+  constructor(slotName: string, options?: ErrorOptions) {
+    super(`Cannot stream: slot "${slotName}" does not exist`, options);
+    this.name = "SlotNotFoundError";
+  }
+}
+
+/** Another connection is streaming the slot. */
+export class SlotInUseError extends Error {
+  /** Creates the error for `slotName`. */
+  constructor(slotName: string, options?: ErrorOptions) {
+    super(`Cannot stream: slot "${slotName}" is being streamed by another connection`, options);
+    this.name = "SlotInUseError";
+  }
+}
+
+/** The replication connection ended while streaming; reconnecting resumes after the last ack. */
+export class ReplicationLostError extends Error {
+  /** Creates the error for `slotName`. */
+  constructor(slotName: string, options?: ErrorOptions) {
+    super(
+      `Replication of slot "${slotName}" was interrupted: ${
+        (options?.cause as Error)?.message ?? "connection ended"
+      }`,
+      options,
+    );
+    this.name = "ReplicationLostError";
+  }
+}
+
+/**
+ * pgoutput without the library's parser: messages pass through as raw
+ * buffers to {@link PgoutputDecoder}, which keeps values verbatim. Counts
+ * arrivals, so the service knows when every received message was decoded.
+ */
+class RawPgoutput {
+  received = 0;
+  // The library's AbstractPlugin is not exported; this class has its shape.
+  readonly options: { publications: string[] };
+
+  constructor(options: { publications: string[] }) {
+    this.options = options;
+  }
+
+  get name(): string {
+    return "pgoutput";
+  }
+
+  start(client: pg.Client, slotName: string): Promise<unknown> {
+    // Start at 0/0: PostgreSQL resumes from the slot's confirmed_flush_lsn, the last acknowledged
+    // position. Names are [a-z0-9_] (checked by the caller and the config), safe to quote.
+    const publications = this.options.publications.join(",");
+    return client.query(
+      `START_REPLICATION SLOT "${slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${publications}')`,
+    );
+  }
+
+  parse(buffer: Buffer): Buffer {
+    this.received++;
+    return buffer;
+  }
+}
+
+/**
+ * Streams one slot. `readable` yields committed transactions in commit
+ * order; `acknowledge` confirms them to PostgreSQL. Close it (or cancel the
+ * stream) to end the replication connection; the slot stays.
+ */
+export class ReplicationService implements AsyncDisposable {
+  readonly slotName: string;
+  /** Committed transactions, in order. Errors with {@link ReplicationLostError} if the connection drops. */
+  readonly readable: ReadableStream<Frame>;
+
+  readonly #lib: LogicalReplicationService;
+  readonly #plugin: RawPgoutput;
+  readonly #decoder: PgoutputDecoder;
+  #controller!: ReadableStreamDefaultController<Frame>;
+  #wake: (() => void) | undefined;
+  #processed = 0;
+  #closing = false;
+  #ended: Promise<void> = Promise.resolve();
+  #statusTimer: ReturnType<typeof setTimeout> | undefined;
+  /** nextlsn of the last frame handed to `readable`. */
+  #enqueued: Lsn = ZERO_LSN;
+  /** Highest position the client acknowledged. */
+  #acked: Lsn = ZERO_LSN;
+  /** Position reported to PostgreSQL as flushed: the client's ack, or an idle advance past it. */
+  #confirmed: Lsn = ZERO_LSN;
+
+  private constructor(options: ReplicationOptions) {
+    this.slotName = options.slotName;
+    this.#decoder = new PgoutputDecoder(options.resolveTypes, options.skipSchema);
+    this.#plugin = new RawPgoutput({ publications: options.publications });
+    this.#lib = new LogicalReplicationService(options.database, {
+      // Never acknowledge on the library's own: it would confirm what was only received (data loss).
+      acknowledge: { auto: false, timeoutSeconds: 0 },
+      // Await our data handler before the next message: that is how backpressure reaches the socket.
+      flowControl: { enabled: true },
+    });
+    this.readable = new ReadableStream<Frame>({
+      start: (controller) => {
+        this.#controller = controller;
+      },
+      pull: () => this.#resume(),
+      cancel: () => this.close(),
+    }, { highWaterMark: options.highWaterMark ?? 16 });
+  }
+
+  /**
+   * Connects and starts streaming `options.slotName` from its last
+   * acknowledged position. Rejects with {@link SlotNotFoundError},
+   * {@link SlotInUseError} or the connection's error.
+   */
+  static async start(options: ReplicationOptions): Promise<ReplicationService> {
+    const service = new ReplicationService(options);
+    await service.#start();
+    return service;
+  }
+
+  /** Highest position the client acknowledged on this connection. */
+  get acknowledged(): Lsn {
+    return this.#acked;
+  }
+
+  /** Position last reported to PostgreSQL as consumed. */
+  get confirmed(): Lsn {
+    return this.#confirmed;
+  }
+
+  async #start(): Promise<void> {
+    this.#lib.on("error", () => {}); // surfaced through subscribe()'s promise below
+    this.#lib.on("data", (_lsn: string, message: Buffer) => this.#onMessage(message));
+    this.#lib.on(
+      "heartbeat",
+      (lsn: string, _time: number, reply: boolean) => this.#onKeepalive(lsn, reply),
+    );
+    const started = new Promise<void>((resolve) => this.#lib.once("start", () => resolve()));
+    const running = this.#lib.subscribe(this.#plugin, this.slotName);
+    try {
+      await Promise.race([
+        started,
+        running.then(() => Promise.reject(new Error("replication ended at once"))),
+      ]);
+    } catch (error) {
+      this.#closing = true;
+      await this.#lib.stop().catch(() => {});
+      switch (sqlState(error)) {
+        case SqlState.UndefinedObject:
+          throw new SlotNotFoundError(this.slotName, { cause: error });
+        case SqlState.ObjectInUse:
+          throw new SlotInUseError(this.slotName, { cause: error });
+      }
+      throw error;
+    }
+    this.#ended = running.then(
+      () => this.#lost(undefined),
+      (error) => this.#lost(error),
+    );
+  }
+
+  #lost(cause: unknown): void {
+    if (this.#closing) return;
+    this.#closing = true;
+    this.#resume();
+    try {
+      this.#controller.error(new ReplicationLostError(this.slotName, { cause }));
+    } catch { /* already closed */ }
+    void this.#lib.stop().catch(() => {});
+  }
+
+  #resume(): void {
+    const wake = this.#wake;
+    this.#wake = undefined;
+    wake?.();
+  }
+
+  async #onMessage(message: Buffer): Promise<void> {
+    try {
+      if (this.#closing) return;
+      const result = this.#decoder.decode(message);
+      if (result instanceof Promise) {
+        await result;
+      } else if (result !== undefined) {
+        this.#controller.enqueue(result);
+        this.#enqueued = result.nextLsn;
+        if ((this.#controller.desiredSize ?? 0) <= 0) {
+          // Backpressure: the library reads no further message until this resolves.
+          await new Promise<void>((resolve) => (this.#wake = resolve));
+        }
+      }
+    } catch (error) {
+      this.#lost(error);
+    } finally {
+      this.#processed++;
+    }
+  }
+
+  /**
+   * A primary keepalive. Answer with the confirmed position when asked (or
+   * `wal_sender_timeout` ends the stream); and when the client has
+   * acknowledged everything decoded so far and nothing is in flight, move the
+   * confirmed position up to the server's WAL end so an idle slot does not
+   * hold WAL forever. Safe: every transaction that committed before that
+   * position has been sent ahead of this keepalive, decoded and acknowledged.
+   */
+  #onKeepalive(lsnText: string, reply: boolean): void {
+    if (this.#closing) return;
+    const walEnd = parseLsn(lsnText);
+    const idle = this.#plugin.received === this.#processed && !this.#decoder.inTransaction &&
+      this.#acked >= this.#enqueued;
+    if (idle && walEnd > this.#confirmed) {
+      this.#confirmed = walEnd;
+      this.#sendStatus();
+    } else if (reply) {
+      this.#sendStatus();
+    }
+  }
+
+  /**
+   * The client consumed every transaction up to `lsn` (a delivered nextlsn;
+   * the caller validates it). Reported to PostgreSQL within 10 ms, coalescing
+   * bursts of acks into one status update.
+   */
+  acknowledge(lsn: Lsn): void {
+    if (lsn <= this.#acked) return;
+    this.#acked = lsn;
+    if (lsn <= this.#confirmed) return;
+    this.#confirmed = lsn;
+    if (this.#statusTimer === undefined) {
+      this.#statusTimer = setTimeout(() => this.#sendStatus(), 10);
+    }
+  }
+
+  #sendStatus(): void {
+    clearTimeout(this.#statusTimer);
+    this.#statusTimer = undefined;
+    if (this.#confirmed === ZERO_LSN) return;
+    // The library reports lsn + 1 as written, flushed and applied; ours is already the next byte.
+    void this.#lib.acknowledge(formatLsn(this.#confirmed - 1n));
+  }
+
+  /** Flushes the confirmed position, ends the replication connection and closes `readable`. */
+  async close(): Promise<void> {
+    if (!this.#closing) {
+      this.#sendStatus();
+      this.#closing = true;
+    }
+    clearTimeout(this.#statusTimer);
+    this.#resume();
+    try {
+      this.#controller.close();
+    } catch { /* already closed or errored */ }
+    await this.#lib.stop().catch(() => {});
+    await this.#ended;
+  }
+
+  /** Same as {@link close}. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}

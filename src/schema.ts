@@ -1,0 +1,127 @@
+/**
+ * What the server keeps in the database: a schema with the slots it created
+ * (so init drops only its own), and the two publications pgoutput reads.
+ *
+ * Why two publications: a table in a publication that publishes UPDATE or
+ * DELETE must have a replica identity, or PostgreSQL rejects those statements
+ * on it. One publication for every table's inserts, and one for updates and
+ * deletes of the tables that have an identity, stream what wal2json streams
+ * and never break an application's writes. An event trigger keeps the second
+ * publication in step with DDL inside the DDL's own transaction.
+ * @module
+ */
+
+import type pg from "pg";
+
+/** Names of the server's database objects, all derived from one prefix. */
+export interface SchemaNames {
+  /** Schema holding the bookkeeping table and functions; its changes are never streamed. */
+  schema: string;
+  /** Publication of every table's inserts. */
+  inserts: string;
+  /** Publication of updates and deletes of tables with a replica identity. */
+  keyed: string;
+}
+
+/** The object names for `prefix` (validated by the config as `[a-z_][a-z0-9_]*`). */
+export function schemaNames(prefix: string): SchemaNames {
+  return { schema: prefix, inserts: `${prefix}_inserts`, keyed: `${prefix}_keyed` };
+}
+
+/** SQL that sets everything up; the README shows it for roles that are not superuser. */
+export function setupSql(n: SchemaNames): string {
+  return `
+CREATE SCHEMA IF NOT EXISTS ${n.schema};
+CREATE TABLE IF NOT EXISTS ${n.schema}.slots (
+  slot_name name PRIMARY KEY,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.inserts}') THEN
+    CREATE PUBLICATION ${n.inserts} FOR ALL TABLES WITH (publish = 'insert');
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.keyed}') THEN
+    CREATE PUBLICATION ${n.keyed} WITH (publish = 'update, delete');
+  END IF;
+END $$;
+CREATE OR REPLACE FUNCTION ${n.schema}.sync_keyed_publication() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN
+    SELECT c.oid::regclass AS rel,
+           EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                   WHERE p.pubname = '${n.keyed}' AND pr.prrelid = c.oid) AS member,
+           (c.relreplident = 'f'
+            OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+            OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
+             AS keyed
+    FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+    WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+      AND ns.nspname NOT IN ('pg_catalog', 'information_schema', '${n.schema}')
+      AND ns.nspname NOT LIKE 'pg\\_%'
+  LOOP
+    IF r.keyed AND NOT r.member THEN
+      EXECUTE format('ALTER PUBLICATION ${n.keyed} ADD TABLE %s', r.rel);
+    ELSIF r.member AND NOT r.keyed THEN
+      EXECUTE format('ALTER PUBLICATION ${n.keyed} DROP TABLE %s', r.rel);
+    END IF;
+  END LOOP;
+END $$;
+CREATE OR REPLACE FUNCTION ${n.schema}.on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+  PERFORM ${n.schema}.sync_keyed_publication();
+EXCEPTION WHEN OTHERS THEN
+  -- Never fail the application's DDL; the server re-syncs at init and stream start.
+  RAISE WARNING 'pgdeltastream: could not sync publication ${n.keyed}: %', SQLERRM;
+END $$;
+DROP EVENT TRIGGER IF EXISTS ${n.schema}_sync;
+CREATE EVENT TRIGGER ${n.schema}_sync ON ddl_command_end
+  WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'DROP INDEX', 'ALTER INDEX')
+  EXECUTE FUNCTION ${n.schema}.on_ddl();
+SELECT ${n.schema}.sync_keyed_publication();
+`;
+}
+
+/**
+ * Creates the schema, publications and event trigger if this role may (a
+ * superuser); otherwise checks that a DBA ran {@link setupSql}. Throws an
+ * `Error` that says what to run.
+ */
+export async function ensureSchema(pool: pg.Pool, n: SchemaNames): Promise<void> {
+  const { rows } = await pool.query<{ superuser: boolean; ready: boolean }>(
+    `SELECT rolsuper AS superuser,
+            (SELECT count(*) = 2 FROM pg_publication WHERE pubname IN ($1, $2))
+              AND to_regclass($3) IS NOT NULL AS ready
+       FROM pg_roles WHERE rolname = current_user`,
+    [n.inserts, n.keyed, `${n.schema}.slots`],
+  );
+  const { superuser, ready } = rows[0];
+  if (!superuser) {
+    if (ready) return;
+    throw new Error(
+      `Cannot start: publications ${n.inserts} and ${n.keyed} do not exist, and creating them ` +
+        `FOR ALL TABLES needs a superuser. Have a superuser run the SQL printed by ` +
+        `"deno task setup-sql" (also in the README), then start again.`,
+    );
+  }
+  const client = await pool.connect();
+  try {
+    await client.query("BEGIN");
+    // Several servers starting at once must not race on CREATE ... IF NOT EXISTS.
+    await client.query("SELECT pg_advisory_xact_lock(hashtext($1))", [n.schema]);
+    await client.query(setupSql(n));
+    await client.query("COMMIT");
+  } catch (error) {
+    await client.query("ROLLBACK").catch(() => {});
+    throw error;
+  } finally {
+    client.release();
+  }
+}
+
+/** Re-syncs the keyed publication (covers DDL made while the event trigger could not run). */
+export async function syncPublication(pool: pg.Pool, n: SchemaNames): Promise<void> {
+  await pool.query(`SELECT ${n.schema}.sync_keyed_publication()`);
+}

@@ -1,0 +1,155 @@
+/**
+ * The slots this server creates: init (slot + exported snapshot), dropping
+ * only the slots recorded as its own, and looking slots up for streaming.
+ * @module
+ */
+
+import type pg from "pg";
+import type { DatabaseConfig } from "./config.ts";
+import { connect, SqlState, sqlState } from "./database.ts";
+import { HttpError } from "./http_error.ts";
+import { type SchemaNames, syncPublication } from "./schema.ts";
+import { generateSlotName } from "./slot_names.ts";
+import type { SnapshotStore } from "./snapshots.ts";
+
+/** A slot as `pg_replication_slots` shows it. */
+export interface SlotInfo {
+  slot_name: string;
+  plugin: string | null;
+  database: string | null;
+  active_pid: number | null;
+  confirmed_flush_lsn: string | null;
+  /** Recorded in the server's slots table: created by pgdeltastream. */
+  owned: boolean;
+}
+
+/** Called before a slot is dropped, to close the server's own stream on it. */
+export type BeforeDrop = (slotName: string) => Promise<void>;
+
+/** Creates, finds and drops the server's replication slots. */
+export class SlotManager {
+  readonly #db: DatabaseConfig;
+  readonly #pool: pg.Pool;
+  readonly #names: SchemaNames;
+  readonly #snapshots: SnapshotStore;
+  #initLock: Promise<unknown> = Promise.resolve();
+
+  /** Manages slots in the database of `db`, recording them in `names.schema`. */
+  constructor(db: DatabaseConfig, pool: pg.Pool, names: SchemaNames, snapshots: SnapshotStore) {
+    this.#db = db;
+    this.#pool = pool;
+    this.#names = names;
+    this.#snapshots = snapshots;
+  }
+
+  /**
+   * The seed's init: drops the slots this server created before (never
+   * another tool's), then creates a new slot whose exported snapshot is held
+   * for the snapshot API. One init at a time.
+   */
+  init(beforeDrop: BeforeDrop): Promise<string> {
+    const next = this.#initLock.then(async () => {
+      await syncPublication(this.#pool, this.#names);
+      for (const slot of await this.list()) {
+        if (slot.owned) await this.drop(slot, beforeDrop);
+      }
+      return await this.#create();
+    });
+    this.#initLock = next.catch(() => {});
+    return next;
+  }
+
+  /** Slots of this database, and whether this server created them. */
+  async list(): Promise<SlotInfo[]> {
+    const { rows } = await this.#pool.query<SlotInfo>(
+      `SELECT coalesce(s.slot_name, o.slot_name)::text AS slot_name, s.plugin::text, s.database::text,
+              s.active_pid, s.confirmed_flush_lsn::text, o.slot_name IS NOT NULL AS owned
+         FROM (SELECT * FROM pg_replication_slots WHERE database = current_database()) s
+         FULL JOIN ${this.#names.schema}.slots o ON o.slot_name = s.slot_name
+        ORDER BY 1`,
+    );
+    return rows;
+  }
+
+  /** The slot named `slotName` in this database, or undefined. */
+  async find(slotName: string): Promise<SlotInfo | undefined> {
+    return (await this.list()).find((s) => s.slot_name === slotName && s.plugin !== null);
+  }
+
+  async drop(slot: SlotInfo, beforeDrop: BeforeDrop): Promise<void> {
+    await beforeDrop(slot.slot_name);
+    await this.#snapshots.release(slot.slot_name, "a new init dropped its slot");
+    if (slot.plugin !== null) {
+      // A walsender of another process (an old instance's, or a crashed one's) may still hold it.
+      await this.#pool.query(
+        `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+          WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()`,
+        [slot.slot_name],
+      );
+      // pg_drop_replication_slot waits (wait => true in PostgreSQL ≥ 15 is implicit for inactive slots).
+      await this.#dropWhenInactive(slot.slot_name);
+    }
+    await this.#pool.query(`DELETE FROM ${this.#names.schema}.slots WHERE slot_name = $1`, [
+      slot.slot_name,
+    ]);
+  }
+
+  async #dropWhenInactive(slotName: string): Promise<void> {
+    for (let attempt = 0;; attempt++) {
+      try {
+        await this.#pool.query(
+          "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+          [slotName],
+        );
+        return;
+      } catch (error) {
+        // The terminated walsender takes a moment to release the slot.
+        if (sqlState(error) !== SqlState.ObjectInUse || attempt >= 50) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+  }
+
+  async #create(): Promise<string> {
+    for (let attempt = 0;; attempt++) {
+      const slotName = generateSlotName();
+      // Record ownership first: a crash between the two leaves a record without a slot (cleaned at the
+      // next init), never a slot nobody knows is ours.
+      const recorded = await this.#pool.query(
+        `INSERT INTO ${this.#names.schema}.slots(slot_name) VALUES ($1) ON CONFLICT DO NOTHING`,
+        [slotName],
+      );
+      if (recorded.rowCount === 0) continue;
+      try {
+        await this.#createSlot(slotName);
+        return slotName;
+      } catch (error) {
+        await this.#pool.query(`DELETE FROM ${this.#names.schema}.slots WHERE slot_name = $1`, [
+          slotName,
+        ]);
+        if (sqlState(error) === SqlState.DuplicateObject && attempt < 5) continue;
+        if (sqlState(error) === SqlState.ConfigurationLimitExceeded) {
+          throw new HttpError(
+            503,
+            `Cannot init: all replication slots are in use (${(error as Error).message}); ` +
+              "drop unused slots or raise max_replication_slots",
+          );
+        }
+        throw error;
+      }
+    }
+  }
+
+  async #createSlot(slotName: string): Promise<void> {
+    const replication = await connect(this.#db, true);
+    try {
+      // The exported snapshot lives only while this connection stays idle: import it before anything else.
+      const { rows } = await replication.query(
+        `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput EXPORT_SNAPSHOT`,
+      );
+      await this.#snapshots.hold(slotName, rows[0].snapshot_name);
+    } finally {
+      await replication.end().catch(() => {});
+    }
+  }
+}

@@ -1,0 +1,156 @@
+/**
+ * One websocket client streaming one slot: frames out through a sink that
+ * respects the socket's `bufferedAmount`, acknowledgements in, validated
+ * against what this socket was actually sent.
+ * @module
+ */
+
+import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "./lsn.ts";
+import type { Frame } from "./pgoutput_decoder.ts";
+import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "./protocol.ts";
+import { ReplicationLostError, type ReplicationService } from "./replication_service.ts";
+
+/** Socket buffer above which sending pauses, and below which it resumes. */
+export const SOCKET_HIGH_WATER_BYTES = 1 << 20;
+/** Socket buffer below which a paused sink resumes sending. */
+export const SOCKET_LOW_WATER_BYTES = 256 << 10;
+
+/** Waits until the socket's outgoing buffer drains below the low-water mark (or the socket closes). */
+async function drained(socket: WebSocket, signal: AbortSignal): Promise<void> {
+  // WebSocket has no "drain" event: poll the buffered amount while above the mark.
+  while (
+    socket.bufferedAmount > SOCKET_LOW_WATER_BYTES && socket.readyState === WebSocket.OPEN &&
+    !signal.aborted
+  ) {
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/** A websocket bound to a {@link ReplicationService} until either side ends. */
+export class StreamSession {
+  readonly slotName: string;
+  readonly #socket: WebSocket;
+  readonly #service: ReplicationService;
+  readonly #abort = new AbortController();
+  #delivered: Lsn = ZERO_LSN;
+  #acked: Lsn = ZERO_LSN;
+  /** Settles when the socket is closed and the replication connection ended. */
+  readonly done: Promise<void>;
+
+  /** Binds `socket` (from `Deno.upgradeWebSocket`) to `service`. */
+  constructor(socket: WebSocket, service: ReplicationService) {
+    this.slotName = service.slotName;
+    this.#socket = socket;
+    this.#service = service;
+    socket.addEventListener("message", (event) => this.#onMessage(event));
+    const closed = new Promise<void>((resolve) =>
+      socket.addEventListener("close", () => resolve(), { once: true })
+    );
+    const opened = new Promise<void>((resolve) =>
+      socket.addEventListener("open", () => resolve(), { once: true })
+    );
+    this.done = Promise.race([opened, closed]).then(() => this.#pump()).finally(async () => {
+      this.#abort.abort();
+      await service.close();
+    });
+    // The client leaving ends the pump at once.
+    void closed.then(() => this.#abort.abort());
+  }
+
+  /** nextlsn of the last frame sent on this socket. */
+  get delivered(): Lsn {
+    return this.#delivered;
+  }
+
+  async #pump(): Promise<void> {
+    const socket = this.#socket;
+    const signal = this.#abort.signal;
+    if (socket.readyState !== WebSocket.OPEN) return;
+    const sink = new WritableStream<Frame>({
+      write: async (frame) => {
+        if (socket.readyState !== WebSocket.OPEN) throw new Error("socket closed");
+        socket.send(frame.text);
+        this.#delivered = frame.nextLsn;
+        if (socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) await drained(socket, signal);
+      },
+    });
+    try {
+      await this.#service.readable.pipeTo(sink, { signal });
+      this.close(CloseCode.Normal, "stream ended");
+    } catch (error) {
+      if (signal.aborted) return;
+      if (error instanceof ReplicationLostError) {
+        this.close(
+          CloseCode.TryAgainLater,
+          "replication connection lost; reconnect to resume after your last ack",
+        );
+      } else {
+        console.error(`stream of slot "${this.slotName}" failed:`, error);
+        this.close(
+          CloseCode.InternalError,
+          "internal error; reconnect to resume after your last ack",
+        );
+      }
+    }
+  }
+
+  #onMessage(event: MessageEvent): void {
+    if (typeof event.data !== "string") {
+      return this.close(
+        CloseCode.UnsupportedData,
+        'only text frames are accepted: send {"lsn":"X/Y"}',
+      );
+    }
+    if (event.data.length > MAX_CLIENT_MESSAGE_BYTES) {
+      return this.close(
+        CloseCode.MessageTooBig,
+        `messages are limited to ${MAX_CLIENT_MESSAGE_BYTES} bytes`,
+      );
+    }
+    let lsn: Lsn;
+    try {
+      const message: unknown = JSON.parse(event.data);
+      const text = (message as { lsn?: unknown } | null)?.lsn;
+      if (typeof message !== "object" || message === null || typeof text !== "string") {
+        throw new TypeError('expected {"lsn":"X/Y"}');
+      }
+      lsn = parseLsn(text);
+    } catch (error) {
+      const detail = error instanceof SyntaxError
+        ? 'not JSON; expected {"lsn":"X/Y"}'
+        : (error as Error).message;
+      return this.close(CloseCode.InvalidAck, `invalid ack: ${detail}`);
+    }
+    if (lsn > this.#delivered) {
+      return this.close(
+        CloseCode.InvalidAck,
+        `invalid ack: ${formatLsn(lsn)} is beyond the last nextlsn sent on this socket (${
+          formatLsn(this.#delivered)
+        })`,
+      );
+    }
+    // An ack at or below the last one (say, of a re-delivered frame) changes nothing.
+    if (lsn <= this.#acked) return;
+    this.#acked = lsn;
+    this.#service.acknowledge(lsn);
+  }
+
+  /** Closes the socket with `code` and `reason` (at most 123 bytes), ending the stream. */
+  close(code: CloseCodeValue, reason: string): void {
+    this.#abort.abort();
+    if (
+      this.#socket.readyState === WebSocket.OPEN || this.#socket.readyState === WebSocket.CONNECTING
+    ) {
+      try {
+        this.#socket.close(code, truncateReason(reason));
+      } catch { /* already closing */ }
+    }
+  }
+}
+
+/** Close reasons are limited to 123 UTF-8 bytes. */
+function truncateReason(reason: string): string {
+  const bytes = new TextEncoder().encode(reason);
+  if (bytes.length <= 123) return reason;
+  return new TextDecoder().decode(bytes.slice(0, 120)).replace(/\uFFFD$/, "") + "...";
+}

@@ -1,0 +1,153 @@
+/**
+ * Test support: a real PostgreSQL per test file, the server in-process or as
+ * a child process, and a websocket client that waits on frames, not time.
+ * @module
+ */
+
+import pg from "pg";
+import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.ts";
+import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/embedded_postgres.ts";
+import { type RunningServer, startServer } from "../../src/server.ts";
+
+/** A PostgreSQL in a fresh temporary data directory, removed on dispose. */
+export async function startPostgres(
+  options: Partial<EmbeddedPostgresOptions> = {},
+): Promise<EmbeddedPostgres & AsyncDisposable> {
+  const dataDir = await Deno.makeTempDir({ prefix: "pgds-test-" });
+  await Deno.chmod(dataDir, 0o755); // the postgres user must reach its data directory
+  const server = await EmbeddedPostgres.start({
+    dataDir: `${dataDir}/data`,
+    settings: { fsync: "off", ...options.settings },
+    ...options,
+  });
+  const stop = server.stop.bind(server);
+  return Object.assign(server, {
+    async [Symbol.asyncDispose]() {
+      await stop();
+      await Deno.remove(dataDir, { recursive: true });
+    },
+  });
+}
+
+/** The server's configuration for `db`, listening on a free loopback port. */
+export function testConfig(db: DatabaseConfig, overrides: Partial<Config> = {}): Config {
+  return { ...loadConfig(() => undefined), database: db, port: 0, ...overrides };
+}
+
+/** The server, in this process, against `db`. */
+export function startApi(
+  db: DatabaseConfig,
+  overrides: Partial<Config> = {},
+): Promise<RunningServer> {
+  return startServer(testConfig(db, overrides));
+}
+
+/** Runs one statement (or a script, without parameters) on a fresh connection. */
+export async function sql<T extends pg.QueryResultRow = pg.QueryResultRow>(
+  db: DatabaseConfig,
+  text: string,
+  values?: unknown[],
+): Promise<T[]> {
+  const client = new pg.Client(db);
+  await client.connect();
+  try {
+    return (await client.query<T>(text, values)).rows;
+  } finally {
+    await client.end();
+  }
+}
+
+/** `POST` JSON and read the JSON answer as text plus status. */
+export async function postJson(
+  url: URL | string,
+  body: unknown,
+): Promise<{ status: number; text: string }> {
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+  return { status: response.status, text: await response.text() };
+}
+
+/** `GET /v1/init`; returns the slot name. */
+export async function init(base: URL): Promise<string> {
+  const response = await fetch(new URL("/v1/init", base));
+  const body = await response.json();
+  if (response.status !== 200) {
+    throw new Error(`init failed: ${response.status} ${JSON.stringify(body)}`);
+  }
+  return body.slotName;
+}
+
+/** A websocket client with a queue of received text frames. */
+export class StreamClient implements AsyncDisposable {
+  readonly socket: WebSocket;
+  readonly #frames: string[] = [];
+  #waiter: (() => void) | undefined;
+  /** Settles with the close event. */
+  readonly closed: Promise<CloseEvent>;
+  /** Resolves when open; rejects if the server refused the upgrade. */
+  readonly opened: Promise<void>;
+
+  constructor(url: string) {
+    this.socket = new WebSocket(url);
+    this.socket.addEventListener("message", (event) => {
+      this.#frames.push(event.data as string);
+      this.#wake();
+    });
+    this.closed = new Promise((resolve) =>
+      this.socket.addEventListener("close", (event) => {
+        this.#wake();
+        resolve(event);
+      })
+    );
+    this.opened = new Promise((resolve, reject) => {
+      this.socket.addEventListener("open", () => resolve());
+      this.socket.addEventListener("error", () => reject(new Error("websocket failed to open")));
+    });
+    this.opened.catch(() => {});
+  }
+
+  /** Connects to `/v1/lr/stream?slotName=…` of `base`. */
+  static async open(base: URL, slotName: string): Promise<StreamClient> {
+    const url = new URL(`/v1/lr/stream?slotName=${encodeURIComponent(slotName)}`, base);
+    url.protocol = "ws:";
+    const client = new StreamClient(url.href);
+    await client.opened;
+    return client;
+  }
+
+  #wake(): void {
+    const waiter = this.#waiter;
+    this.#waiter = undefined;
+    waiter?.();
+  }
+
+  /** The next frame as text; rejects if the socket closes first. */
+  async nextText(): Promise<string> {
+    while (this.#frames.length === 0) {
+      if (this.socket.readyState === WebSocket.CLOSED) {
+        throw new Error("socket closed while waiting for a frame");
+      }
+      await new Promise<void>((resolve) => (this.#waiter = resolve));
+    }
+    return this.#frames.shift()!;
+  }
+
+  /** The next frame, parsed. */
+  async next(): Promise<{ nextlsn: string; change: Record<string, unknown>[] }> {
+    return JSON.parse(await this.nextText());
+  }
+
+  /** Sends `{"lsn": lsn}`. */
+  ack(lsn: string): void {
+    this.socket.send(JSON.stringify({ lsn }));
+  }
+
+  /** Closes and waits for the close handshake. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    if (this.socket.readyState !== WebSocket.CLOSED) this.socket.close();
+    await this.closed;
+  }
+}
