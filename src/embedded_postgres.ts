@@ -54,7 +54,7 @@ async function serverUser(): Promise<{ uid?: number; gid?: number }> {
   return created;
 }
 
-async function freePort(): Promise<number> {
+function freePort(): number {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const { port } = listener.addr as Deno.NetAddr;
   listener.close();
@@ -109,7 +109,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
   static async start(options: EmbeddedPostgresOptions): Promise<EmbeddedPostgres> {
     const binDir = options.binDir ?? await embeddedBinDir();
     const user = await serverUser();
-    const port = options.port || await freePort();
+    const port = options.port || freePort();
     const server = new EmbeddedPostgres(options, binDir, port, user);
     await server.#initdb();
     await server.#start();

@@ -9,12 +9,7 @@
 import type pg from "pg";
 import { RAW_TEXT_TYPES, SqlState, sqlState } from "./database.ts";
 import { HttpError } from "./http_error.ts";
-import {
-  DEFAULT_SNAPSHOT_LIMIT,
-  MAX_SNAPSHOT_LIMIT,
-  type SnapshotRequest,
-  type SortOrder,
-} from "./protocol.ts";
+import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "./protocol.ts";
 import { isValidSlotName } from "./slot_names.ts";
 import type { HeldSnapshot } from "./snapshots.ts";
 import { encoderFor } from "./wal2json_value.ts";
