@@ -113,7 +113,6 @@ export class ReplicationService implements AsyncDisposable {
   #processed = 0;
   #closing = false;
   #ended: Promise<void> = Promise.resolve();
-  #statusTimer: ReturnType<typeof setTimeout> | undefined;
   /** nextlsn of the last frame handed to `readable`. */
   #enqueued: Lsn = ZERO_LSN;
   /** Highest position the client acknowledged. */
@@ -252,34 +251,26 @@ export class ReplicationService implements AsyncDisposable {
 
   /**
    * The client consumed every transaction up to `lsn` (a delivered nextlsn;
-   * the caller validates it). Reported to PostgreSQL within 10 ms, coalescing
-   * bursts of acks into one status update.
+   * the caller validates it). Reported to PostgreSQL at once: an ack the
+   * server has received is never lost to a crash of this process.
    */
   acknowledge(lsn: Lsn): void {
     if (lsn <= this.#acked) return;
     this.#acked = lsn;
     if (lsn <= this.#confirmed) return;
     this.#confirmed = lsn;
-    if (this.#statusTimer === undefined) {
-      this.#statusTimer = setTimeout(() => this.#sendStatus(), 10);
-    }
+    this.#sendStatus();
   }
 
   #sendStatus(): void {
-    clearTimeout(this.#statusTimer);
-    this.#statusTimer = undefined;
-    if (this.#confirmed === ZERO_LSN) return;
+    if (this.#confirmed === ZERO_LSN || this.#closing) return;
     // The library reports lsn + 1 as written, flushed and applied; ours is already the next byte.
     void this.#lib.acknowledge(formatLsn(this.#confirmed - 1n));
   }
 
   /** Flushes the confirmed position, ends the replication connection and closes `readable`. */
   async close(): Promise<void> {
-    if (!this.#closing) {
-      this.#sendStatus();
-      this.#closing = true;
-    }
-    clearTimeout(this.#statusTimer);
+    this.#closing = true;
     this.#resume();
     try {
       this.#controller.close();

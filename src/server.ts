@@ -122,6 +122,11 @@ export class App implements AsyncDisposable {
     ];
   }
 
+  /** Snapshots held for init's slots (tests wait on their "release" events). */
+  get snapshots(): SnapshotStore {
+    return this.#snapshots;
+  }
+
   /** Connects to the database and sets up the server's schema and publications. */
   static async create(config: Config): Promise<App> {
     const pool = createPool(config.database);
@@ -167,8 +172,12 @@ export class App implements AsyncDisposable {
   async #snapshot(request: Request): Promise<Response> {
     this.#assertOpen();
     const page = parsePageRequest(await readJson(request));
-    const snapshot = this.#snapshots.get(page.slotName);
-    return json(await readPage(snapshot, page));
+    if (
+      !this.#snapshots.has(page.slotName) && await this.#slots.find(page.slotName) === undefined
+    ) {
+      throw new HttpError(404, `Cannot read snapshot: slot "${page.slotName}" does not exist`);
+    }
+    return json(await readPage(this.#snapshots.get(page.slotName), page));
   }
 
   async #stream(request: Request): Promise<Response> {

@@ -63,8 +63,17 @@ export class HeldSnapshot {
   }
 }
 
-/** The snapshots this server holds, by slot name, each released after its time-to-live. */
-export class SnapshotStore implements AsyncDisposable {
+/** Detail of the "release" event a {@link SnapshotStore} dispatches. */
+export interface ReleaseDetail {
+  slotName: string;
+  reason: string;
+}
+
+/**
+ * The snapshots this server holds, by slot name, each released after its
+ * time-to-live. Dispatches a `CustomEvent<ReleaseDetail>` "release" when one goes.
+ */
+export class SnapshotStore extends EventTarget implements AsyncDisposable {
   readonly #db: DatabaseConfig;
   readonly #ttlMs: number;
   readonly #held = new Map<
@@ -76,6 +85,7 @@ export class SnapshotStore implements AsyncDisposable {
 
   /** Holds snapshots on connections to `db` for `ttlSeconds` each. */
   constructor(db: DatabaseConfig, ttlSeconds: number) {
+    super();
     this.#db = db;
     this.#ttlMs = ttlSeconds * 1000;
   }
@@ -118,6 +128,11 @@ export class SnapshotStore implements AsyncDisposable {
     );
   }
 
+  /** Whether a snapshot of `slotName` is held (even if its connection has since failed). */
+  has(slotName: string): boolean {
+    return this.#held.has(slotName);
+  }
+
   /** Names of the slots whose snapshots are held. */
   slots(): string[] {
     return [...this.#held.keys()];
@@ -129,8 +144,11 @@ export class SnapshotStore implements AsyncDisposable {
     if (entry === undefined) return;
     this.#held.delete(slotName);
     this.#gone.set(slotName, reason);
+    // Remember reasons for the recent slots only.
+    if (this.#gone.size > 256) this.#gone.delete(this.#gone.keys().next().value!);
     clearTimeout(entry.timer);
     await entry.snapshot.release(reason);
+    this.dispatchEvent(new CustomEvent<ReleaseDetail>("release", { detail: { slotName, reason } }));
   }
 
   /** Releases every snapshot. */

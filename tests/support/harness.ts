@@ -7,6 +7,7 @@
 import pg from "pg";
 import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.ts";
 import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/embedded_postgres.ts";
+import type { TransactionFrame } from "../../src/protocol.ts";
 import { type RunningServer, startServer } from "../../src/server.ts";
 
 /** A PostgreSQL in a fresh temporary data directory, removed on dispose. */
@@ -136,7 +137,7 @@ export class StreamClient implements AsyncDisposable {
   }
 
   /** The next frame, parsed. */
-  async next(): Promise<{ nextlsn: string; change: Record<string, unknown>[] }> {
+  async next(): Promise<TransactionFrame> {
     return JSON.parse(await this.nextText());
   }
 
