@@ -152,3 +152,79 @@ export class StreamClient implements AsyncDisposable {
     await this.closed;
   }
 }
+
+/** The `deno run` flags of `deno task start`, read from deno.json so the test runs what users run. */
+async function startTaskFlags(): Promise<string[]> {
+  const config = JSON.parse(await Deno.readTextFile(new URL("../../deno.json", import.meta.url)));
+  const words = (config.tasks.start as string).split(/\s+/);
+  return words.filter((word) => word.startsWith("--allow-"));
+}
+
+/** The server as a separate process, started like `deno task start`. */
+export class ServerProcess implements AsyncDisposable {
+  readonly url: URL;
+  readonly #child: Deno.ChildProcess;
+  readonly output: Promise<string>;
+
+  private constructor(child: Deno.ChildProcess, url: URL, output: Promise<string>) {
+    this.#child = child;
+    this.url = url;
+    this.output = output;
+  }
+
+  /** Spawns `src/main.ts` against `db` with `env` added; resolves once it prints its address. */
+  static async spawn(db: DatabaseConfig, env: Record<string, string> = {}): Promise<ServerProcess> {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        ...await startTaskFlags(),
+        new URL("../../src/main.ts", import.meta.url).pathname,
+      ],
+      env: {
+        PGHOST: db.host,
+        PGPORT: String(db.port),
+        PGUSER: db.user,
+        DBNAME: db.database,
+        SERVERHOST: "127.0.0.1",
+        SERVERPORT: "0",
+        ...env,
+      },
+      clearEnv: true,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const listening = Promise.withResolvers<URL>();
+    let log = "";
+    const collect = async (stream: ReadableStream<Uint8Array>) => {
+      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+        log += chunk;
+        const match = /listening on (http:\/\/\S+)/.exec(log);
+        if (match) listening.resolve(new URL(match[1]));
+      }
+    };
+    const output = Promise.all([collect(child.stdout), collect(child.stderr)]).then(() => log);
+    void child.status.then(async (status) => {
+      await output; // all it printed, before saying why it failed
+      listening.reject(
+        new Error(`server exited with code ${status.code} before listening:\n${log}`),
+      );
+    });
+    return new ServerProcess(child, await listening.promise, output);
+  }
+
+  /** Sends `signal` and waits for the exit status. */
+  async kill(signal: Deno.Signal = "SIGKILL"): Promise<Deno.CommandStatus> {
+    try {
+      this.#child.kill(signal);
+    } catch { /* already exited */ }
+    const status = await this.#child.status;
+    await this.output;
+    return status;
+  }
+
+  /** Kills the process if it still runs. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.kill("SIGKILL");
+  }
+}

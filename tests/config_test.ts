@@ -1,0 +1,59 @@
+import assert from "node:assert/strict";
+import { ENV_VARS, loadConfig } from "../src/config.ts";
+
+const env = (vars: Record<string, string>) => (name: string) => vars[name];
+
+Deno.test("loadConfig() reads the seed's variable names", () => {
+  const config = loadConfig(env({
+    DBNAME: "app",
+    PGUSER: "alice",
+    PGPASS: "''",
+    PGHOST: "db.internal",
+    PGPORT: "6543",
+    SERVERHOST: "0.0.0.0",
+    SERVERPORT: "9000",
+  }));
+  assert.deepEqual(
+    [
+      config.database.database,
+      config.database.user,
+      config.database.password,
+      config.database.host,
+    ],
+    ["app", "alice", "", "db.internal"],
+  );
+  assert.equal(config.database.port, 6543);
+  assert.equal(config.hostname, "0.0.0.0");
+  assert.equal(config.port, 9000);
+});
+
+Deno.test("loadConfig() falls back to libpq names, PORT and defaults", () => {
+  const config = loadConfig(
+    env({ PGDATABASE: "shop", PGPASSWORD: "s3cret", PORT: "8080", USER: "bob" }),
+  );
+  assert.equal(config.database.database, "shop");
+  assert.equal(config.database.password, "s3cret");
+  assert.equal(config.database.user, "bob");
+  assert.equal(config.port, 8080);
+  assert.equal(loadConfig(env({ PORT: "8080", SERVERPORT: "9000" })).port, 9000);
+  const defaults = loadConfig(env({}));
+  assert.equal(defaults.port, 12312);
+  assert.equal(defaults.database.host, "localhost");
+});
+
+Deno.test("loadConfig() keeps DATABASE_URL and rejects bad values with the variable's name", () => {
+  const url = "postgres://u:p@h:5433/d";
+  assert.equal(loadConfig(env({ DATABASE_URL: url })).database.connectionString, url);
+  assert.throws(() => loadConfig(env({ DATABASE_URL: "mysql://x" })), /DATABASE_URL/);
+  assert.throws(() => loadConfig(env({ PGPORT: "70000" })), RangeError);
+  assert.throws(() => loadConfig(env({ SERVERPORT: "abc" })), /SERVERPORT/);
+  assert.throws(() => loadConfig(env({ SNAPSHOT_TTL_SECONDS: "0" })), /SNAPSHOT_TTL_SECONDS/);
+  assert.throws(() => loadConfig(env({ PUBLICATION_PREFIX: "Bad-Name" })), /PUBLICATION_PREFIX/);
+});
+
+Deno.test("deno task start allows exactly the environment variables the server reads", async () => {
+  const tasks = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url))).tasks;
+  const allowed = /--allow-env=(\S+)/.exec(tasks.start)![1].split(",");
+  assert.deepEqual(allowed.sort(), [...ENV_VARS].sort());
+  assert.doesNotMatch(tasks.start, /(^|\s)(-A|--allow-all)(\s|$)/);
+});

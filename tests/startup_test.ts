@@ -1,0 +1,74 @@
+import assert from "node:assert/strict";
+import { ServerProcess, sql, startPostgres } from "./support/harness.ts";
+
+/** Spawns the server and expects it to refuse to start; returns what it printed. */
+async function refusal(
+  db: Parameters<typeof ServerProcess.spawn>[0],
+  env: Record<string, string> = {},
+) {
+  const error = await ServerProcess.spawn(db, env).then(
+    async (server) => {
+      await server.kill();
+      throw new Error("the server started");
+    },
+    (error: Error) => error,
+  );
+  assert.match(error.message, /exited with code [12] before listening/);
+  return error.message;
+}
+
+Deno.test("start-up checks stop the server with a message that says how to fix the database", async (t) => {
+  await t.step("unreachable database", async () => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = (listener.addr as Deno.NetAddr).port;
+    listener.close(); // nothing listens there now
+    const message = await refusal({
+      host: "127.0.0.1",
+      port,
+      user: "postgres",
+      database: "postgres",
+      application_name: "t",
+    });
+    assert.match(
+      message,
+      /Cannot connect to PostgreSQL at 127\.0\.0\.1:\d+\/postgres.*PGHOST and PGPORT/s,
+    );
+  });
+
+  await t.step("bad configuration", async () => {
+    const message = await refusal({
+      host: "127.0.0.1",
+      port: 1,
+      user: "postgres",
+      database: "postgres",
+      application_name: "t",
+    }, {
+      SNAPSHOT_TTL_SECONDS: "soon",
+    });
+    assert.match(message, /SNAPSHOT_TTL_SECONDS="soon" is invalid/);
+  });
+
+  {
+    await using postgres = await startPostgres({ settings: { wal_level: "replica" } });
+    await t.step("wal_level is not logical", async () => {
+      const message = await refusal(postgres.database);
+      assert.match(message, /wal_level is "replica".*wal_level = logical/s);
+    });
+  }
+
+  {
+    await using postgres = await startPostgres();
+    await sql(postgres.database, "CREATE ROLE app LOGIN");
+    await t.step("role without REPLICATION", async () => {
+      const message = await refusal({ ...postgres.database, user: "app" });
+      assert.match(
+        message,
+        /Role "app" lacks the REPLICATION privilege: run ALTER ROLE "app" WITH REPLICATION/,
+      );
+    });
+    await t.step("a database that does not exist", async () => {
+      const message = await refusal({ ...postgres.database, database: "nope" });
+      assert.match(message, /Database missing.*DBNAME/s);
+    });
+  }
+});
