@@ -134,6 +134,10 @@ export class EmbeddedPostgres implements AsyncDisposable {
 
   async #initdb(): Promise<void> {
     if (await exists(`${this.dataDir}/PG_VERSION`)) return;
+    // Parents stay traversable (the postgres user must reach the data directory); it alone is private.
+    await Deno.mkdir(this.dataDir.slice(0, this.dataDir.lastIndexOf("/")) || "/", {
+      recursive: true,
+    });
     await Deno.mkdir(this.dataDir, { recursive: true, mode: 0o700 });
     if (this.#user.uid !== undefined) {
       await Deno.chown(this.dataDir, this.#user.uid, this.#user.gid!);

@@ -97,8 +97,6 @@ export const CloseCode = {
   SlotDropped: 4000,
   /** The client sent an invalid acknowledgement; the reason says which rule it broke. */
   InvalidAck: 4400,
-  /** Another stream took the slot before this one could start. Retryable once it ends. */
-  SlotBusy: 4409,
 } as const;
 
 /** A close code from {@link CloseCode}. */
@@ -109,5 +107,4 @@ export const RETRYABLE_CLOSE_CODES: ReadonlySet<number> = new Set([
   CloseCode.GoingAway,
   CloseCode.InternalError,
   CloseCode.TryAgainLater,
-  CloseCode.SlotBusy,
 ]);
