@@ -29,6 +29,8 @@ export interface Config {
   slotBusyTimeoutSeconds: number;
   /** Name prefix of the publications the server creates and owns. */
   publicationPrefix: string;
+  /** A transaction whose changes reach this many bytes is sent as several frames. */
+  frameChunkBytes: number;
 }
 
 /** Every environment variable the server or `npm:pg` reads: the `--allow-env` list. */
@@ -58,6 +60,7 @@ export const ENV_VARS = [
   "SNAPSHOT_TTL_SECONDS",
   "SLOT_BUSY_TIMEOUT_SECONDS",
   "PUBLICATION_PREFIX",
+  "FRAME_CHUNK_BYTES",
   "NODE_PG_FORCE_NATIVE",
 ] as const;
 
@@ -133,6 +136,7 @@ export function loadConfig(env: EnvReader): Config {
     snapshotTtlSeconds: integer(env, ["SNAPSHOT_TTL_SECONDS"], 3600, 1, 7 * 24 * 3600),
     slotBusyTimeoutSeconds: integer(env, ["SLOT_BUSY_TIMEOUT_SECONDS"], 10, 0, 600),
     publicationPrefix: prefix,
+    frameChunkBytes: integer(env, ["FRAME_CHUNK_BYTES"], 1 << 20, 1024, 64 << 20),
   };
 }
 

@@ -12,15 +12,24 @@ import type { Lsn } from "./lsn.ts";
 import { formatLsnAt, readLsn } from "./lsn.ts";
 import { encoderFor, JSON_NULL, type ValueEncoder } from "./wal2json_value.ts";
 
-/** A committed transaction, ready to send. */
+/** A committed transaction, or one chunk of a large one, ready to send. */
 export interface Frame {
-  /** `{"nextlsn":"X/Y","change":[...]}` */
+  /** `{"nextlsn":"X/Y","change":[...]}`; a non-final chunk adds `"partial":true`. */
   readonly text: string;
-  /** End of the commit record: the position an ack of this frame confirms. */
+  /**
+   * The position an ack of this frame confirms: the end of the transaction's
+   * commit record, or for a non-final chunk the previous frame's (acking it
+   * changes nothing: the transaction is not consumed until its last chunk).
+   */
   readonly nextLsn: Lsn;
   /** Number of changes in the frame. */
   readonly changes: number;
+  /** True for every chunk of a large transaction but the last. */
+  readonly partial: boolean;
 }
+
+/** Default size at which a transaction's changes are sent as a partial frame. */
+export const DEFAULT_CHUNK_BYTES = 1 << 20;
 
 /** One column's type as pgoutput's Relation message describes it. */
 export interface ColumnType {
@@ -70,8 +79,14 @@ export class PgoutputDecoder {
   readonly #relations = new Map<number, Relation>();
   readonly #resolveTypes: TypeNameResolver;
   readonly #skipSchema: SchemaFilter;
+  readonly #chunkBytes: number;
   #changes: string[] = [];
+  #bytes = 0;
+  #chunked = false;
   #inTransaction = false;
+  /** nextlsn of the last complete transaction sent: what a partial frame carries. */
+  #lastEnd: Lsn = 0n;
+  #lastEndText = "0/0";
 
   /**
    * Message tag → handler. A handler returns a `Frame` when a transaction
@@ -86,6 +101,8 @@ export class PgoutputDecoder {
     // Begin: a transaction's changes follow, up to its Commit.
     [TAG_BEGIN]: () => {
       this.#changes = [];
+      this.#bytes = 0;
+      this.#chunked = false;
       this.#inTransaction = true;
     },
     // Commit: flags(1) commit_lsn(8) end_lsn(8) timestamp(8). end_lsn is wal2json's nextlsn.
@@ -100,10 +117,20 @@ export class PgoutputDecoder {
     [TAG_DELETE]: (buf, view) => this.#delete(buf, view),
   };
 
-  /** Creates a decoder that names types with `resolveTypes` and drops changes in schemas `skipSchema` matches. */
-  constructor(resolveTypes: TypeNameResolver, skipSchema: SchemaFilter = () => false) {
+  /**
+   * Creates a decoder that names types with `resolveTypes`, drops changes in
+   * schemas `skipSchema` matches, and sends a transaction's changes as a
+   * partial frame whenever they reach `chunkBytes`, so no transaction is
+   * ever held whole in memory.
+   */
+  constructor(
+    resolveTypes: TypeNameResolver,
+    skipSchema: SchemaFilter = () => false,
+    chunkBytes = DEFAULT_CHUNK_BYTES,
+  ) {
     this.#resolveTypes = resolveTypes;
     this.#skipSchema = skipSchema;
+    this.#chunkBytes = chunkBytes;
   }
 
   /** True between a Begin and its Commit. */
@@ -122,10 +149,29 @@ export class PgoutputDecoder {
     this.#inTransaction = false;
     const changes = this.#changes;
     this.#changes = [];
-    // A transaction whose every change was filtered out (server bookkeeping) is not sent.
-    if (changes.length === 0) return undefined;
-    const text = `{"nextlsn":"${formatLsnAt(view, 10)}","change":[${changes.join(",")}]}`;
-    return { text, nextLsn: readLsn(view, 10), changes: changes.length };
+    this.#bytes = 0;
+    // A transaction whose every change was filtered out (server bookkeeping) is not sent; the last
+    // chunk of a chunked one always is, even empty: it carries the nextlsn to acknowledge.
+    if (changes.length === 0 && !this.#chunked) return undefined;
+    this.#lastEnd = readLsn(view, 10);
+    this.#lastEndText = formatLsnAt(view, 10);
+    const text = `{"nextlsn":"${this.#lastEndText}","change":[${changes.join(",")}]}`;
+    return { text, nextLsn: this.#lastEnd, changes: changes.length, partial: false };
+  }
+
+  /** Adds one encoded change; returns a partial frame once the pending changes reach the chunk size. */
+  #push(change: string): Frame | undefined {
+    this.#changes.push(change);
+    this.#bytes += change.length;
+    if (this.#bytes < this.#chunkBytes) return undefined;
+    const changes = this.#changes;
+    this.#changes = [];
+    this.#bytes = 0;
+    this.#chunked = true;
+    const text = `{"nextlsn":"${this.#lastEndText}","partial":true,"change":[${
+      changes.join(",")
+    }]}`;
+    return { text, nextLsn: this.#lastEnd, changes: changes.length, partial: true };
   }
 
   async #relation(buf: Buffer, view: DataView): Promise<void> {
@@ -185,14 +231,14 @@ export class PgoutputDecoder {
     return relation.skip ? undefined : relation;
   }
 
-  #insert(buf: Buffer, view: DataView): void {
+  #insert(buf: Buffer, view: DataView): Frame | undefined {
     const relation = this.#relationOf(view);
     if (relation === undefined) return;
     const [values] = readTuple(buf, view, 6, relation.encoders);
-    this.#changes.push(relation.insertHead + columns(relation, values) + "}");
+    return this.#push(relation.insertHead + columns(relation, values) + "}");
   }
 
-  #update(buf: Buffer, view: DataView): void {
+  #update(buf: Buffer, view: DataView): Frame | undefined {
     const relation = this.#relationOf(view);
     if (relation === undefined) return;
     let pos = 5;
@@ -201,16 +247,16 @@ export class PgoutputDecoder {
       [old, pos] = readTuple(buf, view, pos + 1, relation.encoders);
     }
     const [values] = readTuple(buf, view, pos + 1, relation.encoders);
-    this.#changes.push(
+    return this.#push(
       relation.updateHead + columns(relation, values) + oldKeys(relation, old ?? values) + "}",
     );
   }
 
-  #delete(buf: Buffer, view: DataView): void {
+  #delete(buf: Buffer, view: DataView): Frame | undefined {
     const relation = this.#relationOf(view);
     if (relation === undefined) return;
     const [old] = readTuple(buf, view, 6, relation.encoders);
-    this.#changes.push(relation.deleteHead + oldKeys(relation, old) + "}");
+    return this.#push(relation.deleteHead + oldKeys(relation, old) + "}");
   }
 }
 

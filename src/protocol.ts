@@ -70,6 +70,12 @@ export interface Change {
  */
 export interface TransactionFrame {
   nextlsn: string;
+  /**
+   * Present (true) on every chunk of a large transaction but the last. Such a
+   * chunk's `nextlsn` is the previous transaction's, so acking it, as any v1
+   * client would, confirms nothing new; the last chunk carries the real one.
+   */
+  partial?: true;
   change: Change[];
 }
 

@@ -19,6 +19,9 @@ import {
   type TypeNameResolver,
 } from "./pgoutput_decoder.ts";
 
+/** Bytes (UTF-16 code units) of decoded frames buffered ahead of the socket by default. */
+export const DEFAULT_HIGH_WATER_BYTES = 8 << 20;
+
 /** Options of {@link ReplicationService.start}. */
 export interface ReplicationOptions {
   database: DatabaseConfig;
@@ -26,8 +29,10 @@ export interface ReplicationOptions {
   publications: string[];
   resolveTypes: TypeNameResolver;
   skipSchema: SchemaFilter;
-  /** Frames decoded ahead of the consumer before reading from PostgreSQL pauses. Default 16. */
-  highWaterMark?: number;
+  /** Bytes of frames decoded ahead of the consumer before reading from PostgreSQL pauses. */
+  highWaterBytes?: number;
+  /** Size at which a large transaction is sent as partial frames. */
+  chunkBytes?: number;
 }
 
 /** The slot does not exist. */
@@ -122,7 +127,11 @@ export class ReplicationService implements AsyncDisposable {
 
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
-    this.#decoder = new PgoutputDecoder(options.resolveTypes, options.skipSchema);
+    this.#decoder = new PgoutputDecoder(
+      options.resolveTypes,
+      options.skipSchema,
+      options.chunkBytes,
+    );
     this.#plugin = new RawPgoutput({ publications: options.publications });
     this.#lib = new LogicalReplicationService(options.database, {
       // Never acknowledge on the library's own: it would confirm what was only received (data loss).
@@ -136,7 +145,10 @@ export class ReplicationService implements AsyncDisposable {
       },
       pull: () => this.#resume(),
       cancel: () => this.close(),
-    }, { highWaterMark: options.highWaterMark ?? 16 });
+    }, {
+      highWaterMark: options.highWaterBytes ?? DEFAULT_HIGH_WATER_BYTES,
+      size: (frame) => frame.text.length,
+    });
   }
 
   /**

@@ -242,6 +242,7 @@ export class App implements AsyncDisposable {
           publications: [this.#names.inserts, this.#names.keyed],
           resolveTypes: (types) => this.#typeNames(types),
           skipSchema: (schema) => schema === this.#names.schema,
+          chunkBytes: this.config.frameChunkBytes,
         });
       } catch (error) {
         if (error instanceof SlotNotFoundError) throw new HttpError(404, error.message);
