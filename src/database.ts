@@ -31,6 +31,30 @@ export function sqlState(error: unknown): string | undefined {
   return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
 }
 
+const CONNECTION_CODES = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "EPIPE",
+  "ETIMEDOUT",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+]);
+
+/**
+ * Whether `error` means PostgreSQL is unreachable or going away (restart,
+ * crash, failover) rather than that the request was wrong: worth a retry.
+ */
+export function isConnectionError(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code === "string") {
+    return CONNECTION_CODES.has(code) || code.startsWith("08") || /^57P0[1-3]$/.test(code);
+  }
+  return /Connection terminated|connection (is )?closed|Client has encountered a connection error/i
+    .test(
+      (error as Error)?.message ?? "",
+    );
+}
+
 /** SQLSTATEs the server reacts to. */
 export const SqlState = {
   /** `undefined_object`: e.g. a replication slot that does not exist. */

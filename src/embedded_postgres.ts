@@ -213,6 +213,11 @@ export class EmbeddedPostgres implements AsyncDisposable {
     await this.#exited;
   }
 
+  /** Starts a stopped server again on the same port and data. */
+  async startAgain(): Promise<void> {
+    if (this.#process === undefined) await this.#start();
+  }
+
   /** Stops and starts the server again on the same port and data. */
   async restart(mode: "fast" | "immediate" = "fast"): Promise<void> {
     await this.stop(mode);

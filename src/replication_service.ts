@@ -11,7 +11,8 @@ import type pg from "pg";
 import { LogicalReplicationService } from "pg-logical-replication";
 import type { DatabaseConfig } from "./config.ts";
 import { SqlState, sqlState } from "./database.ts";
-import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "./lsn.ts";
+import { type Lsn, parseLsn, ZERO_LSN } from "./lsn.ts";
+import { standbyStatusUpdate } from "./standby_status.ts";
 import {
   type Frame,
   PgoutputDecoder,
@@ -33,6 +34,11 @@ export interface ReplicationOptions {
   highWaterBytes?: number;
   /** Size at which a large transaction is sent as partial frames. */
   chunkBytes?: number;
+}
+
+/** The part of `npm:pg`'s connection that writes CopyData (not in its public types). */
+interface CopyConnection {
+  sendCopyFromChunk(chunk: Buffer): void;
 }
 
 /** The slot does not exist. */
@@ -74,6 +80,8 @@ export class ReplicationLostError extends Error {
  */
 class RawPgoutput {
   received = 0;
+  /** The replication connection, once started: status updates are written to it directly. */
+  client: pg.Client | undefined;
   // The library's AbstractPlugin is not exported; this class has its shape.
   readonly options: { publications: string[] };
 
@@ -86,6 +94,7 @@ class RawPgoutput {
   }
 
   start(client: pg.Client, slotName: string): Promise<unknown> {
+    this.client = client;
     // Start at 0/0: PostgreSQL resumes from the slot's confirmed_flush_lsn, the last acknowledged
     // position. Names are [a-z0-9_] (checked by the caller and the config), safe to quote.
     const publications = this.options.publications.join(",");
@@ -276,8 +285,11 @@ export class ReplicationService implements AsyncDisposable {
 
   #sendStatus(): void {
     if (this.#confirmed === ZERO_LSN || this.#closing) return;
-    // The library reports lsn + 1 as written, flushed and applied; ours is already the next byte.
-    void this.#lib.acknowledge(formatLsn(this.#confirmed - 1n));
+    // Not the library's acknowledge(): it reports lsn + 1 and dates the message from a wrong epoch
+    // (a week ahead), which shows as a bogus reply_time in pg_stat_replication.
+    const connection =
+      (this.#plugin.client as unknown as { connection?: CopyConnection } | undefined)?.connection;
+    connection?.sendCopyFromChunk(standbyStatusUpdate(this.#confirmed));
   }
 
   /** Flushes the confirmed position, ends the replication connection and closes `readable`. */

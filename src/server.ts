@@ -6,7 +6,7 @@
 
 import type pg from "pg";
 import type { Config } from "./config.ts";
-import { createPool } from "./database.ts";
+import { createPool, isConnectionError } from "./database.ts";
 import { HttpError } from "./http_error.ts";
 import { API_PREFIX, CloseCode, type InitResponse, MAX_REQUEST_BYTES } from "./protocol.ts";
 import { ReplicationService, SlotInUseError, SlotNotFoundError } from "./replication_service.ts";
@@ -38,6 +38,14 @@ export function errorResponse(error: unknown): Response {
       status: error.status,
       headers: { ...JSON_HEADERS, ...error.headers },
     });
+  }
+  if (isConnectionError(error)) {
+    return json(
+      JSON.stringify({
+        error: `Database unavailable (${(error as Error).message}); retry shortly`,
+      }),
+      503,
+    );
   }
   console.error("request failed:", error);
   return json(JSON.stringify({ error: "Internal server error; see the server log" }), 500);

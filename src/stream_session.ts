@@ -15,6 +15,9 @@ export const SOCKET_HIGH_WATER_BYTES = 1 << 20;
 /** Socket buffer below which a paused sink resumes sending. */
 export const SOCKET_LOW_WATER_BYTES = 256 << 10;
 
+/** Longest run of sending before the event loop gets a turn to read acks. */
+const YIELD_EVERY_MS = 5;
+
 /** Waits until the socket's outgoing buffer drains below the low-water mark (or the socket closes). */
 async function drained(socket: WebSocket, signal: AbortSignal): Promise<void> {
   // WebSocket has no "drain" event: poll the buffered amount while above the mark.
@@ -66,12 +69,21 @@ export class StreamSession {
     const socket = this.#socket;
     const signal = this.#abort.signal;
     if (socket.readyState !== WebSocket.OPEN) return;
+    let lastYield = performance.now();
     const sink = new WritableStream<Frame>({
       write: async (frame) => {
         if (socket.readyState !== WebSocket.OPEN) throw new Error("socket closed");
         socket.send(frame.text);
         this.#delivered = frame.nextLsn;
-        if (socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) await drained(socket, signal);
+        if (socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) {
+          await drained(socket, signal);
+          lastYield = performance.now();
+        } else if (performance.now() - lastYield > YIELD_EVERY_MS) {
+          // Draining a backlog resolves in microtasks only: give the event loop a turn, so that the
+          // client's acks are read (and confirmed) while the backlog is sent, not after it.
+          await new Promise((resolve) => setTimeout(resolve, 0));
+          lastYield = performance.now();
+        }
       },
     });
     try {

@@ -1,0 +1,230 @@
+import assert from "node:assert/strict";
+import { CloseCode } from "../src/protocol.ts";
+import {
+  init,
+  ServerProcess,
+  sql,
+  startApi,
+  startPostgres,
+  StreamClient,
+} from "./support/harness.ts";
+import {
+  confirmedFlush,
+  consume,
+  createEvents,
+  summarize,
+  writeEvents,
+} from "./support/workload.ts";
+
+Deno.test("at least once through server crashes, database restarts and killed walsenders", async (t) => {
+  await t.step(
+    "SIGKILL of the server at 20 random moments, restarted each time: nothing lost",
+    async () => {
+      await using postgres = await startPostgres();
+      const db = postgres.database;
+      await createEvents(db);
+      const rows = 2000;
+      let server = await ServerProcess.spawn(db);
+      try {
+        const slotName = await init(server.url);
+        const writer = writeEvents(db, rows, 10); // ~20 s of steady writes: room for 20 kills
+        let kills = 0;
+        let killedConnection = 0;
+        let nextKill = 1 + Math.floor(Math.random() * 40);
+        const report = await consume({
+          url: () => server.url,
+          slotName,
+          rows,
+          confirmedFlush: () => confirmedFlush(db, slotName),
+          onFrame: async (frames, connection) => {
+            // Kill only a server this client is connected to, not while it drains what the last one sent.
+            if (kills >= 20 || frames < nextKill || connection === killedConnection) return;
+            kills++;
+            killedConnection = connection;
+            nextKill = frames + 1 + Math.floor(Math.random() * 40);
+            assert.equal((await server.kill("SIGKILL")).signal, "SIGKILL");
+            server = await ServerProcess.spawn(db);
+          },
+        });
+        await writer;
+        assert.equal(kills, 20);
+        summarize("20 x SIGKILL", rows, report);
+        assert.equal(report.resentAfterConfirm, 0, "an acknowledged transaction was sent again");
+      } finally {
+        await server.kill("SIGKILL");
+      }
+    },
+  );
+
+  await t.step(
+    "PostgreSQL restarted mid-stream: the server keeps answering and streams resume",
+    async () => {
+      await using postgres = await startPostgres();
+      const db = postgres.database;
+      await createEvents(db);
+      const rows = 600;
+      await using api = await startApi(db);
+      const slotName = await init(api.url);
+      const writer = writeEvents(db, rows);
+      // The restart runs beside the consumer: PostgreSQL's shutdown waits until every logical
+      // walsender's client has confirmed what it was sent, so the client must keep acking meanwhile.
+      let restart: Promise<void> | undefined;
+      const report = await consume({
+        url: () => api.url,
+        slotName,
+        rows,
+        confirmedFlush: () => confirmedFlush(db, slotName),
+        onFrame: (frames) => {
+          if (frames !== 200) return;
+          restart = (async () => {
+            await postgres.stop("fast");
+            const down = await fetch(new URL("/healthz", api.url));
+            assert.equal(down.status, 503);
+            assert.equal((await down.json()).database.reachable, false);
+            const refused = await fetch(new URL("/v1/init", api.url));
+            assert.equal(refused.status, 503);
+            assert.match((await refused.json()).error, /Database unavailable/);
+            await postgres.startAgain();
+          })();
+        },
+      });
+      await restart;
+      await writer;
+      summarize("PostgreSQL restart", rows, report);
+      assert.ok(
+        report.closeCodes.includes(CloseCode.TryAgainLater),
+        `closes: ${report.closeCodes}`,
+      );
+      assert.equal(report.resentAfterConfirm, 0);
+      assert.equal((await fetch(new URL("/healthz", api.url))).status, 200);
+    },
+  );
+
+  await t.step("the walsender terminated by pg_terminate_backend: close 1013, resume", async () => {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await createEvents(db);
+    const rows = 600;
+    await using api = await startApi(db);
+    const slotName = await init(api.url);
+    const writer = writeEvents(db, rows);
+    const report = await consume({
+      url: () => api.url,
+      slotName,
+      rows,
+      confirmedFlush: () => confirmedFlush(db, slotName),
+      onFrame: async (frames) => {
+        if (frames !== 200) return;
+        await sql(
+          db,
+          "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+          [
+            slotName,
+          ],
+        );
+      },
+    });
+    await writer;
+    summarize("pg_terminate_backend(walsender)", rows, report);
+    assert.deepEqual(report.closeCodes, [CloseCode.TryAgainLater]);
+    assert.equal(report.resentAfterConfirm, 0);
+  });
+
+  await t.step(
+    "an idle stream outlives a short wal_sender_timeout, and its slot follows the WAL",
+    async () => {
+      await using postgres = await startPostgres({ settings: { wal_sender_timeout: "1s" } });
+      const db = postgres.database;
+      await createEvents(db);
+      await using api = await startApi(db);
+      const slotName = await init(api.url);
+      await using client = await StreamClient.open(api.url, slotName);
+      await sql(db, "INSERT INTO events VALUES (1)");
+      const first = await client.next();
+      client.ack(first.nextlsn);
+
+      // WAL moves on with nothing to stream (a non-transactional message pgoutput does not send):
+      // the slot must follow once the client has acknowledged everything.
+      const [{ lsn }] = await sql<{ lsn: string }>(
+        db,
+        "SELECT pg_logical_emit_message(false, 'x', 'y')::text AS lsn",
+      );
+      await waitFor(
+        db,
+        "SELECT confirmed_flush_lsn >= $2::pg_lsn AS ok FROM pg_replication_slots WHERE slot_name = $1",
+        [
+          slotName,
+          lsn,
+        ],
+      );
+      // Three timeouts without traffic, by PostgreSQL's clock: a stream that did not answer its
+      // keepalives would have been ended by now, and its walsender replaced on reconnect.
+      const [{ pid }] = await sql<{ pid: number }>(
+        db,
+        "SELECT active_pid AS pid FROM pg_replication_slots WHERE slot_name = $1",
+        [slotName],
+      );
+      await waitFor(
+        db,
+        `SELECT coalesce((SELECT now() > backend_start + interval '3 s' FROM pg_stat_activity WHERE pid = $1),
+                       true) AS ok`,
+        [pid],
+      );
+      const [{ still }] = await sql<{ still: number }>(
+        db,
+        "SELECT active_pid AS still FROM pg_replication_slots WHERE slot_name = $1",
+        [slotName],
+      );
+      assert.equal(still, pid);
+      await sql(db, "INSERT INTO events VALUES (2)");
+      assert.deepEqual((await client.next()).change[0].columnvalues, [2]);
+    },
+  );
+
+  await t.step(
+    "SIGTERM: sockets close with 1001, connections are released, the slot is kept",
+    async () => {
+      await using postgres = await startPostgres();
+      const db = postgres.database;
+      await createEvents(db);
+      const server = await ServerProcess.spawn(db);
+      const slotName = await init(server.url);
+      const client = await StreamClient.open(server.url, slotName);
+      await sql(db, "INSERT INTO events VALUES (1)");
+      client.ack((await client.next()).nextlsn);
+      const status = await server.kill("SIGTERM");
+      assert.equal((await client.closed).code, CloseCode.GoingAway);
+      assert.equal(status.code, 0);
+      const [{ slots }] = await sql<{ slots: number }>(
+        db,
+        "SELECT count(*)::int AS slots FROM pg_replication_slots WHERE slot_name = $1",
+        [slotName],
+      );
+      assert.equal(slots, 1);
+      // Its walsender and snapshot connections go away (PostgreSQL notices closed sockets promptly).
+      await waitFor(
+        db,
+        `SELECT count(*) = 0 AS ok FROM pg_stat_activity
+          WHERE application_name = 'pgdeltastream' AND pid <> pg_backend_pid()`,
+        [],
+      );
+    },
+  );
+});
+
+/**
+ * Polls a boolean query until it is true (conditions PostgreSQL exposes only as views). Gives up
+ * after a minute so that a broken server fails the test instead of hanging it; not a speed limit.
+ */
+async function waitFor(
+  db: Parameters<typeof sql>[0],
+  query: string,
+  values: unknown[],
+): Promise<void> {
+  for (let attempt = 0; attempt < 600; attempt++) {
+    const [row] = await sql<{ ok: boolean }>(db, query, values);
+    if (row?.ok) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error(`never became true: ${query}`);
+}
