@@ -13,8 +13,8 @@ import { ReplicationService, SlotInUseError, SlotNotFoundError } from "./replica
 import { ensureSchema, type SchemaNames, schemaNames, syncPublication } from "./schema.ts";
 import { type SlotInfo, SlotManager } from "./slot_manager.ts";
 import { isValidSlotName } from "./slot_names.ts";
-import { parsePageRequest, readPage } from "./snapshot_reader.ts";
-import { SnapshotStore } from "./snapshots.ts";
+import { exportRows, parsePageRequest, readPage } from "./snapshot_reader.ts";
+import { type HeldSnapshot, SnapshotStore } from "./snapshots.ts";
 import { StreamSession } from "./stream_session.ts";
 import type { ColumnType } from "./pgoutput_decoder.ts";
 
@@ -123,6 +123,10 @@ export class App implements AsyncDisposable {
         methods: { POST: (request) => this.#snapshot(request) },
       },
       {
+        pattern: new URLPattern({ pathname: `${API_PREFIX}/snapshot/export` }),
+        methods: { POST: (request) => this.#export(request) },
+      },
+      {
         pattern: new URLPattern({ pathname: `${API_PREFIX}/lr/stream` }),
         methods: { GET: (request) => this.#stream(request) },
       },
@@ -180,12 +184,32 @@ export class App implements AsyncDisposable {
   async #snapshot(request: Request): Promise<Response> {
     this.#assertOpen();
     const page = parsePageRequest(await readJson(request));
-    if (
-      !this.#snapshots.has(page.slotName) && await this.#slots.find(page.slotName) === undefined
-    ) {
-      throw new HttpError(404, `Cannot read snapshot: slot "${page.slotName}" does not exist`);
+    return json(await readPage(await this.#heldSnapshot(page.slotName), page));
+  }
+
+  async #export(request: Request): Promise<Response> {
+    this.#assertOpen();
+    const body = await readJson(request);
+    const fields = typeof body === "object" && body !== null ? Object.keys(body) : [];
+    if (fields.includes("offset") || fields.includes("limit")) {
+      throw new HttpError(
+        400,
+        'Invalid request: export streams the whole table; "offset" and "limit" are for /v1/snapshot/data',
+      );
     }
-    return json(await readPage(this.#snapshots.get(page.slotName), page));
+    const page = parsePageRequest(body);
+    const snapshot = await this.#heldSnapshot(page.slotName);
+    return new Response(await exportRows(snapshot, page), {
+      headers: { "content-type": "application/x-ndjson; charset=utf-8" },
+    });
+  }
+
+  /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
+  async #heldSnapshot(slotName: string): Promise<HeldSnapshot> {
+    if (!this.#snapshots.has(slotName) && await this.#slots.find(slotName) === undefined) {
+      throw new HttpError(404, `Cannot read snapshot: slot "${slotName}" does not exist`);
+    }
+    return this.#snapshots.get(slotName);
   }
 
   async #stream(request: Request): Promise<Response> {

@@ -273,6 +273,27 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
     assert.match((await missing.json()).error, /slot "delta_nosuch1" does not exist/);
   });
 
+  await t.step("export streams the whole table as NDJSON, as of the snapshot", async () => {
+    const slotName = await init(api.url);
+    await sql(db, "INSERT INTO test_table(name) VALUES ('after this init')");
+    const exported = await postJson(url("/v1/snapshot/export"), { slotName, table: "test_table" });
+    assert.equal(exported.status, 200);
+    const lines = exported.text.trimEnd().split("\n").map((line) => JSON.parse(line));
+    const page = await snapshot({ slotName, table: "test_table", limit: 1000 });
+    assert.deepEqual(lines, JSON.parse(page.text));
+    assert.ok(!lines.some((row) => row.name === "after this init"));
+    const missing = await postJson(url("/v1/snapshot/export"), { slotName, table: "nope" });
+    assert.equal(missing.status, 404);
+    const paged = await postJson(url("/v1/snapshot/export"), {
+      slotName,
+      table: "test_table",
+      limit: 5,
+    });
+    assert.equal(paged.status, 400);
+    // The snapshot is still usable after an export (its cursor was closed).
+    assert.equal((await snapshot({ slotName, table: "test_table", limit: 1 })).status, 200);
+  });
+
   await t.step("a slot's snapshot answers 410 once its time-to-live has passed", async () => {
     await using shortLived = await startApi(db, { snapshotTtlSeconds: 1 });
     const slotName = await init(shortLived.url);
