@@ -226,6 +226,16 @@ export class App implements AsyncDisposable {
         upgrade: "websocket",
       });
     }
+    // A client reconnecting right after its socket dropped: let the old session finish first.
+    const previous = this.#streams.get(slotName);
+    if (previous instanceof StreamSession && previous.ending) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const deadline = new Promise((resolve) => {
+        timer = setTimeout(resolve, this.config.slotBusyTimeoutSeconds * 1000);
+      });
+      await Promise.race([previous.done, deadline]);
+      clearTimeout(timer);
+    }
     if (this.#streams.has(slotName)) {
       throw new HttpError(
         409,

@@ -60,6 +60,11 @@ export class StreamSession {
     void closed.then(() => this.#abort.abort());
   }
 
+  /** True once the socket is closing or closed: the session only winds down from here. */
+  get ending(): boolean {
+    return this.#abort.signal.aborted || this.#socket.readyState >= WebSocket.CLOSING;
+  }
+
   /** nextlsn of the last frame sent on this socket. */
   get delivered(): Lsn {
     return this.#delivered;

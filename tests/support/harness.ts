@@ -213,6 +213,11 @@ export class ServerProcess implements AsyncDisposable {
     return new ServerProcess(child, await listening.promise, output);
   }
 
+  /** The server's process id (for /proc readings in the benchmark). */
+  get pid(): number {
+    return this.#child.pid;
+  }
+
   /** Sends `signal` and waits for the exit status. */
   async kill(signal: Deno.Signal = "SIGKILL"): Promise<Deno.CommandStatus> {
     try {

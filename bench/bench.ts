@@ -1,0 +1,409 @@
+/**
+ * `deno task bench`: throughput, latency, snapshot speed and memory of the
+ * server (a separate process, started as `deno task start` runs it) against
+ * an embedded PostgreSQL, each next to its baseline, measured in one run.
+ *
+ * P1 backlog drain vs pg_recvlogical; P2 commit→receipt latency; P3 snapshot
+ * export vs COPY; P4 and M1/M2 peak server RSS (slow reader, 1M-row transaction).
+ * @module
+ */
+
+import pg from "pg";
+import { EmbeddedPostgres } from "../src/embedded_postgres.ts";
+import { init, ServerProcess } from "../tests/support/harness.ts";
+
+const args = new Set(Deno.args);
+const QUICK = args.has("--quick");
+const P1_ROWS = QUICK ? 50_000 : 200_000;
+const P2_SECONDS = QUICK ? 5 : 30;
+const P3_ROWS = QUICK ? 200_000 : 1_000_000;
+const M1_ROWS = QUICK ? 60_000 : 300_000;
+const M2_ROWS = QUICK ? 200_000 : 1_000_000;
+
+const results: [string, string, string, string][] = [];
+function report(metric: string, ours: string, baseline = "", note = ""): void {
+  results.push([metric, ours, baseline, note]);
+  console.error(
+    `  ${metric}: ${ours}${baseline ? `  (baseline ${baseline})` : ""}${note ? `  ${note}` : ""}`,
+  );
+}
+
+/** Peak resident set of `pid` since the last reset, in MiB (VmHWM). */
+async function peakRssMiB(pid: number): Promise<number> {
+  const status = await Deno.readTextFile(`/proc/${pid}/status`);
+  return Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) / 1024;
+}
+
+/** Resets the peak-RSS counter of `pid` (root or same user). */
+async function resetPeak(pid: number): Promise<void> {
+  await Deno.writeTextFile(`/proc/${pid}/clear_refs`, "5");
+}
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))];
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A websocket reader that parses every frame and acks each transaction's last frame. */
+async function drain(
+  base: URL,
+  slotName: string,
+  rows: number,
+  onChange?: (change: { columnvalues?: unknown[] }) => void,
+): Promise<number> {
+  const url = new URL(`/v1/lr/stream?slotName=${slotName}`, base);
+  url.protocol = "ws:";
+  const started = performance.now();
+  const socket = new WebSocket(url);
+  let seen = 0;
+  await new Promise<void>((resolve, reject) => {
+    socket.onmessage = (event) => {
+      const frame = JSON.parse(event.data);
+      seen += frame.change.length;
+      if (onChange) { for (const change of frame.change) onChange(change); }
+      if (!frame.partial) socket.send(JSON.stringify({ lsn: frame.nextlsn }));
+      if (seen >= rows) resolve();
+    };
+    socket.onclose = (event) => reject(new Error(`stream closed: ${event.code} ${event.reason}`));
+  });
+  const elapsed = performance.now() - started;
+  // Wait for the close handshake: the server refuses a second stream on a slot still open.
+  const closed = new Promise((resolve) => (socket.onclose = resolve));
+  socket.close();
+  await closed;
+  return elapsed;
+}
+
+/**
+ * A deliberately slow reader on a raw TCP socket: it reads `bytesPerTick`
+ * every `tickMs`, so the server's socket buffer fills and backpressure must
+ * hold its memory. Counts rows by parsing the unmasked server frames.
+ */
+async function slowDrain(
+  base: URL,
+  slotName: string,
+  rows: number,
+  bytesPerTick: number,
+  tickMs: number,
+) {
+  const conn = await Deno.connect({ hostname: base.hostname, port: Number(base.port) });
+  const key = btoa(String.fromCharCode(...crypto.getRandomValues(new Uint8Array(16))));
+  await conn.write(new TextEncoder().encode(
+    `GET /v1/lr/stream?slotName=${slotName} HTTP/1.1\r\nHost: ${base.host}\r\nUpgrade: websocket\r\n` +
+      `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+  ));
+  let buffer = new Uint8Array(0);
+  const append = (chunk: Uint8Array) => {
+    const next = new Uint8Array(buffer.length + chunk.length);
+    next.set(buffer);
+    next.set(chunk, buffer.length);
+    buffer = next;
+  };
+  const chunk = new Uint8Array(bytesPerTick);
+  let headerDone = false;
+  let seen = 0;
+  const decoder = new TextDecoder();
+  while (seen < rows) {
+    const n = await conn.read(chunk);
+    if (n === null) throw new Error("slow reader: connection closed");
+    append(chunk.subarray(0, n));
+    if (!headerDone) {
+      const end = decoder.decode(buffer).indexOf("\r\n\r\n");
+      if (end < 0) continue;
+      buffer = buffer.slice(end + 4);
+      headerDone = true;
+    }
+    for (;;) {
+      if (buffer.length < 2) break;
+      let length = buffer[1] & 0x7f;
+      let offset = 2;
+      if (length === 126) {
+        if (buffer.length < 4) break;
+        length = (buffer[2] << 8) | buffer[3];
+        offset = 4;
+      } else if (length === 127) {
+        if (buffer.length < 10) break;
+        length = Number(new DataView(buffer.buffer, buffer.byteOffset + 2, 8).getBigUint64(0));
+        offset = 10;
+      }
+      if (buffer.length < offset + length) break;
+      const payload = decoder.decode(buffer.subarray(offset, offset + length));
+      buffer = buffer.slice(offset + length);
+      seen += JSON.parse(payload).change.length;
+    }
+    await sleep(tickMs);
+  }
+  conn.close();
+}
+
+async function timed(
+  command: string,
+  commandArgs: string[],
+  env: Record<string, string> = {},
+): Promise<number> {
+  const started = performance.now();
+  const { success, stderr } = await new Deno.Command(command, {
+    args: commandArgs,
+    env,
+    stdout: "null",
+    stderr: "piped",
+  })
+    .output();
+  if (!success) throw new Error(`${command} failed: ${new TextDecoder().decode(stderr)}`);
+  return performance.now() - started;
+}
+
+async function main(): Promise<void> {
+  const dataDir = await Deno.makeTempDir({ prefix: "pgds-bench-" });
+  await Deno.chmod(dataDir, 0o755);
+  await using postgres = await EmbeddedPostgres.start({
+    dataDir: `${dataDir}/data`,
+    // Durable commits (the default): walsenders send only flushed WAL, so synchronous_commit=off
+    // would add up to wal_writer_delay (200 ms) to every latency.
+    settings: { shared_buffers: "512MB", max_wal_size: "4GB" },
+  });
+  const db = postgres.database;
+  const sql = new pg.Client(db);
+  await sql.connect();
+  const psqlArgs = [
+    "-X",
+    "-q",
+    "-h",
+    db.host,
+    "-p",
+    String(db.port),
+    "-U",
+    "postgres",
+    "-d",
+    "postgres",
+  ];
+  const server = await ServerProcess.spawn(db);
+  const machine = `${navigator.hardwareConcurrency} cores, ${
+    Math.round(
+      Number(/MemTotal:\s+(\d+)/.exec(await Deno.readTextFile("/proc/meminfo"))![1]) / 1048576,
+    )
+  } GiB`;
+  console.error(
+    `pgdeltastream bench on ${machine}, PostgreSQL ${
+      (await sql.query("SHOW server_version")).rows[0].server_version
+    }`,
+  );
+  try {
+    // P1: backlog drain, next to pg_recvlogical (pgoutput to /dev/null) on the same backlog.
+    console.error("P1 backlog drain ...");
+    await sql.query(
+      "CREATE TABLE bench_t(id bigserial primary key, a int, b text, c timestamptz default now())",
+    );
+    await sql.query("CREATE PUBLICATION bench_pub FOR TABLE bench_t");
+    await sql.query("SELECT pg_create_logical_replication_slot('lim_pgo', 'pgoutput')");
+    await resetPeak(server.pid);
+    const p1Slot = await init(server.url);
+    const transactions = P1_ROWS / 100;
+    await sql.query(`DO $$ BEGIN FOR i IN 1..${transactions} LOOP
+      INSERT INTO bench_t(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
+    const endLsn = (await sql.query("SELECT pg_current_wal_lsn()::text AS lsn")).rows[0].lsn;
+    const recvMs = await timed("pg_recvlogical", [
+      ...psqlArgs.filter((a) => a !== "-X" && a !== "-q"),
+      "-S",
+      "lim_pgo",
+      "--start",
+      `--endpos=${endLsn}`,
+      "--no-loop",
+      "-f",
+      "/dev/null",
+      "-o",
+      "proto_version=1",
+      "-o",
+      "publication_names=bench_pub",
+    ]);
+    const oursMs = await drain(server.url, p1Slot, P1_ROWS);
+    const ours = P1_ROWS / (oursMs / 1000);
+    const limit = P1_ROWS / (recvMs / 1000);
+    report(
+      `P1 drain ${P1_ROWS} rows / ${transactions} tx`,
+      `${Math.round(ours)} rows/s`,
+      `${Math.round(limit)} rows/s pg_recvlogical`,
+      `ratio ${(ours / limit).toFixed(2)}x (target >= 0.8x)`,
+    );
+    report("P4 peak server RSS during P1", `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`);
+    await sql.query("SELECT pg_drop_replication_slot('lim_pgo')");
+
+    // P2: live latency at a steady rate; then the highest rate it keeps up with.
+    console.error("P2 latency ...");
+    await sql.query("CREATE TABLE lat_t(id int primary key, pad text)");
+    const p2Slot = await init(server.url);
+    const writers: pg.Client[] = await Promise.all(Array.from({ length: 4 }, async () => {
+      const client = new pg.Client(db);
+      await client.connect();
+      return client;
+    }));
+    let nextId = 1;
+    const runRate = async (rate: number, seconds: number) => {
+      const sentAt = new Map<number, number>();
+      const latencies: number[] = [];
+      const total = rate * seconds;
+      const firstId = nextId;
+      nextId += total;
+      const received = drain(server.url, p2Slot, total, (change) => {
+        const id = change.columnvalues![0] as number;
+        const t = sentAt.get(id);
+        if (t !== undefined) latencies.push(performance.now() - t);
+      });
+      await sleep(50); // let the socket open before the first commit
+      const start = performance.now();
+      const inflight: Promise<unknown>[] = [];
+      for (let i = 0; i < total; i++) {
+        const due = start + (i * 1000) / rate;
+        const wait = due - performance.now();
+        if (wait > 1) await sleep(wait);
+        const id = firstId + i;
+        sentAt.set(id, performance.now());
+        inflight.push(
+          writers[i % writers.length].query("INSERT INTO lat_t VALUES ($1, 'x')", [id]),
+        );
+        if (inflight.length > 2000) await Promise.all(inflight.splice(0));
+      }
+      await Promise.all(inflight);
+      const writeSeconds = (performance.now() - start) / 1000;
+      await received;
+      latencies.sort((a, b) => a - b);
+      return {
+        achieved: total / writeSeconds,
+        p50: percentile(latencies, 0.5),
+        p99: percentile(latencies, 0.99),
+      };
+    };
+    const steady = await runRate(1000, P2_SECONDS);
+    report(
+      `P2 latency at 1000 tx/s for ${P2_SECONDS} s`,
+      `p50 ${steady.p50.toFixed(2)} ms, p99 ${steady.p99.toFixed(2)} ms`,
+      "",
+      `(insert sent -> frame parsed; achieved ${
+        Math.round(steady.achieved)
+      } tx/s; target p50 <= 2, p99 <= 5)`,
+    );
+    let best = 1000;
+    for (const rate of [2000, 4000, 8000, 16000]) {
+      const result = await runRate(rate, QUICK ? 2 : 5);
+      console.error(
+        `    ${rate} tx/s: achieved ${Math.round(result.achieved)}, p50 ${
+          result.p50.toFixed(1)
+        } ms, p99 ${result.p99.toFixed(1)} ms`,
+      );
+      if (result.achieved < rate * 0.95 || result.p99 > 50) break;
+      best = rate;
+    }
+    report(
+      "P2 highest steady rate kept (p99 <= 50 ms)",
+      `${best} tx/s`,
+      "",
+      "(one-row transactions, 4 writer connections)",
+    );
+    await Promise.all(writers.map((w: pg.Client) => w.end()));
+
+    // P3: snapshot of a large table: streaming export and v1 pages, next to COPY.
+    console.error("P3 snapshot ...");
+    await sql.query("CREATE TABLE snap_t(id bigint primary key, a int, b text, c timestamptz)");
+    await sql.query(
+      `INSERT INTO snap_t SELECT g, g % 1000, md5(g::text), now() FROM generate_series(1, ${P3_ROWS}) g`,
+    );
+    await sql.query("VACUUM ANALYZE snap_t");
+    const p3Slot = await init(server.url);
+    const copyMs = await timed("psql", [...psqlArgs, "-c", "COPY snap_t TO STDOUT"]);
+    await resetPeak(server.pid);
+    let started = performance.now();
+    const exported = await fetch(new URL("/v1/snapshot/export", server.url), {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ slotName: p3Slot, table: "snap_t" }),
+    });
+    let lines = 0;
+    for await (const part of exported.body!) for (const byte of part) if (byte === 10) lines++;
+    const exportMs = performance.now() - started;
+    if (lines !== P3_ROWS) throw new Error(`export returned ${lines} rows`);
+    report(
+      `P3 export ${P3_ROWS} rows (NDJSON)`,
+      `${Math.round(P3_ROWS / (exportMs / 1000))} rows/s`,
+      `${Math.round(P3_ROWS / (copyMs / 1000))} rows/s COPY`,
+      `ratio ${(copyMs / exportMs).toFixed(2)}x (target >= 0.5x)`,
+    );
+    report(
+      "P4 peak server RSS during P3 export",
+      `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
+    );
+    const page = async (offset: number, limit: number) => {
+      const t = performance.now();
+      const response = await fetch(new URL("/v1/snapshot/data", server.url), {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ slotName: p3Slot, table: "snap_t", offset, limit }),
+      });
+      await response.arrayBuffer();
+      return performance.now() - t;
+    };
+    started = performance.now();
+    for (let offset = 0; offset < P3_ROWS; offset += 100_000) await page(offset, 100_000);
+    const pagedMs = performance.now() - started;
+    report(
+      `P3 v1 pages of 100k, whole table`,
+      `${Math.round(P3_ROWS / (pagedMs / 1000))} rows/s`,
+      "",
+      `ratio ${(copyMs / pagedMs).toFixed(2)}x COPY`,
+    );
+    const first = await page(0, 1000);
+    const deep = await page(P3_ROWS - 100_000, 1000);
+    report(
+      "P3 v1 page of 1000 at offset 0 vs 900k",
+      `${first.toFixed(1)} ms vs ${deep.toFixed(1)} ms`,
+      "",
+      "(OFFSET cost; use export for whole tables)",
+    );
+
+    // M1: a slow reader over a backlog; M2: one huge transaction. Peak server RSS for each.
+    console.error("M1 slow reader ...");
+    await sql.query("TRUNCATE bench_t");
+    const m1Slot = await init(server.url);
+    await sql.query(`DO $$ BEGIN FOR i IN 1..${M1_ROWS / 100} LOOP
+      INSERT INTO bench_t(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
+    await resetPeak(server.pid);
+    started = performance.now();
+    await slowDrain(server.url, m1Slot, M1_ROWS, 64 * 1024, 10);
+    report(
+      `M1 peak server RSS, slow reader over ${M1_ROWS}-row backlog`,
+      `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
+      "",
+      `(reader ~6 MB/s, ${((performance.now() - started) / 1000).toFixed(1)} s; target < 150 MB)`,
+    );
+    console.error("M2 huge transaction ...");
+    await sql.query("CREATE TABLE huge_t(id int primary key, b text)");
+    const m2Slot = await init(server.url);
+    await sql.query(
+      `INSERT INTO huge_t SELECT g, md5(g::text) FROM generate_series(1, ${M2_ROWS}) g`,
+    );
+    await resetPeak(server.pid);
+    const hugeMs = await drain(server.url, m2Slot, M2_ROWS);
+    report(
+      `M2 peak server RSS, one ${M2_ROWS}-row transaction`,
+      `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
+      "",
+      `(${Math.round(M2_ROWS / (hugeMs / 1000))} rows/s; target < 150 MB)`,
+    );
+  } finally {
+    await sql.end();
+    await server.kill("SIGTERM");
+    await postgres.stop();
+    await Deno.remove(dataDir, { recursive: true });
+  }
+
+  const widths = [0, 1, 2, 3].map((c) => Math.max(...results.map((r) => r[c].length), 8));
+  const row = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i])).join(" | ")} |`;
+  console.log(
+    `\npgdeltastream bench (${machine}); reproduce: deno task bench${QUICK ? " --quick" : ""}\n`,
+  );
+  console.log(row(["metric", "pgdeltastream", "baseline", "note"]));
+  console.log(row(widths.map((w) => "-".repeat(w))));
+  for (const r of results) console.log(row(r));
+}
+
+if (import.meta.main) await main();
