@@ -14,6 +14,9 @@ import { init, ServerProcess } from "../tests/support/harness.ts";
 
 const args = new Set(Deno.args);
 const QUICK = args.has("--quick");
+/** `--only=P1,M2` runs just those phases (P1 P2 P3 M1 M2); default all. */
+const ONLY = Deno.args.find((a) => a.startsWith("--only="))?.slice(7).split(",");
+const want = (phase: string) => ONLY === undefined || ONLY.includes(phase);
 const P1_ROWS = QUICK ? 50_000 : 200_000;
 const P2_SECONDS = QUICK ? 5 : 30;
 const P3_ROWS = QUICK ? 200_000 : 1_000_000;
@@ -32,6 +35,12 @@ function report(metric: string, ours: string, baseline = "", note = ""): void {
 async function peakRssMiB(pid: number): Promise<number> {
   const status = await Deno.readTextFile(`/proc/${pid}/status`);
   return Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) / 1024;
+}
+
+/** Current resident set of `pid`, in MiB (VmRSS). */
+async function rssMiB(pid: number): Promise<number> {
+  const status = await Deno.readTextFile(`/proc/${pid}/status`);
+  return Number(/VmRSS:\s+(\d+) kB/.exec(status)![1]) / 1024;
 }
 
 /** Resets the peak-RSS counter of `pid` (root or same user). */
@@ -103,15 +112,21 @@ async function slowDrain(
   const chunk = new Uint8Array(bytesPerTick);
   let headerDone = false;
   let seen = 0;
+  let message = "";
   const decoder = new TextDecoder();
   while (seen < rows) {
     const n = await conn.read(chunk);
     if (n === null) throw new Error("slow reader: connection closed");
     append(chunk.subarray(0, n));
     if (!headerDone) {
-      const end = decoder.decode(buffer).indexOf("\r\n\r\n");
+      let end = -1;
+      for (let i = 3; i < buffer.length && end < 0; i++) {
+        if (
+          buffer[i - 3] === 13 && buffer[i - 2] === 10 && buffer[i - 1] === 13 && buffer[i] === 10
+        ) end = i;
+      }
       if (end < 0) continue;
-      buffer = buffer.slice(end + 4);
+      buffer = buffer.slice(end + 1);
       headerDone = true;
     }
     for (;;) {
@@ -128,9 +143,26 @@ async function slowDrain(
         offset = 10;
       }
       if (buffer.length < offset + length) break;
-      const payload = decoder.decode(buffer.subarray(offset, offset + length));
+      const fin = (buffer[0] & 0x80) !== 0;
+      const opcode = buffer[0] & 0x0f;
+      if (opcode >= 8) {
+        // Control frames: a close ends the run; pings need no answer for the server's sake here.
+        const payload = buffer.subarray(offset, offset + length);
+        buffer = buffer.slice(offset + length);
+        if (opcode === 8) {
+          throw new Error(
+            `slow reader: server closed ${(payload[0] << 8) | payload[1]} ${
+              decoder.decode(payload.subarray(2))
+            }`,
+          );
+        }
+        continue;
+      }
+      message += decoder.decode(buffer.subarray(offset, offset + length), { stream: !fin });
       buffer = buffer.slice(offset + length);
-      seen += JSON.parse(payload).change.length;
+      if (!fin) continue; // a fragmented message: its continuation frames follow
+      seen += JSON.parse(message).change.length;
+      message = "";
     }
     await sleep(tickMs);
   }
@@ -178,7 +210,7 @@ async function main(): Promise<void> {
     "-d",
     "postgres",
   ];
-  const server = await ServerProcess.spawn(db);
+  let server = await ServerProcess.spawn(db);
   const machine = `${navigator.hardwareConcurrency} cores, ${
     Math.round(
       Number(/MemTotal:\s+(\d+)/.exec(await Deno.readTextFile("/proc/meminfo"))![1]) / 1048576,
@@ -190,205 +222,223 @@ async function main(): Promise<void> {
     }`,
   );
   try {
-    // P1: backlog drain, next to pg_recvlogical (pgoutput to /dev/null) on the same backlog.
-    console.error("P1 backlog drain ...");
-    await sql.query(
-      "CREATE TABLE bench_t(id bigserial primary key, a int, b text, c timestamptz default now())",
-    );
-    await sql.query("CREATE PUBLICATION bench_pub FOR TABLE bench_t");
-    await sql.query("SELECT pg_create_logical_replication_slot('lim_pgo', 'pgoutput')");
-    await resetPeak(server.pid);
-    const p1Slot = await init(server.url);
-    const transactions = P1_ROWS / 100;
-    await sql.query(`DO $$ BEGIN FOR i IN 1..${transactions} LOOP
-      INSERT INTO bench_t(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
-    const endLsn = (await sql.query("SELECT pg_current_wal_lsn()::text AS lsn")).rows[0].lsn;
-    const recvMs = await timed("pg_recvlogical", [
-      ...psqlArgs.filter((a) => a !== "-X" && a !== "-q"),
-      "-S",
-      "lim_pgo",
-      "--start",
-      `--endpos=${endLsn}`,
-      "--no-loop",
-      "-f",
-      "/dev/null",
-      "-o",
-      "proto_version=1",
-      "-o",
-      "publication_names=bench_pub",
-    ]);
-    const oursMs = await drain(server.url, p1Slot, P1_ROWS);
-    const ours = P1_ROWS / (oursMs / 1000);
-    const limit = P1_ROWS / (recvMs / 1000);
-    report(
-      `P1 drain ${P1_ROWS} rows / ${transactions} tx`,
-      `${Math.round(ours)} rows/s`,
-      `${Math.round(limit)} rows/s pg_recvlogical`,
-      `ratio ${(ours / limit).toFixed(2)}x (target >= 0.8x)`,
-    );
-    report("P4 peak server RSS during P1", `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`);
-    await sql.query("SELECT pg_drop_replication_slot('lim_pgo')");
-
-    // P2: live latency at a steady rate; then the highest rate it keeps up with.
-    console.error("P2 latency ...");
-    await sql.query("CREATE TABLE lat_t(id int primary key, pad text)");
-    const p2Slot = await init(server.url);
-    const writers: pg.Client[] = await Promise.all(Array.from({ length: 4 }, async () => {
-      const client = new pg.Client(db);
-      await client.connect();
-      return client;
-    }));
-    let nextId = 1;
-    const runRate = async (rate: number, seconds: number) => {
-      const sentAt = new Map<number, number>();
-      const latencies: number[] = [];
-      const total = rate * seconds;
-      const firstId = nextId;
-      nextId += total;
-      const received = drain(server.url, p2Slot, total, (change) => {
-        const id = change.columnvalues![0] as number;
-        const t = sentAt.get(id);
-        if (t !== undefined) latencies.push(performance.now() - t);
-      });
-      await sleep(50); // let the socket open before the first commit
-      const start = performance.now();
-      const inflight: Promise<unknown>[] = [];
-      for (let i = 0; i < total; i++) {
-        const due = start + (i * 1000) / rate;
-        const wait = due - performance.now();
-        if (wait > 1) await sleep(wait);
-        const id = firstId + i;
-        sentAt.set(id, performance.now());
-        inflight.push(
-          writers[i % writers.length].query("INSERT INTO lat_t VALUES ($1, 'x')", [id]),
-        );
-        if (inflight.length > 2000) await Promise.all(inflight.splice(0));
-      }
-      await Promise.all(inflight);
-      const writeSeconds = (performance.now() - start) / 1000;
-      await received;
-      latencies.sort((a, b) => a - b);
-      return {
-        achieved: total / writeSeconds,
-        p50: percentile(latencies, 0.5),
-        p99: percentile(latencies, 0.99),
-      };
-    };
-    const steady = await runRate(1000, P2_SECONDS);
-    report(
-      `P2 latency at 1000 tx/s for ${P2_SECONDS} s`,
-      `p50 ${steady.p50.toFixed(2)} ms, p99 ${steady.p99.toFixed(2)} ms`,
-      "",
-      `(insert sent -> frame parsed; achieved ${
-        Math.round(steady.achieved)
-      } tx/s; target p50 <= 2, p99 <= 5)`,
-    );
-    let best = 1000;
-    for (const rate of [2000, 4000, 8000, 16000]) {
-      const result = await runRate(rate, QUICK ? 2 : 5);
-      console.error(
-        `    ${rate} tx/s: achieved ${Math.round(result.achieved)}, p50 ${
-          result.p50.toFixed(1)
-        } ms, p99 ${result.p99.toFixed(1)} ms`,
+    if (want("P1")) {
+      // P1: backlog drain, next to pg_recvlogical (pgoutput to /dev/null) on the same backlog.
+      console.error("P1 backlog drain ...");
+      await sql.query(
+        "CREATE TABLE bench_t(id bigserial primary key, a int, b text, c timestamptz default now())",
       );
-      if (result.achieved < rate * 0.95 || result.p99 > 50) break;
-      best = rate;
+      await sql.query("CREATE PUBLICATION bench_pub FOR TABLE bench_t");
+      await sql.query("SELECT pg_create_logical_replication_slot('lim_pgo', 'pgoutput')");
+      await resetPeak(server.pid);
+      const p1Slot = await init(server.url);
+      const transactions = P1_ROWS / 100;
+      await sql.query(`DO $$ BEGIN FOR i IN 1..${transactions} LOOP
+      INSERT INTO bench_t(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
+      const endLsn = (await sql.query("SELECT pg_current_wal_lsn()::text AS lsn")).rows[0].lsn;
+      const recvMs = await timed("pg_recvlogical", [
+        ...psqlArgs.filter((a) => a !== "-X" && a !== "-q"),
+        "-S",
+        "lim_pgo",
+        "--start",
+        `--endpos=${endLsn}`,
+        "--no-loop",
+        "-f",
+        "/dev/null",
+        "-o",
+        "proto_version=1",
+        "-o",
+        "publication_names=bench_pub",
+      ]);
+      const oursMs = await drain(server.url, p1Slot, P1_ROWS);
+      const ours = P1_ROWS / (oursMs / 1000);
+      const limit = P1_ROWS / (recvMs / 1000);
+      report(
+        `P1 drain ${P1_ROWS} rows / ${transactions} tx`,
+        `${Math.round(ours)} rows/s`,
+        `${Math.round(limit)} rows/s pg_recvlogical`,
+        `ratio ${(ours / limit).toFixed(2)}x (target >= 0.8x)`,
+      );
+      report("P4 peak server RSS during P1", `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`);
+      await sql.query("SELECT pg_drop_replication_slot('lim_pgo')");
     }
-    report(
-      "P2 highest steady rate kept (p99 <= 50 ms)",
-      `${best} tx/s`,
-      "",
-      "(one-row transactions, 4 writer connections)",
-    );
-    await Promise.all(writers.map((w: pg.Client) => w.end()));
-
-    // P3: snapshot of a large table: streaming export and v1 pages, next to COPY.
-    console.error("P3 snapshot ...");
-    await sql.query("CREATE TABLE snap_t(id bigint primary key, a int, b text, c timestamptz)");
-    await sql.query(
-      `INSERT INTO snap_t SELECT g, g % 1000, md5(g::text), now() FROM generate_series(1, ${P3_ROWS}) g`,
-    );
-    await sql.query("VACUUM ANALYZE snap_t");
-    const p3Slot = await init(server.url);
-    const copyMs = await timed("psql", [...psqlArgs, "-c", "COPY snap_t TO STDOUT"]);
-    await resetPeak(server.pid);
-    let started = performance.now();
-    const exported = await fetch(new URL("/v1/snapshot/export", server.url), {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ slotName: p3Slot, table: "snap_t" }),
-    });
-    let lines = 0;
-    for await (const part of exported.body!) for (const byte of part) if (byte === 10) lines++;
-    const exportMs = performance.now() - started;
-    if (lines !== P3_ROWS) throw new Error(`export returned ${lines} rows`);
-    report(
-      `P3 export ${P3_ROWS} rows (NDJSON)`,
-      `${Math.round(P3_ROWS / (exportMs / 1000))} rows/s`,
-      `${Math.round(P3_ROWS / (copyMs / 1000))} rows/s COPY`,
-      `ratio ${(copyMs / exportMs).toFixed(2)}x (target >= 0.5x)`,
-    );
-    report(
-      "P4 peak server RSS during P3 export",
-      `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
-    );
-    const page = async (offset: number, limit: number) => {
-      const t = performance.now();
-      const response = await fetch(new URL("/v1/snapshot/data", server.url), {
+    if (want("P2")) {
+      // P2: live latency at a steady rate; then the highest rate it keeps up with.
+      console.error("P2 latency ...");
+      await sql.query("CREATE TABLE lat_t(id int primary key, pad text)");
+      const p2Slot = await init(server.url);
+      const writers: pg.Client[] = await Promise.all(Array.from({ length: 4 }, async () => {
+        const client = new pg.Client(db);
+        await client.connect();
+        return client;
+      }));
+      let nextId = 1;
+      const runRate = async (rate: number, seconds: number) => {
+        const sentAt = new Map<number, number>();
+        const latencies: number[] = [];
+        const total = rate * seconds;
+        const firstId = nextId;
+        nextId += total;
+        const received = drain(server.url, p2Slot, total, (change) => {
+          const id = change.columnvalues![0] as number;
+          const t = sentAt.get(id);
+          if (t !== undefined) latencies.push(performance.now() - t);
+        });
+        await sleep(50); // let the socket open before the first commit
+        const start = performance.now();
+        const inflight: Promise<unknown>[] = [];
+        for (let i = 0; i < total; i++) {
+          const due = start + (i * 1000) / rate;
+          const wait = due - performance.now();
+          if (wait > 1) await sleep(wait);
+          const id = firstId + i;
+          sentAt.set(id, performance.now());
+          inflight.push(
+            writers[i % writers.length].query("INSERT INTO lat_t VALUES ($1, 'x')", [id]),
+          );
+          if (inflight.length > 2000) await Promise.all(inflight.splice(0));
+        }
+        await Promise.all(inflight);
+        const writeSeconds = (performance.now() - start) / 1000;
+        await received;
+        latencies.sort((a, b) => a - b);
+        return {
+          achieved: total / writeSeconds,
+          p50: percentile(latencies, 0.5),
+          p99: percentile(latencies, 0.99),
+        };
+      };
+      const steady = await runRate(1000, P2_SECONDS);
+      report(
+        `P2 latency at 1000 tx/s for ${P2_SECONDS} s`,
+        `p50 ${steady.p50.toFixed(2)} ms, p99 ${steady.p99.toFixed(2)} ms`,
+        "",
+        `(insert sent -> frame parsed; achieved ${
+          Math.round(steady.achieved)
+        } tx/s; target p50 <= 2, p99 <= 5)`,
+      );
+      let best = 1000;
+      for (const rate of [2000, 4000, 8000, 16000]) {
+        const result = await runRate(rate, QUICK ? 2 : 5);
+        console.error(
+          `    ${rate} tx/s: achieved ${Math.round(result.achieved)}, p50 ${
+            result.p50.toFixed(1)
+          } ms, p99 ${result.p99.toFixed(1)} ms`,
+        );
+        if (result.achieved < rate * 0.95 || result.p99 > 50) break;
+        best = rate;
+      }
+      report(
+        "P2 highest steady rate kept (p99 <= 50 ms)",
+        `${best} tx/s`,
+        "",
+        "(one-row transactions, 4 writer connections)",
+      );
+      await Promise.all(writers.map((w: pg.Client) => w.end()));
+    }
+    if (want("P3")) {
+      // P3: snapshot of a large table: streaming export and v1 pages, next to COPY.
+      console.error("P3 snapshot ...");
+      await sql.query("CREATE TABLE snap_t(id bigint primary key, a int, b text, c timestamptz)");
+      await sql.query(
+        `INSERT INTO snap_t SELECT g, g % 1000, md5(g::text), now() FROM generate_series(1, ${P3_ROWS}) g`,
+      );
+      await sql.query("VACUUM ANALYZE snap_t");
+      const p3Slot = await init(server.url);
+      const copyMs = await timed("psql", [...psqlArgs, "-c", "COPY snap_t TO STDOUT"]);
+      await resetPeak(server.pid);
+      let started = performance.now();
+      const exported = await fetch(new URL("/v1/snapshot/export", server.url), {
         method: "POST",
         headers: { "content-type": "application/json" },
-        body: JSON.stringify({ slotName: p3Slot, table: "snap_t", offset, limit }),
+        body: JSON.stringify({ slotName: p3Slot, table: "snap_t" }),
       });
-      await response.arrayBuffer();
-      return performance.now() - t;
-    };
-    started = performance.now();
-    for (let offset = 0; offset < P3_ROWS; offset += 100_000) await page(offset, 100_000);
-    const pagedMs = performance.now() - started;
-    report(
-      `P3 v1 pages of 100k, whole table`,
-      `${Math.round(P3_ROWS / (pagedMs / 1000))} rows/s`,
-      "",
-      `ratio ${(copyMs / pagedMs).toFixed(2)}x COPY`,
-    );
-    const first = await page(0, 1000);
-    const deep = await page(P3_ROWS - 100_000, 1000);
-    report(
-      "P3 v1 page of 1000 at offset 0 vs 900k",
-      `${first.toFixed(1)} ms vs ${deep.toFixed(1)} ms`,
-      "",
-      "(OFFSET cost; use export for whole tables)",
-    );
-
-    // M1: a slow reader over a backlog; M2: one huge transaction. Peak server RSS for each.
-    console.error("M1 slow reader ...");
-    await sql.query("TRUNCATE bench_t");
-    const m1Slot = await init(server.url);
-    await sql.query(`DO $$ BEGIN FOR i IN 1..${M1_ROWS / 100} LOOP
+      let lines = 0;
+      for await (const part of exported.body!) for (const byte of part) if (byte === 10) lines++;
+      const exportMs = performance.now() - started;
+      if (lines !== P3_ROWS) throw new Error(`export returned ${lines} rows`);
+      report(
+        `P3 export ${P3_ROWS} rows (NDJSON)`,
+        `${Math.round(P3_ROWS / (exportMs / 1000))} rows/s`,
+        `${Math.round(P3_ROWS / (copyMs / 1000))} rows/s COPY`,
+        `ratio ${(copyMs / exportMs).toFixed(2)}x (target >= 0.5x)`,
+      );
+      report(
+        "P4 peak server RSS during P3 export",
+        `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
+      );
+      const page = async (offset: number, limit: number) => {
+        const t = performance.now();
+        const response = await fetch(new URL("/v1/snapshot/data", server.url), {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ slotName: p3Slot, table: "snap_t", offset, limit }),
+        });
+        await response.arrayBuffer();
+        return performance.now() - t;
+      };
+      started = performance.now();
+      for (let offset = 0; offset < P3_ROWS; offset += 100_000) await page(offset, 100_000);
+      const pagedMs = performance.now() - started;
+      report(
+        `P3 v1 pages of 100k, whole table`,
+        `${Math.round(P3_ROWS / (pagedMs / 1000))} rows/s`,
+        "",
+        `ratio ${(copyMs / pagedMs).toFixed(2)}x COPY`,
+      );
+      const first = await page(0, 1000);
+      const deep = await page(P3_ROWS - 100_000, 1000);
+      report(
+        "P3 v1 page of 1000 at offset 0 vs 900k",
+        `${first.toFixed(1)} ms vs ${deep.toFixed(1)} ms`,
+        "",
+        "(OFFSET cost; use export for whole tables)",
+      );
+    }
+    if (want("M1")) {
+      // M1: a slow reader over a backlog; M2: one huge transaction. Peak server RSS for each.
+      // Memory scenarios each get a fresh server: V8 keeps the heap an earlier phase grew.
+      await server.kill("SIGTERM");
+      server = await ServerProcess.spawn(db);
+      report("server RSS at start", `${(await rssMiB(server.pid)).toFixed(0)} MiB`);
+      console.error("M1 slow reader ...");
+      await sql.query(
+        "CREATE TABLE IF NOT EXISTS bench_t(id bigserial primary key, a int, b text, c timestamptz default now())",
+      );
+      await sql.query("TRUNCATE bench_t");
+      const m1Slot = await init(server.url);
+      await sql.query(`DO $$ BEGIN FOR i IN 1..${M1_ROWS / 100} LOOP
       INSERT INTO bench_t(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
-    await resetPeak(server.pid);
-    started = performance.now();
-    await slowDrain(server.url, m1Slot, M1_ROWS, 64 * 1024, 10);
-    report(
-      `M1 peak server RSS, slow reader over ${M1_ROWS}-row backlog`,
-      `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
-      "",
-      `(reader ~6 MB/s, ${((performance.now() - started) / 1000).toFixed(1)} s; target < 150 MB)`,
-    );
-    console.error("M2 huge transaction ...");
-    await sql.query("CREATE TABLE huge_t(id int primary key, b text)");
-    const m2Slot = await init(server.url);
-    await sql.query(
-      `INSERT INTO huge_t SELECT g, md5(g::text) FROM generate_series(1, ${M2_ROWS}) g`,
-    );
-    await resetPeak(server.pid);
-    const hugeMs = await drain(server.url, m2Slot, M2_ROWS);
-    report(
-      `M2 peak server RSS, one ${M2_ROWS}-row transaction`,
-      `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
-      "",
-      `(${Math.round(M2_ROWS / (hugeMs / 1000))} rows/s; target < 150 MB)`,
-    );
+      await resetPeak(server.pid);
+      const m1Started = performance.now();
+      await slowDrain(server.url, m1Slot, M1_ROWS, 64 * 1024, 10);
+      report(
+        `M1 peak server RSS, slow reader over ${M1_ROWS}-row backlog`,
+        `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
+        "",
+        `(reader ~6 MB/s, ${
+          ((performance.now() - m1Started) / 1000).toFixed(1)
+        } s; target < 150 MB)`,
+      );
+    }
+    if (want("M2")) {
+      await server.kill("SIGTERM");
+      server = await ServerProcess.spawn(db);
+      console.error("M2 huge transaction ...");
+      await sql.query("CREATE TABLE huge_t(id int primary key, b text)");
+      const m2Slot = await init(server.url);
+      await sql.query(
+        `INSERT INTO huge_t SELECT g, md5(g::text) FROM generate_series(1, ${M2_ROWS}) g`,
+      );
+      await resetPeak(server.pid);
+      const hugeMs = await drain(server.url, m2Slot, M2_ROWS);
+      report(
+        `M2 peak server RSS, one ${M2_ROWS}-row transaction`,
+        `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
+        "",
+        `(${Math.round(M2_ROWS / (hugeMs / 1000))} rows/s; target < 150 MB)`,
+      );
+    }
   } finally {
     await sql.end();
     await server.kill("SIGTERM");

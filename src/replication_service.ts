@@ -21,7 +21,7 @@ import {
 } from "./pgoutput_decoder.ts";
 
 /** Bytes (UTF-16 code units) of decoded frames buffered ahead of the socket by default. */
-export const DEFAULT_HIGH_WATER_BYTES = 8 << 20;
+export const DEFAULT_HIGH_WATER_BYTES = 2 << 20;
 
 /** Options of {@link ReplicationService.start}. */
 export interface ReplicationOptions {

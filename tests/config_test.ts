@@ -58,15 +58,17 @@ Deno.test("deno task start allows exactly the environment variables the server r
   assert.doesNotMatch(tasks.start, /(^|\s)(-A|--allow-all)(\s|$)/);
 });
 
-Deno.test("the Dockerfile runs the server with deno task start's permission flags", async () => {
+Deno.test("the Dockerfile and the binary run with deno task start's permission and V8 flags", async () => {
   const tasks = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url))).tasks;
   const dockerfile = await Deno.readTextFile(new URL("../Dockerfile", import.meta.url));
   const cmd: string[] = JSON.parse(/^CMD (\[.*\])$/m.exec(dockerfile)![1]);
-  const taskFlags = (tasks.start as string).split(/\s+/).filter((w) => w.startsWith("--allow-"));
-  assert.deepEqual(cmd.filter((w) => w.startsWith("--allow-")), taskFlags);
+  const taskFlags = (tasks.start as string).split(/\s+/).filter((w) =>
+    /^--(allow-|v8-flags=)/.test(w)
+  );
+  assert.deepEqual(cmd.filter((w) => /^--(allow-|v8-flags=)/.test(w)), taskFlags);
   assert.equal(cmd.at(-1), "src/main.ts");
   const compileFlags = (tasks.compile as string).split(/\s+/).filter((w) =>
-    w.startsWith("--allow-")
+    /^--(allow-|v8-flags=)/.test(w)
   );
   assert.deepEqual(compileFlags, taskFlags);
 });

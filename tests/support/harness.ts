@@ -157,7 +157,7 @@ export class StreamClient implements AsyncDisposable {
 async function startTaskFlags(): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(new URL("../../deno.json", import.meta.url)));
   const words = (config.tasks.start as string).split(/\s+/);
-  return words.filter((word) => word.startsWith("--allow-"));
+  return words.filter((word) => word.startsWith("--allow-") || word.startsWith("--v8-flags="));
 }
 
 /** The server as a separate process, started like `deno task start`. */
