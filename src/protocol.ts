@@ -34,6 +34,12 @@ export interface SnapshotRequest {
   limit?: number;
   /** Sort column and order; defaults to the primary key, else physical order. */
   order_by?: { column: string; order?: SortOrder | Lowercase<SortOrder> };
+  /**
+   * Keyset paging: return rows whose sort column is after this value (the
+   * last row of the previous page). Needs a single sort column; page time
+   * then stays flat however deep the page.
+   */
+  after?: string | number;
 }
 
 /** Largest page `POST /v1/snapshot/data` returns. */

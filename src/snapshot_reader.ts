@@ -12,7 +12,6 @@ import { HttpError } from "./http_error.ts";
 import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "./protocol.ts";
 import { isValidSlotName } from "./slot_names.ts";
 import type { HeldSnapshot } from "./snapshots.ts";
-import { encoderFor } from "./wal2json_value.ts";
 
 /** A validated snapshot request. */
 export interface PageRequest {
@@ -21,9 +20,11 @@ export interface PageRequest {
   offset: number;
   limit: number;
   orderBy?: { column: string; order: SortOrder };
+  /** Keyset paging: rows after this value of the (single) sort column. */
+  after?: string;
 }
 
-const FIELDS = new Set(["slotName", "table", "offset", "limit", "order_by"]);
+const FIELDS = new Set(["slotName", "table", "offset", "limit", "order_by", "after"]);
 
 function count(value: unknown, field: string, fallback: number, min: number, max: number): number {
   if (value === undefined || value === null) return fallback;
@@ -83,6 +84,19 @@ export function parsePageRequest(body: unknown): PageRequest {
     }
     request.orderBy = { column: text(column, "order_by.column"), order: upper };
   }
+  const after = input.after;
+  if (after !== undefined && after !== null) {
+    if (typeof after === "number" ? !Number.isSafeInteger(after) : typeof after !== "string") {
+      throw new HttpError(
+        400,
+        'Invalid request: "after" must be a string or a safe integer (send large numbers as strings)',
+      );
+    }
+    if (request.offset !== 0) {
+      throw new HttpError(400, 'Invalid request: use "after" or "offset", not both');
+    }
+    request.after = String(after);
+  }
   return request;
 }
 
@@ -123,12 +137,23 @@ async function resolveTable(client: pg.Client, name: string): Promise<ResolvedTa
   return rows[0];
 }
 
-/** The ORDER BY clause: the requested column (checked and quoted), else the primary key, else physical order. */
-async function orderClause(
+/** How rows are sorted: the ORDER BY clause, and what keyset paging and re-ordering may use. */
+interface RowOrder {
+  /** ` ORDER BY …`, or "" for relations with no stable order. */
+  clause: string;
+  /** True when the clause names only columns (so an outer query can repeat it). */
+  byColumns: boolean;
+  /** The single sort column, quoted, when there is exactly one: keyset paging's key. */
+  keyset?: string;
+  descending: boolean;
+}
+
+/** The sort order: the requested column (checked and quoted), else the primary key, else physical order. */
+async function sortOrder(
   client: pg.Client,
   table: ResolvedTable,
   request: PageRequest,
-): Promise<string> {
+): Promise<RowOrder> {
   if (request.orderBy !== undefined) {
     const { rows } = await client.query<{ quoted: string }>(
       `SELECT format('%I', attname) AS quoted FROM pg_attribute
@@ -143,19 +168,69 @@ async function orderClause(
         } does not exist in ${table.qualified}`,
       );
     }
-    return ` ORDER BY ${rows[0].quoted} ${request.orderBy.order}`;
+    const descending = request.orderBy.order === "DESC";
+    return {
+      clause: ` ORDER BY ${rows[0].quoted} ${request.orderBy.order}`,
+      byColumns: true,
+      keyset: rows[0].quoted,
+      descending,
+    };
   }
-  const { rows } = await client.query<{ key: string | null }>(
-    `SELECT string_agg(format('%I', a.attname), ', ' ORDER BY array_position(i.indkey, a.attnum)) AS key
+  const { rows } = await client.query<{ key: string | null; columns: number }>(
+    `SELECT string_agg(format('%I', a.attname), ', ' ORDER BY array_position(i.indkey, a.attnum)) AS key,
+            count(*)::int AS columns
        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
       WHERE i.indrelid = $1 AND i.indisprimary`,
     [table.oid],
   );
-  if (rows[0]?.key) return ` ORDER BY ${rows[0].key}`;
+  const key = rows[0]?.key;
+  if (key) {
+    return {
+      clause: ` ORDER BY ${key}`,
+      byColumns: true,
+      keyset: rows[0].columns === 1 ? key : undefined,
+      descending: false,
+    };
+  }
   // Without a key, physical order still makes OFFSET pages disjoint within one snapshot.
-  if (table.relkind === "r" || table.relkind === "m") return " ORDER BY ctid";
-  if (table.relkind === "p") return " ORDER BY tableoid, ctid";
-  return "";
+  if (table.relkind === "r" || table.relkind === "m") {
+    return { clause: " ORDER BY ctid", byColumns: false, descending: false };
+  }
+  if (table.relkind === "p") {
+    return { clause: " ORDER BY tableoid, ctid", byColumns: false, descending: false };
+  }
+  return { clause: "", byColumns: false, descending: false };
+}
+
+/**
+ * A select-list expression that makes PostgreSQL itself write each row as a
+ * JSON object with wal2json's value rules (numbers verbatim, NaN/Infinity as
+ * null, booleans, bytea hex without `\x`, everything else a string of its
+ * text form, from the type's output function as wal2json takes it: not a
+ * `::text` cast, which trims `char(n)` and adds `/32` to `inet`). Built by PostgreSQL from the catalog (`format` with `%I`/`%L`),
+ * so no request input is involved; the client then parses one text column a
+ * row instead of every value, which is what makes snapshots fast. Types are
+ * matched on `atttypid`, as wal2json does (a domain over int4 is a string).
+ */
+async function jsonSelectList(client: pg.Client, table: ResolvedTable): Promise<string> {
+  const { rows } = await client.query<{ expr: string | null }>(
+    `SELECT string_agg(format('%L || %s', CASE WHEN a.n = 1 THEN '{' ELSE ',' END || to_json(a.attname::text)::text || ':',
+              CASE
+                WHEN a.atttypid IN (20, 21, 23, 26) THEN format($f$coalesce(%1$I::text, 'null')$f$, a.attname)
+                WHEN a.atttypid IN (700, 701, 1700) THEN format(
+                  $f$CASE WHEN %1$I IS NULL OR %1$I::text IN ('NaN', 'Infinity', '-Infinity') THEN 'null' ELSE %1$I::text END$f$,
+                  a.attname)
+                WHEN a.atttypid = 16 THEN format($f$CASE WHEN %1$I THEN 'true' WHEN NOT %1$I THEN 'false' ELSE 'null' END$f$, a.attname)
+                WHEN a.atttypid = 17 THEN format($f$coalesce(to_json(substr(%1$I::text, 3))::text, 'null')$f$, a.attname)
+                -- char(n) and inet: their ::text casts trim or reformat, so call the output function.
+                WHEN a.atttypid IN (1042, 869) THEN format($f$CASE WHEN %1$I IS NULL THEN 'null' ELSE to_json(format('%%s', %1$I))::text END$f$, a.attname)
+                ELSE format($f$coalesce(to_json(%1$I::text)::text, 'null')$f$, a.attname)
+              END), ' || ' ORDER BY a.n) || $f$ || '}'$f$ AS expr
+       FROM (SELECT attname, atttypid, row_number() OVER (ORDER BY attnum) AS n
+               FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped) a`,
+    [table.oid],
+  );
+  return rows[0]?.expr ?? "'{}'";
 }
 
 /** Reads one page of `request.table` as of `snapshot`, as a JSON array of row objects (text). */
@@ -163,38 +238,42 @@ export async function readPage(snapshot: HeldSnapshot, request: PageRequest): Pr
   try {
     return await snapshot.run(async (client) => {
       const table = await resolveTable(client, request.table);
-      const order = await orderClause(client, table, request);
+      const order = await sortOrder(client, table, request);
+      const select = await jsonSelectList(client, table);
+      let text: string;
+      const values: unknown[] = [request.limit];
+      if (request.after !== undefined) {
+        if (order.keyset === undefined) {
+          throw new HttpError(
+            400,
+            'Invalid request: "after" needs one sort column: give order_by, or use a table with a one-column primary key',
+          );
+        }
+        // Keyset paging: an index seek, as fast at the end of the table as at its start.
+        text = `SELECT ${select} FROM ${table.qualified} WHERE ${order.keyset} ${
+          order.descending ? "<" : ">"
+        } $2${order.clause} LIMIT $1`;
+        values.push(request.after);
+      } else if (order.byColumns) {
+        // Build JSON for the returned rows only, not for the ones OFFSET skips; re-sort outside.
+        text =
+          `SELECT ${select} FROM (SELECT * FROM ${table.qualified}${order.clause} LIMIT $1 OFFSET $2) AS page${order.clause}`;
+        values.push(request.offset);
+      } else {
+        text = `SELECT ${select} FROM ${table.qualified}${order.clause} LIMIT $1 OFFSET $2`;
+        values.push(request.offset);
+      }
       const result = await client.query({
-        text: `SELECT * FROM ${table.qualified}${order} LIMIT $1 OFFSET $2`,
-        values: [request.limit, request.offset],
+        text,
+        values,
         rowMode: "array",
         types: RAW_TEXT_TYPES,
       });
-      return encodeRows(result.fields, result.rows as (string | null)[][]);
+      return `[${(result.rows as string[][]).map((row) => row[0]).join(",")}]`;
     });
   } catch (error) {
     throw mapReadError(error);
   }
-}
-
-/** Encodes one row (an array of PostgreSQL text values) as a JSON object, with wal2json's value rules. */
-function rowEncoder(fields: pg.FieldDef[]): (row: (string | null)[]) => string {
-  const keys = fields.map((f, i) => `${i === 0 ? "{" : ","}${JSON.stringify(f.name)}:`);
-  const encoders = fields.map((f) => encoderFor(f.dataTypeID));
-  return (row) => {
-    let json = "";
-    for (let c = 0; c < row.length; c++) {
-      const value = row[c];
-      json += keys[c] + (value === null ? "null" : encoders[c](value));
-    }
-    return json + "}";
-  };
-}
-
-/** `[{"col":value,…},…]`. */
-function encodeRows(fields: pg.FieldDef[], rows: (string | null)[][]): string {
-  if (fields.length === 0) return `[${rows.map(() => "{}").join(",")}]`;
-  return `[${rows.map(rowEncoder(fields)).join(",")}]`;
 }
 
 /** Rows fetched from the export cursor per round trip. */
@@ -215,12 +294,12 @@ export function exportRows(
   const finished = Promise.withResolvers<void>();
   const work = snapshot.run(async (client) => {
     const table = await resolveTable(client, request.table);
-    const order = await orderClause(client, table, request);
+    const order = (await sortOrder(client, table, request)).clause;
+    const select = await jsonSelectList(client, table);
     await client.query(
-      `DECLARE export_rows NO SCROLL CURSOR FOR SELECT * FROM ${table.qualified}${order}`,
+      `DECLARE export_rows NO SCROLL CURSOR FOR SELECT ${select} FROM ${table.qualified}${order}`,
     );
     const encoder = new TextEncoder();
-    let encode: ((row: (string | null)[]) => string) | undefined;
     ready.resolve(
       new ReadableStream<Uint8Array>({
         async pull(controller) {
@@ -235,10 +314,8 @@ export function exportRows(
               finished.resolve();
               return;
             }
-            encode ??= rowEncoder(batch.fields);
-            controller.enqueue(
-              encoder.encode(`${(batch.rows as (string | null)[][]).map(encode).join("\n")}\n`),
-            );
+            const lines = (batch.rows as string[][]).map((row) => row[0]).join("\n");
+            controller.enqueue(encoder.encode(`${lines}\n`));
           } catch (error) {
             controller.error(error);
             finished.resolve();

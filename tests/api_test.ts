@@ -273,6 +273,40 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
     assert.match((await missing.json()).error, /slot "delta_nosuch1" does not exist/);
   });
 
+  await t.step(
+    "keyset paging with after walks the table page by page, in either order",
+    async () => {
+      const slotName = await init(api.url);
+      const walk = async (order: "ASC" | "DESC") => {
+        const ids: number[] = [];
+        let after: number | undefined;
+        for (;;) {
+          const page = await snapshot({
+            slotName,
+            table: "test_table",
+            limit: 2,
+            after,
+            order_by: { column: "id", order },
+          });
+          assert.equal(page.status, 200, page.text);
+          const rows = JSON.parse(page.text) as { id: number }[];
+          if (rows.length === 0) return ids;
+          ids.push(...rows.map((r) => r.id));
+          after = rows.at(-1)!.id;
+        }
+      };
+      const ascending = await walk("ASC");
+      assert.ok(ascending.length >= 5);
+      assert.deepEqual(ascending, [...ascending].sort((a, b) => a - b));
+      assert.deepEqual(await walk("DESC"), [...ascending].reverse());
+      const keyless = await snapshot({ slotName, table: "nokey", after: 1 });
+      assert.equal(keyless.status, 400);
+      assert.match(JSON.parse(keyless.text).error, /needs one sort column/);
+      const both = await snapshot({ slotName, table: "test_table", after: 1, offset: 2 });
+      assert.equal(both.status, 400);
+    },
+  );
+
   await t.step("export streams the whole table as NDJSON, as of the snapshot", async () => {
     const slotName = await init(api.url);
     await sql(db, "INSERT INTO test_table(name) VALUES ('after this init')");
