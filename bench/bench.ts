@@ -17,6 +17,38 @@ const QUICK = args.has("--quick");
 /** `--only=P1,M2` runs just those phases (P1 P2 P3 M1 M2); default all. */
 const ONLY = Deno.args.find((a) => a.startsWith("--only="))?.slice(7).split(",");
 const want = (phase: string) => ONLY === undefined || ONLY.includes(phase);
+/** `--profile=DIR`: run the server under V8's CPU profiler and print where its time went. */
+const PROFILE_DIR = Deno.args.find((a) => a.startsWith("--profile="))?.slice(10);
+const serverFlags = PROFILE_DIR ? ["--cpu-prof", `--cpu-prof-dir=${PROFILE_DIR}`] : [];
+
+/** Prints the functions with the most self time in the newest profile of `dir`. */
+async function printProfile(dir: string): Promise<void> {
+  const files = [];
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.name.endsWith(".cpuprofile")) files.push(`${dir}/${entry.name}`);
+  }
+  const stats = await Promise.all(
+    files.map(async (f) => ({ f, t: (await Deno.stat(f)).mtime!.getTime() })),
+  );
+  const newest = stats.sort((a, b) => b.t - a.t)[0]?.f;
+  if (!newest) return;
+  const profile = JSON.parse(await Deno.readTextFile(newest));
+  const self = new Map<number, number>();
+  for (const id of profile.samples) self.set(id, (self.get(id) ?? 0) + 1);
+  const byFunction = new Map<string, number>();
+  for (const node of profile.nodes) {
+    const frame = node.callFrame;
+    const where = `${frame.functionName || "(anonymous)"} ${
+      frame.url.split("/").slice(-2).join("/")
+    }:${frame.lineNumber + 1}`;
+    byFunction.set(where, (byFunction.get(where) ?? 0) + (self.get(node.id) ?? 0));
+  }
+  const total = profile.samples.length;
+  console.log(`\nserver CPU profile (${newest}): top self time`);
+  for (const [where, n] of [...byFunction].sort((a, b) => b[1] - a[1]).slice(0, 25)) {
+    console.log(`${((100 * n) / total).toFixed(1).padStart(5)}%  ${where}`);
+  }
+}
 const P1_ROWS = QUICK ? 50_000 : 200_000;
 const P2_SECONDS = QUICK ? 5 : 30;
 const P3_ROWS = QUICK ? 200_000 : 1_000_000;
@@ -210,7 +242,7 @@ async function main(): Promise<void> {
     "-d",
     "postgres",
   ];
-  let server = await ServerProcess.spawn(db);
+  let server = await ServerProcess.spawn(db, {}, serverFlags);
   const machine = `${navigator.hardwareConcurrency} cores, ${
     Math.round(
       Number(/MemTotal:\s+(\d+)/.exec(await Deno.readTextFile("/proc/meminfo"))![1]) / 1048576,
@@ -409,7 +441,7 @@ async function main(): Promise<void> {
       // M1: a slow reader over a backlog; M2: one huge transaction. Peak server RSS for each.
       // Memory scenarios each get a fresh server: V8 keeps the heap an earlier phase grew.
       await server.kill("SIGTERM");
-      server = await ServerProcess.spawn(db);
+      server = await ServerProcess.spawn(db, {}, serverFlags);
       report("server RSS at start", `${(await rssMiB(server.pid)).toFixed(0)} MiB`);
       console.error("M1 slow reader ...");
       await sql.query(
@@ -433,7 +465,7 @@ async function main(): Promise<void> {
     }
     if (want("M2")) {
       await server.kill("SIGTERM");
-      server = await ServerProcess.spawn(db);
+      server = await ServerProcess.spawn(db, {}, serverFlags);
       console.error("M2 huge transaction ...");
       await sql.query("CREATE TABLE huge_t(id int primary key, b text)");
       const m2Slot = await init(server.url);
@@ -464,6 +496,7 @@ async function main(): Promise<void> {
   console.log(row(["metric", "pgdeltastream", "baseline", "note"]));
   console.log(row(widths.map((w) => "-".repeat(w))));
   for (const r of results) console.log(row(r));
+  if (PROFILE_DIR) await printProfile(PROFILE_DIR);
 }
 
 if (import.meta.main) await main();

@@ -173,11 +173,16 @@ export class ServerProcess implements AsyncDisposable {
   }
 
   /** Spawns `src/main.ts` against `db` with `env` added; resolves once it prints its address. */
-  static async spawn(db: DatabaseConfig, env: Record<string, string> = {}): Promise<ServerProcess> {
+  static async spawn(
+    db: DatabaseConfig,
+    env: Record<string, string> = {},
+    extraFlags: string[] = [],
+  ): Promise<ServerProcess> {
     const child = new Deno.Command(Deno.execPath(), {
       args: [
         "run",
         ...await startTaskFlags(),
+        ...extraFlags,
         new URL("../../src/main.ts", import.meta.url).pathname,
       ],
       env: {
