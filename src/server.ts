@@ -8,7 +8,13 @@ import type pg from "pg";
 import type { Config } from "./config.ts";
 import { createPool, isConnectionError } from "./database.ts";
 import { HttpError } from "./http_error.ts";
-import { API_PREFIX, CloseCode, type InitResponse, MAX_REQUEST_BYTES } from "./protocol.ts";
+import {
+  API_PREFIX,
+  CloseCode,
+  type CloseCodeValue,
+  type InitResponse,
+  MAX_REQUEST_BYTES,
+} from "./protocol.ts";
 import { ReplicationService, SlotInUseError, SlotNotFoundError } from "./replication_service.ts";
 import { ensureSchema, type SchemaNames, schemaNames, syncPublication } from "./schema.ts";
 import { type SlotInfo, SlotManager } from "./slot_manager.ts";
@@ -353,7 +359,7 @@ export class App implements AsyncDisposable {
     }
   }
 
-  async #closeStream(slotName: string, code: CloseCode, reason: string): Promise<void> {
+  async #closeStream(slotName: string, code: CloseCodeValue, reason: string): Promise<void> {
     const session = this.#streams.get(slotName);
     if (session === undefined || session === "starting") return;
     session.close(code, reason);
@@ -376,8 +382,6 @@ export class App implements AsyncDisposable {
     await this.#pool.end();
   }
 }
-
-type CloseCode = typeof CloseCode[keyof typeof CloseCode];
 
 /** A running server: its address, its state, and a clean shutdown. */
 export interface RunningServer extends AsyncDisposable {

@@ -76,6 +76,7 @@ export class SlotManager {
     return (await this.list()).find((s) => s.slot_name === slotName && s.plugin !== null);
   }
 
+  /** Closes the server's stream on `slot`, releases its snapshot, ends any other walsender on it, drops it. */
   async drop(slot: SlotInfo, beforeDrop: BeforeDrop): Promise<void> {
     await beforeDrop(slot.slot_name);
     await this.#snapshots.release(slot.slot_name, "a new init dropped its slot");
@@ -86,7 +87,6 @@ export class SlotManager {
           WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()`,
         [slot.slot_name],
       );
-      // pg_drop_replication_slot waits (wait => true in PostgreSQL ≥ 15 is implicit for inactive slots).
       await this.#dropWhenInactive(slot.slot_name);
     }
     await this.#pool.query(`DELETE FROM ${this.#names.schema}.slots WHERE slot_name = $1`, [

@@ -88,7 +88,7 @@ const WORDS = [
 /** Pattern every generated name matches (and PostgreSQL's slot-name rule). */
 export const SLOT_NAME_PATTERN = /^delta_[a-z]+[0-9]+$/;
 
-/** A fresh name `delta_<word><number>`: 78 words × 1,000,000 numbers, uniformly drawn. */
+/** A fresh name `delta_<word><number>`: 78 words × 1,000,000 numbers, drawn at random (init also retries a name that is taken). */
 export function generateSlotName(): string {
   const [a, b] = crypto.getRandomValues(new Uint32Array(2));
   return `delta_${WORDS[a % WORDS.length]}${b % 1_000_000}`;

@@ -1,7 +1,8 @@
 /**
  * wal2json format-version 1's rules for writing one column value as JSON,
- * from PostgreSQL's text output. Shared by the stream and the snapshot, so a
- * row reads the same in both.
+ * from PostgreSQL's text output, for the stream. The snapshot applies the
+ * same rules in SQL (`snapshot_reader.ts`); a test holds the two to
+ * byte-equal rows.
  * @module
  */
 
