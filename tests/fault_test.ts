@@ -59,62 +59,35 @@ Deno.test("at least once through server crashes, database restarts and killed wa
   await t.step(
     "PostgreSQL restarted mid-stream: the server keeps answering and streams resume",
     async () => {
-      await using postgres = await startPostgres();
-      const db = postgres.database;
-      await createEvents(db);
-      const rows = 600;
-      await using api = await startApi(db);
-      const slotName = await init(api.url);
-      const writer = writeEvents(db, rows);
       // The restart runs beside the consumer: PostgreSQL's shutdown waits until every logical
       // walsender's client has confirmed what it was sent, so the client must keep acking meanwhile.
       let restart: Promise<void> | undefined;
-      const report = await consume({
-        url: () => api.url,
-        slotName,
-        rows,
-        confirmedFlush: () => confirmedFlush(db, slotName),
-        onFrame: (frames) => {
-          if (frames !== 200) return;
-          restart = (async () => {
-            await postgres.stop("fast");
-            const down = await fetch(new URL("/healthz", api.url));
-            assert.equal(down.status, 503);
-            assert.equal((await down.json()).database.reachable, false);
-            const refused = await fetch(new URL("/v1/init", api.url));
-            assert.equal(refused.status, 503);
-            assert.match((await refused.json()).error, /Database unavailable/);
-            await postgres.startAgain();
-          })();
-        },
+      const report = await inProcessScenario("PostgreSQL restart", ({ postgres, api }) => {
+        restart = (async () => {
+          await postgres.stop("fast");
+          const down = await fetch(new URL("/healthz", api.url));
+          assert.equal(down.status, 503);
+          assert.equal((await down.json()).database.reachable, false);
+          const refused = await fetch(new URL("/v1/init", api.url));
+          assert.equal(refused.status, 503);
+          assert.match((await refused.json()).error, /Database unavailable/);
+          await postgres.startAgain();
+        })();
+      }, async ({ api }) => {
+        await restart;
+        assert.equal((await fetch(new URL("/healthz", api.url))).status, 200);
       });
-      await restart;
-      await writer;
-      summarize("PostgreSQL restart", rows, report);
       assert.ok(
         report.closeCodes.includes(CloseCode.TryAgainLater),
         `closes: ${report.closeCodes}`,
       );
-      assert.equal(report.resentAfterConfirm, 0);
-      assert.equal((await fetch(new URL("/healthz", api.url))).status, 200);
     },
   );
 
   await t.step("the walsender terminated by pg_terminate_backend: close 1013, resume", async () => {
-    await using postgres = await startPostgres();
-    const db = postgres.database;
-    await createEvents(db);
-    const rows = 600;
-    await using api = await startApi(db);
-    const slotName = await init(api.url);
-    const writer = writeEvents(db, rows);
-    const report = await consume({
-      url: () => api.url,
-      slotName,
-      rows,
-      confirmedFlush: () => confirmedFlush(db, slotName),
-      onFrame: async (frames) => {
-        if (frames !== 200) return;
+    const report = await inProcessScenario(
+      "pg_terminate_backend(walsender)",
+      async ({ db, slotName }) => {
         await sql(
           db,
           "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
@@ -123,11 +96,8 @@ Deno.test("at least once through server crashes, database restarts and killed wa
           ],
         );
       },
-    });
-    await writer;
-    summarize("pg_terminate_backend(walsender)", rows, report);
+    );
     assert.deepEqual(report.closeCodes, [CloseCode.TryAgainLater]);
-    assert.equal(report.resentAfterConfirm, 0);
   });
 
   await t.step(
@@ -227,4 +197,43 @@ async function waitFor(
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
   throw new Error(`never became true: ${query}`);
+}
+
+/** What a fault is given: the database, the server in this process, the streamed slot. */
+interface FaultContext {
+  postgres: Awaited<ReturnType<typeof startPostgres>>;
+  db: Parameters<typeof sql>[0];
+  api: Awaited<ReturnType<typeof startApi>>;
+  slotName: string;
+}
+
+/**
+ * A steady writer of 600 rows and an acking consumer against an in-process
+ * server; `fault` runs once, after the 200th frame. Checks the at-least-once
+ * contract (every row, nothing re-sent past a confirmed ack) and returns the report.
+ */
+async function inProcessScenario(
+  name: string,
+  fault: (context: FaultContext) => Promise<void> | void,
+  settle: (context: FaultContext) => Promise<void> = async () => {},
+) {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await createEvents(db);
+  const rows = 600;
+  await using api = await startApi(db);
+  const slotName = await init(api.url);
+  const writer = writeEvents(db, rows);
+  const report = await consume({
+    url: () => api.url,
+    slotName,
+    rows,
+    confirmedFlush: () => confirmedFlush(db, slotName),
+    onFrame: (frames) => frames === 200 ? fault({ postgres, db, api, slotName }) : undefined,
+  });
+  await writer;
+  await settle({ postgres, db, api, slotName });
+  summarize(name, rows, report);
+  assert.equal(report.resentAfterConfirm, 0, "an acknowledged transaction was sent again");
+  return report;
 }
