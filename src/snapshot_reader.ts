@@ -132,7 +132,12 @@ async function resolveTable(client: pg.Client, name: string): Promise<ResolvedTa
     [byParse?.rows[0]?.oid ?? null, name],
   );
   if (rows.length === 0) {
-    throw new HttpError(404, `Cannot read snapshot: table ${JSON.stringify(name)} does not exist`);
+    throw new HttpError(
+      404,
+      `Cannot read snapshot: table ${
+        JSON.stringify(name)
+      } does not exist (as of the slot's snapshot)`,
+    );
   }
   return rows[0];
 }
