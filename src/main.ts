@@ -15,6 +15,11 @@ export const EXIT_DATABASE = 1;
 
 /** Runs the server until a signal asks it to stop; returns the exit code. */
 export async function main(): Promise<number> {
+  // Listen for signals before anything else: one that arrives during start-up still stops cleanly.
+  const stop = Promise.withResolvers<string>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    Deno.addSignalListener(signal, () => stop.resolve(signal));
+  }
   let config;
   try {
     config = loadConfig((name) => Deno.env.get(name));
@@ -34,13 +39,16 @@ export async function main(): Promise<number> {
     console.error(`pgdeltastream cannot start: ${(error as Error).message}`);
     return EXIT_DATABASE;
   }
+  // Slots outlive the process: say which of ours exist, so none holds WAL unnoticed.
+  const leftovers = await server.app.leftoverSlots().catch(() => []);
+  if (leftovers.length > 0) {
+    console.log(
+      `pgdeltastream: slots created earlier, resumable with /v1/lr/stream: ${leftovers.join(", ")}`,
+    );
+  }
   console.log(
     `pgdeltastream listening on ${server.url.href} (database ${describeDatabase(config.database)})`,
   );
-  const stop = Promise.withResolvers<string>();
-  for (const signal of ["SIGINT", "SIGTERM"] as const) {
-    Deno.addSignalListener(signal, () => stop.resolve(signal));
-  }
   const signal = await stop.promise;
   console.log(`pgdeltastream: ${signal}, shutting down`);
   // A second signal, or a shutdown taking over 5 s, exits at once: slots are kept, nothing acked is lost.

@@ -157,6 +157,17 @@ export class App implements AsyncDisposable {
     return new App(config, pool);
   }
 
+  /** Slots this server's earlier runs created that still exist, with the WAL each holds back. */
+  async leftoverSlots(): Promise<string[]> {
+    const { rows } = await this.#pool.query<{ line: string }>(
+      `SELECT format('%s (%s, holding %s of WAL)', s.slot_name, CASE WHEN s.active THEN 'active' ELSE 'inactive' END,
+                     pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn))) AS line
+         FROM pg_replication_slots s JOIN ${this.#names.schema}.slots o ON o.slot_name = s.slot_name
+        ORDER BY s.slot_name`,
+    );
+    return rows.map((r: { line: string }) => r.line);
+  }
+
   /** Answers one HTTP request; never throws. */
   handle = async (request: Request): Promise<Response> => {
     try {

@@ -165,6 +165,13 @@ Deno.test("at least once through server crashes, database restarts and killed wa
       const status = await server.kill("SIGTERM");
       assert.equal((await client.closed).code, CloseCode.GoingAway);
       assert.equal(status.code, 0);
+      // The next start names the slot it finds (it holds WAL until streamed or dropped).
+      const again = await ServerProcess.spawn(db);
+      await again.kill("SIGTERM");
+      assert.match(
+        await again.output,
+        new RegExp(`slots created earlier.*${slotName} \\(inactive, holding`),
+      );
       const [{ slots }] = await sql<{ slots: number }>(
         db,
         "SELECT count(*)::int AS slots FROM pg_replication_slots WHERE slot_name = $1",
