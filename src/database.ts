@@ -65,8 +65,6 @@ export const SqlState = {
   ObjectInUse: "55006",
   /** `insufficient_privilege`. */
   InsufficientPrivilege: "42501",
-  /** `undefined_table`. */
-  UndefinedTable: "42P01",
   /** `undefined_function`: e.g. no ordering operator for an order_by column's type. */
   UndefinedFunction: "42883",
   /** `configuration_limit_exceeded`: e.g. all replication slots in use. */

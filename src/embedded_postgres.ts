@@ -218,12 +218,6 @@ export class EmbeddedPostgres implements AsyncDisposable {
     if (this.#process === undefined) await this.#start();
   }
 
-  /** Stops and starts the server again on the same port and data. */
-  async restart(mode: "fast" | "immediate" = "fast"): Promise<void> {
-    await this.stop(mode);
-    await this.#start();
-  }
-
   /** Same as {@link stop} with `fast`. */
   [Symbol.asyncDispose](): Promise<void> {
     return this.stop();

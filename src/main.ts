@@ -51,7 +51,7 @@ export async function main(): Promise<number> {
   );
   const signal = await stop.promise;
   console.log(`pgdeltastream: ${signal}, shutting down`);
-  // A second signal, or a shutdown taking over 5 s, exits at once: slots are kept, nothing acked is lost.
+  // A shutdown taking over 5 s exits anyway: slots are kept and acks were already sent, so nothing is lost.
   const deadline = setTimeout(() => Deno.exit(0), 5000);
   await server[Symbol.asyncDispose]();
   clearTimeout(deadline);

@@ -113,10 +113,3 @@ export const CloseCode = {
 
 /** A close code from {@link CloseCode}. */
 export type CloseCodeValue = typeof CloseCode[keyof typeof CloseCode];
-
-/** Close codes after which reconnecting to the same slot resumes the stream. */
-export const RETRYABLE_CLOSE_CODES: ReadonlySet<number> = new Set([
-  CloseCode.GoingAway,
-  CloseCode.InternalError,
-  CloseCode.TryAgainLater,
-]);

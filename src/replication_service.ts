@@ -171,16 +171,6 @@ export class ReplicationService implements AsyncDisposable {
     return service;
   }
 
-  /** Highest position the client acknowledged on this connection. */
-  get acknowledged(): Lsn {
-    return this.#acked;
-  }
-
-  /** Position last reported to PostgreSQL as consumed. */
-  get confirmed(): Lsn {
-    return this.#confirmed;
-  }
-
   async #start(): Promise<void> {
     this.#lib.on("error", () => {}); // surfaced through subscribe()'s promise below
     this.#lib.on("data", (_lsn: string, message: Buffer) => this.#onMessage(message));

@@ -85,9 +85,6 @@ const WORDS = [
   "zephyr",
 ];
 
-/** Pattern every generated name matches (and PostgreSQL's slot-name rule). */
-export const SLOT_NAME_PATTERN = /^delta_[a-z]+[0-9]+$/;
-
 /** A fresh name `delta_<word><number>`: 78 words × 1,000,000 numbers, drawn at random (init also retries a name that is taken). */
 export function generateSlotName(): string {
   const [a, b] = crypto.getRandomValues(new Uint32Array(2));

@@ -65,11 +65,6 @@ export class StreamSession {
     return this.#abort.signal.aborted || this.#socket.readyState >= WebSocket.CLOSING;
   }
 
-  /** nextlsn of the last frame sent on this socket. */
-  get delivered(): Lsn {
-    return this.#delivered;
-  }
-
   async #pump(): Promise<void> {
     const socket = this.#socket;
     const signal = this.#abort.signal;

@@ -191,13 +191,6 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
     }
   });
 
-  await t.step("a binary frame closes the socket with 1003", async () => {
-    const slotName = await init(api.url);
-    await using client = await StreamClient.open(api.url, slotName);
-    client.socket.send(new Uint8Array([1, 2, 3]));
-    assert.equal((await client.closed).code, CloseCode.UnsupportedData);
-  });
-
   await t.step("bad requests get JSON errors with 4xx statuses", async () => {
     const slotName = await init(api.url);
     const cases: [unknown, number, RegExp][] = [
