@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { init, sql, startPostgres } from "./support/harness.ts";
+import { init, sql, startPostgres, taskWords } from "./support/harness.ts";
 
 // `deno compile` downloads its runtime (denort) unless DENORT_BIN names a local copy; CI has neither.
 const denort = Deno.env.get("DENORT_BIN");
@@ -11,9 +11,7 @@ Deno.test({
     const dir = await Deno.makeTempDir();
     try {
       // The compile task's own words, with the output redirected into the temporary directory.
-      const tasks =
-        JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url))).tasks;
-      const words = (tasks.compile as string).split(/\s+/).slice(1);
+      const words = await taskWords("compile");
       words[words.indexOf("--output") + 1] = `${dir}/pgdeltastream`;
       const compile = await new Deno.Command(Deno.execPath(), {
         args: words,

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { init, sql, startApi, startPostgres, StreamClient } from "./support/harness.ts";
-import { framesUntilSentinel, referenceScript, runWorkload } from "./support/reference.ts";
+import { sql, startApi, startPostgres } from "./support/harness.ts";
+import { streamReference } from "./support/reference.ts";
 
 /** Debian's PostgreSQL 15 with wal2json (`apt-get install postgresql-15-wal2json`; .ci/run does it as root). */
 const PG15_BIN = "/usr/lib/postgresql/15/bin";
@@ -13,15 +13,12 @@ Deno.test({
   async fn() {
     await using postgres = await startPostgres({ binDir: PG15_BIN });
     const db = postgres.database;
-    const { setup, workload } = await referenceScript();
-    await sql(db, setup);
-    await sql(db, "SELECT pg_create_logical_replication_slot('w2j', 'wal2json')");
     await using api = await startApi(db);
-    const slotName = await init(api.url);
-    await using client = await StreamClient.open(api.url, slotName);
-    await runWorkload(db, workload);
-
-    const received = await framesUntilSentinel(client);
+    const received = await streamReference(
+      db,
+      api.url,
+      () => sql(db, "SELECT pg_create_logical_replication_slot('w2j', 'wal2json')"),
+    );
     const wal2json = (await sql<{ data: string }>(
       db,
       `SELECT data FROM pg_logical_slot_get_changes('w2j', NULL, NULL, 'include-lsn', 'on', 'pretty-print', 'off')`,

@@ -1,24 +1,11 @@
 import assert from "node:assert/strict";
-import { init, postJson, sql, startApi, startPostgres, StreamClient } from "./support/harness.ts";
-import {
-  changeText,
-  framesUntilSentinel,
-  recordedFrames,
-  referenceScript,
-  runWorkload,
-} from "./support/reference.ts";
+import { init, postJson, startApi, startPostgres } from "./support/harness.ts";
+import { changeText, recordedFrames, streamReference } from "./support/reference.ts";
 
 Deno.test("stream frames equal wal2json's recorded output for the reference workload", async () => {
   await using postgres = await startPostgres();
-  const db = postgres.database;
-  const { setup, workload } = await referenceScript();
-  await sql(db, setup);
-  await using api = await startApi(db);
-  const slotName = await init(api.url);
-  await using client = await StreamClient.open(api.url, slotName);
-  await runWorkload(db, workload);
-
-  const received = await framesUntilSentinel(client);
+  await using api = await startApi(postgres.database);
+  const received = await streamReference(postgres.database, api.url);
   const expected = await recordedFrames();
   assert.equal(received.length, expected.length);
   assert.deepEqual(received.map(changeText), expected.map(changeText));
@@ -35,16 +22,8 @@ function parseVerbatim(text: string): unknown {
 
 Deno.test("a snapshot row reads exactly as the stream wrote the same row", async () => {
   await using postgres = await startPostgres();
-  const db = postgres.database;
-  const { setup, workload } = await referenceScript();
-  await sql(db, setup);
-  await using api = await startApi(db);
-  const streamed = await init(api.url);
-  {
-    await using client = await StreamClient.open(api.url, streamed);
-    await runWorkload(db, workload);
-    await framesUntilSentinel(client);
-  }
+  await using api = await startApi(postgres.database);
+  await streamReference(postgres.database, api.url);
   const inserts = (await recordedFrames())
     .flatMap((frame) => (parseVerbatim(frame) as { change: Record<string, unknown[]>[] }).change)
     .filter((change) => change.table as unknown === "t_types");

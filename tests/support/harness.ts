@@ -153,11 +153,15 @@ export class StreamClient implements AsyncDisposable {
   }
 }
 
-/** The `deno run` flags of `deno task start`, read from deno.json so the test runs what users run. */
-async function startTaskFlags(): Promise<string[]> {
+/** The words of a deno.json task, after `deno` (e.g. `run`, flags, `src/main.ts`). */
+export async function taskWords(task: "start" | "compile"): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(new URL("../../deno.json", import.meta.url)));
-  const words = (config.tasks.start as string).split(/\s+/);
-  return words.filter((word) => word.startsWith("--allow-") || word.startsWith("--v8-flags="));
+  return (config.tasks[task] as string).split(/\s+/).slice(1);
+}
+
+/** The permission and V8 flags of a deno.json task: what the server runs with. */
+export async function runtimeFlags(task: "start" | "compile"): Promise<string[]> {
+  return (await taskWords(task)).filter((word) => /^--(allow-|v8-flags=)/.test(word));
 }
 
 /** The server as a separate process, started like `deno task start`. */
@@ -181,7 +185,7 @@ export class ServerProcess implements AsyncDisposable {
     const child = new Deno.Command(Deno.execPath(), {
       args: [
         "run",
-        ...await startTaskFlags(),
+        ...await runtimeFlags("start"),
         ...extraFlags,
         new URL("../../src/main.ts", import.meta.url).pathname,
       ],

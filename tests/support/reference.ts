@@ -6,12 +6,12 @@
  */
 
 import type { DatabaseConfig } from "../../src/config.ts";
-import { sql, type StreamClient } from "./harness.ts";
+import { init, sql, StreamClient } from "./harness.ts";
 
 const FIXTURES = new URL("../fixtures/", import.meta.url);
 
 /** Setup statements (above the marker) and workload statements (below it), each a separate query. */
-export async function referenceScript(): Promise<{ setup: string; workload: string[] }> {
+async function referenceScript(): Promise<{ setup: string; workload: string[] }> {
   const text = await Deno.readTextFile(new URL("wal2json_cases.sql", FIXTURES));
   const [setup, workload] = text.split(/^-- marker.*$/m);
   const statements: string[] = [];
@@ -44,7 +44,7 @@ export function changeText(frame: string): string {
 }
 
 /** Runs each workload statement as its own query, then a sentinel insert. */
-export async function runWorkload(db: DatabaseConfig, workload: string[]): Promise<void> {
+async function runWorkload(db: DatabaseConfig, workload: string[]): Promise<void> {
   for (const statement of workload) await sql(db, statement);
   await sql(
     db,
@@ -53,11 +53,29 @@ export async function runWorkload(db: DatabaseConfig, workload: string[]): Promi
 }
 
 /** Frames received up to (not including) the sentinel's. */
-export async function framesUntilSentinel(client: StreamClient): Promise<string[]> {
+async function framesUntilSentinel(client: StreamClient): Promise<string[]> {
   const frames: string[] = [];
   for (;;) {
     const frame = await client.nextText();
     if (frame.includes('"table":"sentinel"')) return frames;
     frames.push(frame);
   }
+}
+
+/**
+ * The reference setup on `db`, then `prepare` (e.g. another decoder's slot), then a new slot of
+ * the server at `base` streaming the workload: returns the frames received, sentinel excluded.
+ */
+export async function streamReference(
+  db: DatabaseConfig,
+  base: URL,
+  prepare: () => Promise<unknown> = async () => {},
+): Promise<string[]> {
+  const { setup, workload } = await referenceScript();
+  await sql(db, setup);
+  await prepare();
+  const slotName = await init(base);
+  await using client = await StreamClient.open(base, slotName);
+  await runWorkload(db, workload);
+  return await framesUntilSentinel(client);
 }
