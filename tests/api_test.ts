@@ -185,7 +185,7 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
     for (const bad of ["not json", '{"lsn": 5}', '{"lsn": "zz/1"}', '{"lsn": "FF/0"}']) {
       await using client = await StreamClient.open(api.url, slotName);
       client.socket.send(bad);
-      const closed = await client.closed;
+      const closed = await client.closedWithin();
       assert.equal(closed.code, CloseCode.InvalidAck, bad);
       assert.match(closed.reason, /invalid ack/, bad);
     }

@@ -9,6 +9,7 @@ import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.t
 import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/embedded_postgres.ts";
 import type { TransactionFrame } from "../../src/protocol.ts";
 import { type RunningServer, startServer } from "../../src/server.ts";
+import { deadline, poll } from "./deadline.ts";
 
 /** A PostgreSQL in a fresh temporary data directory, removed on dispose. */
 export async function startPostgres(
@@ -58,6 +59,22 @@ export async function sql<T extends pg.QueryResultRow = pg.QueryResultRow>(
   }
 }
 
+/**
+ * Polls a query returning one row with a boolean `ok` until it is true:
+ * for conditions PostgreSQL shows only in its views. Fails naming the query.
+ */
+export async function waitForSql(
+  db: DatabaseConfig,
+  query: string,
+  values: unknown[] = [],
+): Promise<void> {
+  await poll(
+    async () => (await sql<{ ok: boolean }>(db, query, values))[0]?.ok,
+    `PostgreSQL to report: ${query.replace(/\s+/g, " ").trim()}`,
+    { intervalMs: 100 },
+  );
+}
+
 /** `POST` JSON and read the JSON answer as text plus status. */
 export async function postJson(
   url: URL | string,
@@ -84,6 +101,7 @@ export async function init(base: URL): Promise<string> {
 /** A websocket client with a queue of received text frames. */
 export class StreamClient implements AsyncDisposable {
   readonly socket: WebSocket;
+  readonly url: string;
   readonly #frames: string[] = [];
   #waiter: (() => void) | undefined;
   /** Settles with the close event. */
@@ -92,6 +110,7 @@ export class StreamClient implements AsyncDisposable {
   readonly opened: Promise<void>;
 
   constructor(url: string) {
+    this.url = url;
     this.socket = new WebSocket(url);
     this.socket.addEventListener("message", (event) => {
       this.#frames.push(event.data as string);
@@ -115,7 +134,7 @@ export class StreamClient implements AsyncDisposable {
     const url = new URL(`/v1/lr/stream?slotName=${encodeURIComponent(slotName)}`, base);
     url.protocol = "ws:";
     const client = new StreamClient(url.href);
-    await client.opened;
+    await deadline(client.opened, `the websocket ${url.pathname}${url.search} to open`);
     return client;
   }
 
@@ -125,20 +144,29 @@ export class StreamClient implements AsyncDisposable {
     waiter?.();
   }
 
-  /** The next frame as text; rejects if the socket closes first. */
-  async nextText(): Promise<string> {
+  /** The next frame as text; rejects if the socket closes first, or after `ms` without one. */
+  async nextText(ms?: number): Promise<string> {
     while (this.#frames.length === 0) {
       if (this.socket.readyState === WebSocket.CLOSED) {
         throw new Error("socket closed while waiting for a frame");
       }
-      await new Promise<void>((resolve) => (this.#waiter = resolve));
+      await deadline(
+        new Promise<void>((resolve) => (this.#waiter = resolve)),
+        `a frame on ${new URL(this.url).pathname}`,
+        ms,
+      );
     }
     return this.#frames.shift()!;
   }
 
+  /** The close event, waiting at most `ms`. */
+  closedWithin(ms?: number): Promise<CloseEvent> {
+    return deadline(this.closed, `the websocket ${new URL(this.url).pathname} to close`, ms);
+  }
+
   /** The next frame, parsed. */
-  async next(): Promise<TransactionFrame> {
-    return JSON.parse(await this.nextText());
+  async next(ms?: number): Promise<TransactionFrame> {
+    return JSON.parse(await this.nextText(ms));
   }
 
   /** Sends `{"lsn": lsn}`. */
@@ -149,7 +177,7 @@ export class StreamClient implements AsyncDisposable {
   /** Closes and waits for the close handshake. */
   async [Symbol.asyncDispose](): Promise<void> {
     if (this.socket.readyState !== WebSocket.CLOSED) this.socket.close();
-    await this.closed;
+    await this.closedWithin();
   }
 }
 
@@ -219,7 +247,16 @@ export class ServerProcess implements AsyncDisposable {
         new Error(`server exited with code ${status.code} before listening:\n${log}`),
       );
     });
-    return new ServerProcess(child, await listening.promise, output);
+    const url = await deadline(listening.promise, "the server process to print its address")
+      .catch(async (error) => {
+        try {
+          child.kill("SIGKILL");
+        } catch { /* exited */ }
+        await child.status;
+        await output;
+        throw error;
+      });
+    return new ServerProcess(child, url, output);
   }
 
   /** The server's process id (for /proc readings in the benchmark). */
@@ -232,7 +269,7 @@ export class ServerProcess implements AsyncDisposable {
     try {
       this.#child.kill(signal);
     } catch { /* already exited */ }
-    const status = await this.#child.status;
+    const status = await deadline(this.#child.status, `server process ${this.pid} to exit`);
     await this.output;
     return status;
   }

@@ -8,6 +8,7 @@
 import pg from "pg";
 import type { DatabaseConfig } from "../../src/config.ts";
 import { parseLsn } from "../../src/lsn.ts";
+import { DEFAULT_WAIT_MS } from "./deadline.ts";
 import { StreamClient } from "./harness.ts";
 
 /** Creates `events(id int primary key)`. */
@@ -24,7 +25,13 @@ export async function createEvents(db: DatabaseConfig): Promise<void> {
  */
 export async function writeEvents(db: DatabaseConfig, rows: number, paceMs = 2): Promise<void> {
   let client: pg.Client | undefined;
+  let lastProgress = Date.now();
   for (let id = 1; id <= rows;) {
+    if (Date.now() - lastProgress > DEFAULT_WAIT_MS) {
+      throw new Error(
+        `Timed out writing events: no commit for ${DEFAULT_WAIT_MS / 1000} s at id ${id}`,
+      );
+    }
     await new Promise((resolve) => setTimeout(resolve, paceMs));
     try {
       if (client === undefined) {
@@ -34,6 +41,7 @@ export async function writeEvents(db: DatabaseConfig, rows: number, paceMs = 2):
       }
       await client.query("INSERT INTO events VALUES ($1)", [id]);
       id++;
+      lastProgress = Date.now();
     } catch (error) {
       // A commit may have landed before the connection died: the row is there, move on.
       if ((error as { code?: string }).code === "23505") id++;
@@ -80,7 +88,14 @@ export async function consume(options: ConsumeOptions): Promise<ConsumerReport> 
   let frames = 0;
   let connections = 0;
   let confirmed = 0n;
+  let lastProgress = Date.now();
   while (report.seen.size < options.rows) {
+    if (Date.now() - lastProgress > DEFAULT_WAIT_MS) {
+      throw new Error(
+        `Timed out consuming: no new row for ${DEFAULT_WAIT_MS / 1000} s; ` +
+          `${report.seen.size} of ${options.rows} received, closes [${report.closeCodes}]`,
+      );
+    }
     let client: StreamClient;
     try {
       client = await StreamClient.open(options.url(), options.slotName);
@@ -96,6 +111,7 @@ export async function consume(options: ConsumeOptions): Promise<ConsumerReport> 
         for (const change of frame.change) {
           const id = change.columnvalues![0] as number;
           if (report.seen.has(id)) report.duplicates++;
+          else lastProgress = Date.now();
           report.seen.set(id, (report.seen.get(id) ?? 0) + 1);
         }
         client.ack(frame.nextlsn);
@@ -105,7 +121,7 @@ export async function consume(options: ConsumeOptions): Promise<ConsumerReport> 
       }
       await client[Symbol.asyncDispose]();
     } catch {
-      report.closeCodes.push((await client.closed).code);
+      report.closeCodes.push((await client.closedWithin()).code);
       confirmed = await options.confirmedFlush().catch(() => confirmed);
     }
   }
