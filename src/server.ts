@@ -22,6 +22,7 @@ import { isValidSlotName } from "./slot_names.ts";
 import { exportRows, parsePageRequest, readPage } from "./snapshot_reader.ts";
 import { type HeldSnapshot, SnapshotStore } from "./snapshots.ts";
 import { StreamSession } from "./stream_session.ts";
+import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 import type { ColumnType } from "./pgoutput_decoder.ts";
 
 type Handler = (request: Request, match: URLPatternResult) => Promise<Response>;
@@ -238,11 +239,7 @@ export class App implements AsyncDisposable {
         'Cannot stream: query parameter "slotName" is missing or not a slot name',
       );
     }
-    if (request.headers.get("upgrade")?.toLowerCase() !== "websocket") {
-      throw new HttpError(426, "Cannot stream: this endpoint needs a websocket upgrade", {
-        upgrade: "websocket",
-      });
-    }
+    assertWebSocketHandshake(request, "Cannot stream");
     // A client reconnecting right after its socket dropped: let the old session finish first.
     const previous = this.#streams.get(slotName);
     if (previous instanceof StreamSession && previous.ending) {
@@ -273,7 +270,14 @@ export class App implements AsyncDisposable {
       }
       await syncPublication(this.#pool, this.#names);
       const service = await this.#startReplication(slotName);
-      const { socket, response } = Deno.upgradeWebSocket(request);
+      let upgrade;
+      try {
+        upgrade = Deno.upgradeWebSocket(request);
+      } catch (error) {
+        await service.close(); // never leave a walsender holding the slot
+        throw error;
+      }
+      const { socket, response } = upgrade;
       const session = new StreamSession(socket, service);
       this.#streams.set(slotName, session);
       void session.done.finally(() => {
