@@ -63,6 +63,8 @@ export const SqlState = {
   DuplicateObject: "42710",
   /** `object_in_use`: e.g. a slot another walsender is streaming. */
   ObjectInUse: "55006",
+  /** `undefined_table`: e.g. a table dropped after a snapshot. */
+  UndefinedTable: "42P01",
   /** `insufficient_privilege`. */
   InsufficientPrivilege: "42501",
   /** `undefined_function`: e.g. no ordering operator for an order_by column's type. */

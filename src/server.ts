@@ -19,8 +19,8 @@ import { ReplicationService, SlotInUseError, SlotNotFoundError } from "./replica
 import { ensureSchema, type SchemaNames, schemaNames, syncPublication } from "./schema.ts";
 import { type SlotInfo, SlotManager } from "./slot_manager.ts";
 import { isValidSlotName } from "./slot_names.ts";
-import { exportRows, parsePageRequest, readPage } from "./snapshot_reader.ts";
-import { type HeldSnapshot, SnapshotStore } from "./snapshots.ts";
+import { exportRows, parsePageRequest, readPage, type SnapshotSource } from "./snapshot_reader.ts";
+import { SnapshotStore } from "./snapshots.ts";
 import { StreamSession } from "./stream_session.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 import type { ColumnType } from "./pgoutput_decoder.ts";
@@ -202,7 +202,7 @@ export class App implements AsyncDisposable {
   async #snapshot(request: Request): Promise<Response> {
     this.#assertOpen();
     const page = parsePageRequest(await readJson(request));
-    return json(await readPage(await this.#heldSnapshot(page.slotName), page));
+    return json(await readPage(await this.#snapshotSource(page.slotName), page));
   }
 
   async #export(request: Request): Promise<Response> {
@@ -216,18 +216,22 @@ export class App implements AsyncDisposable {
       );
     }
     const page = parsePageRequest(body);
-    const snapshot = await this.#heldSnapshot(page.slotName);
-    return new Response(await exportRows(snapshot, page), {
+    const source = await this.#snapshotSource(page.slotName);
+    return new Response(await exportRows(source, page), {
       headers: { "content-type": "application/x-ndjson; charset=utf-8" },
     });
   }
 
   /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
-  async #heldSnapshot(slotName: string): Promise<HeldSnapshot> {
+  async #snapshotSource(slotName: string): Promise<SnapshotSource> {
     if (!this.#snapshots.has(slotName) && await this.#slots.find(slotName) === undefined) {
       throw new HttpError(404, `Cannot read snapshot: slot "${slotName}" does not exist`);
     }
-    return this.#snapshots.get(slotName);
+    return {
+      snapshot: this.#snapshots.get(slotName),
+      current: this.#pool,
+      ownSchema: this.#names.schema,
+    };
   }
 
   async #stream(request: Request): Promise<Response> {

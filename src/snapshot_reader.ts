@@ -13,6 +13,15 @@ import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "./pr
 import { isValidSlotName } from "./slot_names.ts";
 import type { HeldSnapshot } from "./snapshots.ts";
 
+/** What a snapshot read needs besides the request: the snapshot, the database as it is now, and what to hide. */
+export interface SnapshotSource {
+  snapshot: HeldSnapshot;
+  /** Connections outside any snapshot: the table as it is now, to compare. */
+  current: pg.Pool;
+  /** The server's own schema, never readable through the API. */
+  ownSchema: string;
+}
+
 /** A validated snapshot request. */
 export interface PageRequest {
   slotName: string;
@@ -102,34 +111,62 @@ export function parsePageRequest(body: unknown): PageRequest {
 
 interface ResolvedTable {
   oid: number;
-  /** `"schema"."table"`, quoted by PostgreSQL's format('%I.%I'). */
+  /** `"schema"."table"`, quoted by PostgreSQL's format('%I.%I'), as of the snapshot. */
   qualified: string;
   relkind: string;
 }
 
 /**
- * Finds the relation `name` names: first as PostgreSQL parses it (`schema.table`,
- * quoting, case folding, search_path), then as one exact, visible name
- * (`Mixed Case` without quotes).
+ * Finds the table `name` names, as of the snapshot (the catalog is read
+ * under it, so a table dropped since is still found, and then reported as
+ * dropped): first as PostgreSQL parses a name (`schema.table`, quoting, case
+ * folding, the search_path), then as one exact name on the search_path
+ * (`Mixed Case` without quotes). Only what the server streams can be read:
+ * ordinary and partitioned, logged tables outside the system schemas and the
+ * server's own. Anything else is answered exactly as a missing table is, so
+ * the answer does not reveal that it exists.
  */
-async function resolveTable(client: pg.Client, name: string): Promise<ResolvedTable> {
-  // to_regclass rejects malformed names (too many dots, bad quoting): "no such table", and a
-  // savepoint keeps that error from aborting the snapshot's transaction.
+async function resolveTable(
+  client: pg.PoolClient,
+  name: string,
+  ownSchema: string,
+): Promise<ResolvedTable> {
+  // parse_ident rejects what is not a name (spaces, bad quoting): that leaves the exact-name rule,
+  // and a savepoint keeps its error from aborting the read's transaction.
   await client.query("SAVEPOINT resolve");
-  const byParse = await client.query("SELECT to_regclass($1)::oid AS oid", [name]).catch(
+  const parsed = await client.query<{ parts: string[] }>(
+    "SELECT parse_ident($1) AS parts",
+    [name],
+  ).then(
+    (result: pg.QueryResult<{ parts: string[] }>) => result.rows[0].parts,
     async (error: unknown) => {
       if (sqlState(error) === undefined) throw error;
       await client.query("ROLLBACK TO SAVEPOINT resolve");
-      return undefined;
+      return null;
     },
   );
   await client.query("RELEASE SAVEPOINT resolve");
   const { rows } = await client.query<ResolvedTable>(
     `SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS qualified, c.relkind::text AS relkind
        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
-        AND (c.oid = $1 OR ($1 IS NULL AND c.relname = $2 AND pg_table_is_visible(c.oid)))`,
-    [byParse?.rows[0]?.oid ?? null, name],
+       LEFT JOIN unnest(current_schemas(false)) WITH ORDINALITY AS path(nspname, position)
+         ON path.nspname = n.nspname
+      WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+        AND n.nspname NOT IN ('information_schema', $3) AND n.nspname NOT LIKE 'pg\\_%'
+        AND (CASE cardinality($1::text[])
+               WHEN 1 THEN c.relname = $1[1] AND path.position IS NOT NULL
+               WHEN 2 THEN n.nspname = $1[1] AND c.relname = $1[2]
+               WHEN 3 THEN $1[1] = current_database() AND n.nspname = $1[2] AND c.relname = $1[3]
+               ELSE false END
+             OR (c.relname = $2 AND path.position IS NOT NULL))
+      ORDER BY CASE cardinality($1::text[])
+                 WHEN 1 THEN c.relname = $1[1]
+                 WHEN 2 THEN n.nspname = $1[1] AND c.relname = $1[2]
+                 WHEN 3 THEN n.nspname = $1[2] AND c.relname = $1[3]
+                 ELSE false END DESC NULLS LAST,
+               path.position
+      LIMIT 1`,
+    [parsed, name, ownSchema],
   );
   if (rows.length === 0) {
     throw new HttpError(
@@ -140,6 +177,86 @@ async function resolveTable(client: pg.Client, name: string): Promise<ResolvedTa
     );
   }
   return rows[0];
+}
+
+/**
+ * A table's physical storage and columns as the querying transaction sees
+ * them: the relfilenode of it (or of each of its partitions), which TRUNCATE
+ * and every rewrite (VACUUM FULL, CLUSTER, a rewriting ALTER TABLE) replace;
+ * and each column by number, with its name and type. Run inside a read it
+ * describes the table as of the snapshot; on a fresh connection, as it is now.
+ */
+const TABLE_SHAPE = `
+  WITH RECURSIVE tree(oid) AS (
+    SELECT $1::oid UNION ALL SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+  SELECT (SELECT json_agg(json_build_array(c.oid, c.relfilenode) ORDER BY c.oid)
+            FROM tree JOIN pg_class c ON c.oid = tree.oid WHERE c.relkind <> 'p') AS storage,
+         (SELECT json_object_agg(a.attnum, json_build_array(a.attname, a.atttypid))
+            FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+         to_regclass($2)::oid AS named`;
+
+interface TableShape {
+  storage: [number, number][] | null;
+  columns: Record<string, [string, number]> | null;
+  named: number | null;
+}
+
+/** What a changed table is told, and how to get a snapshot that has it. */
+const REMEDY = "a new snapshot is needed: call /v1/init";
+
+/**
+ * Locks `table` for this read (until its transaction ends), then checks
+ * that the table is still what the snapshot saw. TRUNCATE and rewrites are
+ * not MVCC-safe: under an old snapshot a truncated table reads as empty. So a
+ * table truncated, rewritten, dropped or renamed after the snapshot, or one
+ * of whose columns was dropped, renamed or retyped, answers 409 instead of
+ * rows that differ from the database as of the snapshot. Columns added since
+ * are fine: they are not in the snapshot's rows, as they were not in the table.
+ */
+async function lockUnchanged(
+  client: pg.PoolClient,
+  current: pg.Pool,
+  table: ResolvedTable,
+): Promise<void> {
+  const changed = (what: string) =>
+    new HttpError(
+      409,
+      `Cannot read snapshot: ${what} after the slot's snapshot was taken, so its rows as of the ` +
+        `snapshot can no longer be read; ${REMEDY}`,
+    );
+  // Planning a scan takes the lock (and, for a partitioned table, locks its partitions).
+  const locked = await client.query(`SELECT FROM ${table.qualified} LIMIT 0`).then(
+    () => true,
+    (error: unknown) => {
+      if (sqlState(error) === SqlState.UndefinedTable) return false;
+      throw error;
+    },
+  );
+  if (!locked) throw changed(`table ${table.qualified} was dropped or renamed`);
+  // Whatever changed the table committed before the lock was granted; from now on nothing can.
+  const [then, now] = await Promise.all([
+    client.query<TableShape>(TABLE_SHAPE, [table.oid, table.qualified]),
+    current.query<TableShape>(TABLE_SHAPE, [table.oid, table.qualified]),
+  ]);
+  const before = then.rows[0];
+  const after = now.rows[0];
+  if (after.columns === null || after.named !== table.oid) {
+    throw changed(`table ${table.qualified} was dropped or renamed`);
+  }
+  if (JSON.stringify(before.storage) !== JSON.stringify(after.storage)) {
+    throw changed(
+      `table ${table.qualified} was truncated or rewritten (TRUNCATE, VACUUM FULL, CLUSTER, ALTER TABLE)`,
+    );
+  }
+  const columns: [string, [string, number]][] = Object.entries(before.columns ?? {});
+  for (const [attnum, [name, type]] of columns) {
+    const [nowName, nowType] = after.columns[attnum] ?? [];
+    if (nowName !== name || nowType !== type) {
+      throw changed(
+        `column ${JSON.stringify(name)} of ${table.qualified} was dropped, renamed or retyped`,
+      );
+    }
+  }
 }
 
 /** How rows are sorted: the ORDER BY clause, and what keyset paging and re-ordering may use. */
@@ -155,7 +272,7 @@ interface RowOrder {
 
 /** The sort order: the requested column (checked and quoted), else the primary key, else physical order. */
 async function sortOrder(
-  client: pg.Client,
+  client: pg.PoolClient,
   table: ResolvedTable,
   request: PageRequest,
 ): Promise<RowOrder> {
@@ -217,7 +334,7 @@ async function sortOrder(
  * row instead of every value, which is what makes snapshots fast. Types are
  * matched on `atttypid`, as wal2json does (a domain over int4 is a string).
  */
-async function jsonSelectList(client: pg.Client, table: ResolvedTable): Promise<string> {
+async function jsonSelectList(client: pg.PoolClient, table: ResolvedTable): Promise<string> {
   const { rows } = await client.query<{ expr: string | null }>(
     `SELECT string_agg(format('%L || %s', CASE WHEN a.n = 1 THEN '{' ELSE ',' END || to_json(a.attname::text)::text || ':',
               CASE
@@ -238,11 +355,22 @@ async function jsonSelectList(client: pg.Client, table: ResolvedTable): Promise<
   return rows[0]?.expr ?? "'{}'";
 }
 
-/** Reads one page of `request.table` as of `snapshot`, as a JSON array of row objects (text). */
-export async function readPage(snapshot: HeldSnapshot, request: PageRequest): Promise<string> {
+/** Resolves and locks `name`, and checks it is still as the snapshot saw it. */
+async function openTable(
+  client: pg.PoolClient,
+  source: SnapshotSource,
+  name: string,
+): Promise<ResolvedTable> {
+  const table = await resolveTable(client, name, source.ownSchema);
+  await lockUnchanged(client, source.current, table);
+  return table;
+}
+
+/** Reads one page of `request.table` as of the snapshot, as a JSON array of row objects (text). */
+export async function readPage(source: SnapshotSource, request: PageRequest): Promise<string> {
   try {
-    return await snapshot.run(async (client) => {
-      const table = await resolveTable(client, request.table);
+    return await source.snapshot.read(async (client) => {
+      const table = await openTable(client, source, request.table);
       const order = await sortOrder(client, table, request);
       const select = await jsonSelectList(client, table);
       let text: string;
@@ -292,13 +420,13 @@ const EXPORT_BATCH_ROWS = 10_000;
  * then holds the snapshot's connection until it ends or is cancelled.
  */
 export function exportRows(
-  snapshot: HeldSnapshot,
+  source: SnapshotSource,
   request: PageRequest,
 ): Promise<ReadableStream<Uint8Array>> {
   const ready = Promise.withResolvers<ReadableStream<Uint8Array>>();
   const finished = Promise.withResolvers<void>();
-  const work = snapshot.run(async (client) => {
-    const table = await resolveTable(client, request.table);
+  const work = source.snapshot.read(async (client) => {
+    const table = await openTable(client, source, request.table);
     const order = (await sortOrder(client, table, request)).clause;
     const select = await jsonSelectList(client, table);
     await client.query(

@@ -1,31 +1,73 @@
 /**
- * Exported snapshots, kept alive. PostgreSQL keeps a slot's exported snapshot
- * only while the replication connection that created it stays idle, so each
- * one is imported at once into a `REPEATABLE READ` transaction held on its own
- * connection, until the next init, its time-to-live, or shutdown.
+ * Exported snapshots, kept alive without holding locks. PostgreSQL keeps a
+ * slot's exported snapshot only while the replication connection that
+ * created it stays idle, so each one is imported at once into a
+ * `REPEATABLE READ` transaction on a connection of its own (the holder),
+ * which exports it again with `pg_export_snapshot()` and then reads nothing:
+ * it holds no lock on any table. Every read imports that snapshot into a
+ * short transaction of its own, reads, and ends, as `pg_dump --jobs` does;
+ * so DDL never waits behind a held snapshot, only (briefly) behind a read in
+ * progress, and reads of one snapshot run in parallel.
  * @module
  */
 
 import type pg from "pg";
 import type { DatabaseConfig } from "./config.ts";
-import { connect } from "./database.ts";
+import { connect, createPool } from "./database.ts";
 import { HttpError } from "./http_error.ts";
 
 /** Snapshot names as `pg_export_snapshot()` makes them, e.g. `00000003-0000001B-1`. */
 const SNAPSHOT_NAME = /^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$/;
 
-/** One imported snapshot: a connection inside the transaction that holds it. */
+/** Checks a snapshot name from PostgreSQL before it goes into `SET TRANSACTION SNAPSHOT` (which takes no parameters). */
+function checkedSnapshotName(name: unknown): string {
+  if (typeof name !== "string" || !SNAPSHOT_NAME.test(name)) {
+    throw new TypeError(`Unexpected snapshot name from PostgreSQL: ${JSON.stringify(name)}`);
+  }
+  return name;
+}
+
+/** One read transaction in progress; aborted when its snapshot is released. */
+interface ActiveRead {
+  abort(reason: string): void;
+}
+
+/** One held snapshot: the holder's connection, and the reads in progress on it. */
 export class HeldSnapshot {
   readonly slotName: string;
-  readonly #client: pg.Client;
-  #queue: Promise<unknown> = Promise.resolve();
+  /** What readers import: the snapshot as the holder exported it. */
+  readonly #id: string;
+  readonly #holder: pg.Client;
+  readonly #readers: pg.Pool;
+  readonly #active = new Set<ActiveRead>();
   #lost: string | undefined;
 
-  /** Wraps `client`, already inside the snapshot's transaction. */
-  constructor(slotName: string, client: pg.Client) {
+  private constructor(slotName: string, id: string, holder: pg.Client, readers: pg.Pool) {
     this.slotName = slotName;
-    this.#client = client;
-    client.on("end", () => this.#lost ??= "its database connection closed");
+    this.#id = id;
+    this.#holder = holder;
+    this.#readers = readers;
+    holder.on("end", () => this.#lost ??= "its database connection closed");
+  }
+
+  /** Imports `exported` (a slot's snapshot) into a new holder that re-exports it for `readers`. */
+  static async hold(
+    db: DatabaseConfig,
+    readers: pg.Pool,
+    slotName: string,
+    exported: string,
+  ): Promise<HeldSnapshot> {
+    const name = checkedSnapshotName(exported);
+    const holder = await connect(db);
+    try {
+      await holder.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+      await holder.query(`SET TRANSACTION SNAPSHOT '${name}'`);
+      const { rows } = await holder.query<{ id: string }>("SELECT pg_export_snapshot() AS id");
+      return new HeldSnapshot(slotName, checkedSnapshotName(rows[0].id), holder, readers);
+    } catch (error) {
+      await holder.end().catch(() => {});
+      throw error;
+    }
   }
 
   /** Why the snapshot can no longer be read, or undefined while it can. */
@@ -34,32 +76,57 @@ export class HeldSnapshot {
   }
 
   /**
-   * Runs `work` inside the snapshot's transaction, one request at a time,
-   * behind a savepoint: a failing query (say, an unsortable column) rolls
-   * back to it instead of aborting the transaction that holds the snapshot.
+   * Runs `work` in a transaction of its own that sees this snapshot, then
+   * ends it (and with it every lock the work took). If the snapshot is
+   * released meanwhile, the transaction is cut off: its connection is
+   * closed, and `work`'s queries fail.
    */
-  run<T>(work: (client: pg.Client) => Promise<T>): Promise<T> {
-    const next = this.#queue.then(async () => {
-      await this.#client.query("SAVEPOINT request");
-      try {
-        const result = await work(this.#client);
-        await this.#client.query("RELEASE SAVEPOINT request");
-        return result;
-      } catch (error) {
-        await this.#client.query("ROLLBACK TO SAVEPOINT request").catch(() => {});
-        throw error;
-      }
-    });
-    this.#queue = next.catch(() => {});
-    return next;
+  async read<T>(work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    if (this.#lost !== undefined) throw this.#gone(this.#lost);
+    const client = await this.#readers.connect();
+    let aborted: string | undefined;
+    const active: ActiveRead = {
+      abort: (reason) => {
+        if (aborted !== undefined) return;
+        aborted = reason;
+        client.release(new Error(`snapshot released: ${reason}`)); // closes the connection
+      },
+    };
+    this.#active.add(active);
+    try {
+      await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+      await client.query(`SET TRANSACTION SNAPSHOT '${this.#id}'`);
+      const result = await work(client);
+      await client.query("COMMIT");
+      return result;
+    } catch (error) {
+      if (aborted !== undefined) throw this.#gone(aborted);
+      await client.query("ROLLBACK").catch(() => {});
+      throw error;
+    } finally {
+      this.#active.delete(active);
+      if (aborted === undefined) client.release();
+    }
   }
 
-  /** Ends the transaction and the connection. */
+  #gone(reason: string): HttpError {
+    return new HttpError(
+      410,
+      `Cannot read snapshot: the snapshot of slot "${this.slotName}" is no longer available (${reason}); ` +
+        "call /v1/init for a new slot and snapshot",
+    );
+  }
+
+  /**
+   * Ends the holder's transaction and cuts off every read in progress; never
+   * waits for a client (a stalled export reader, say).
+   */
   async release(reason: string): Promise<void> {
     this.#lost ??= reason;
-    await this.#queue;
-    await this.#client.query("ROLLBACK").catch(() => {});
-    await this.#client.end().catch(() => {});
+    for (const active of this.#active) active.abort(reason);
+    this.#active.clear();
+    await this.#holder.query("ROLLBACK").catch(() => {});
+    await this.#holder.end().catch(() => {});
   }
 }
 
@@ -69,6 +136,9 @@ export interface ReleaseDetail {
   reason: string;
 }
 
+/** Connections for snapshot reads, shared by every held snapshot. */
+const DEFAULT_READERS = 8;
+
 /**
  * The snapshots this server holds, by slot name, each released after its
  * time-to-live. Dispatches a `CustomEvent<ReleaseDetail>` "release" when one goes.
@@ -76,6 +146,7 @@ export interface ReleaseDetail {
 export class SnapshotStore extends EventTarget implements AsyncDisposable {
   readonly #db: DatabaseConfig;
   readonly #ttlMs: number;
+  readonly #readers: pg.Pool;
   readonly #held = new Map<
     string,
     { snapshot: HeldSnapshot; timer: ReturnType<typeof setTimeout> }
@@ -84,29 +155,16 @@ export class SnapshotStore extends EventTarget implements AsyncDisposable {
   readonly #gone = new Map<string, string>();
 
   /** Holds snapshots on connections to `db` for `ttlSeconds` each. */
-  constructor(db: DatabaseConfig, ttlSeconds: number) {
+  constructor(db: DatabaseConfig, ttlSeconds: number, readers = DEFAULT_READERS) {
     super();
     this.#db = db;
     this.#ttlMs = ttlSeconds * 1000;
+    this.#readers = createPool(db, readers);
   }
 
-  /** Imports `snapshotName` (exported by the slot's creation) into a new held transaction. */
+  /** Imports `snapshotName` (exported by the slot's creation) and holds it. */
   async hold(slotName: string, snapshotName: string): Promise<void> {
-    if (!SNAPSHOT_NAME.test(snapshotName)) {
-      throw new TypeError(
-        `Unexpected snapshot name from PostgreSQL: ${JSON.stringify(snapshotName)}`,
-      );
-    }
-    const client = await connect(this.#db);
-    try {
-      await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
-      // SET TRANSACTION SNAPSHOT takes no parameters; the name was checked against the pattern above.
-      await client.query(`SET TRANSACTION SNAPSHOT '${snapshotName}'`);
-    } catch (error) {
-      await client.end().catch(() => {});
-      throw error;
-    }
-    const snapshot = new HeldSnapshot(slotName, client);
+    const snapshot = await HeldSnapshot.hold(this.#db, this.#readers, slotName, snapshotName);
     const timer = setTimeout(() => {
       void this.release(slotName, `it expired after its time-to-live of ${this.#ttlMs / 1000} s`);
     }, this.#ttlMs);
@@ -138,7 +196,7 @@ export class SnapshotStore extends EventTarget implements AsyncDisposable {
     return [...this.#held.keys()];
   }
 
-  /** Releases the snapshot of `slotName`, remembering `reason` for later requests. */
+  /** Releases the snapshot of `slotName` at once, remembering `reason` for later requests. */
   async release(slotName: string, reason: string): Promise<void> {
     const entry = this.#held.get(slotName);
     if (entry === undefined) return;
@@ -151,8 +209,9 @@ export class SnapshotStore extends EventTarget implements AsyncDisposable {
     this.dispatchEvent(new CustomEvent<ReleaseDetail>("release", { detail: { slotName, reason } }));
   }
 
-  /** Releases every snapshot. */
+  /** Releases every snapshot and closes the readers' connections. */
   async [Symbol.asyncDispose](): Promise<void> {
     await Promise.all(this.slots().map((s) => this.release(s, "the server shut down")));
+    await this.#readers.end();
   }
 }

@@ -9,7 +9,11 @@
 export const DEFAULT_WAIT_MS = 60_000;
 
 /** Resolves or rejects as `promise` does, or rejects after `ms` with "Timed out after … waiting for `what`". */
-export function deadline<T>(promise: Promise<T>, what: string, ms = DEFAULT_WAIT_MS): Promise<T> {
+export function deadline<T>(
+  promise: PromiseLike<T>,
+  what: string,
+  ms = DEFAULT_WAIT_MS,
+): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const expired = new Promise<never>((_, reject) => {
     timer = setTimeout(
