@@ -47,7 +47,9 @@ const CONNECTION_CODES = new Set([
 export function isConnectionError(error: unknown): boolean {
   const code = (error as { code?: unknown } | null)?.code;
   if (typeof code === "string") {
-    return CONNECTION_CODES.has(code) || code.startsWith("08") || /^57P0[1-3]$/.test(code);
+    // 08: connection exceptions; 57P01-3: shutdown, crash, cannot connect now; 53300: too many clients.
+    return CONNECTION_CODES.has(code) || code.startsWith("08") || /^57P0[1-3]$/.test(code) ||
+      code === "53300";
   }
   return /Connection terminated|connection (is )?closed|Client has encountered a connection error/i
     .test(

@@ -124,9 +124,7 @@ export class SlotManager {
         await this.#createSlot(slotName);
         return slotName;
       } catch (error) {
-        await this.#pool.query(`DELETE FROM ${this.#names.schema}.slots WHERE slot_name = $1`, [
-          slotName,
-        ]);
+        await this.#forget(slotName);
         if (sqlState(error) === SqlState.DuplicateObject && attempt < 5) continue;
         if (sqlState(error) === SqlState.ConfigurationLimitExceeded) {
           throw new HttpError(
@@ -137,6 +135,25 @@ export class SlotManager {
         }
         throw error;
       }
+    }
+  }
+
+  /**
+   * After a failed init: drops the slot if it was created, then its record.
+   * If the drop fails too, the record stays, so that the next init drops the
+   * slot: never a slot without a record.
+   */
+  async #forget(slotName: string): Promise<void> {
+    try {
+      await this.#dropWhenInactive(slotName);
+      await this.#pool.query(`DELETE FROM ${this.#names.schema}.slots WHERE slot_name = $1`, [
+        slotName,
+      ]);
+    } catch (error) {
+      console.error(
+        `pgdeltastream: a failed init left slot "${slotName}"; the next init drops it:`,
+        (error as Error).message,
+      );
     }
   }
 
