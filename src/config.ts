@@ -13,6 +13,8 @@ export interface DatabaseConfig {
   database: string;
   /** `DATABASE_URL`, when given; its parts win over the fields above. */
   connectionString?: string;
+  /** Startup options (`-c name=value …`): `PGOPTIONS`, or `options` of `DATABASE_URL`. */
+  options?: string;
   application_name: string;
 }
 
@@ -107,11 +109,22 @@ function password(env: EnvReader): string | undefined {
 /** Builds the configuration from the environment; throws a `RangeError` naming the bad variable. */
 export function loadConfig(env: EnvReader): Config {
   const user = nonEmpty(env, "PGUSER", "USER") ?? "postgres";
-  const connectionString = nonEmpty(env, "DATABASE_URL");
-  if (connectionString !== undefined && !/^postgres(ql)?:\/\//.test(connectionString)) {
-    throw new RangeError(
-      "DATABASE_URL is invalid: expected postgres://user:password@host:port/database",
-    );
+  let connectionString = nonEmpty(env, "DATABASE_URL");
+  let options = nonEmpty(env, "PGOPTIONS");
+  if (connectionString !== undefined) {
+    if (!/^postgres(ql)?:\/\//.test(connectionString)) {
+      throw new RangeError(
+        "DATABASE_URL is invalid: expected postgres://user:password@host:port/database",
+      );
+    }
+    // The URL's options would replace the server's pinned settings: take them out and merge.
+    const url = URL.parse(connectionString);
+    const fromUrl = url?.searchParams.get("options");
+    if (url && fromUrl) {
+      url.searchParams.delete("options");
+      connectionString = url.href;
+      options = [options, fromUrl].filter(Boolean).join(" ");
+    }
   }
   const prefix = nonEmpty(env, "PUBLICATION_PREFIX") ?? "pgdeltastream";
   if (!/^[a-z_][a-z0-9_]{0,40}$/.test(prefix)) {
@@ -129,6 +142,7 @@ export function loadConfig(env: EnvReader): Config {
       password: password(env),
       database: nonEmpty(env, "DBNAME", "PGDATABASE") ?? user,
       connectionString,
+      options,
       application_name: "pgdeltastream",
     },
     hostname: nonEmpty(env, "SERVERHOST") ?? "127.0.0.1",

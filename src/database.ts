@@ -7,9 +7,29 @@
 import pg from "pg";
 import type { DatabaseConfig } from "./config.ts";
 
+/**
+ * Settings that change the text PostgreSQL writes for a value (bytea,
+ * dates, intervals, floats), pinned on every connection the server opens,
+ * the replication connection included: a row then reads the same in a frame
+ * and in a snapshot, and frames stay valid wal2json, whatever an operator set
+ * per database or role. These are PostgreSQL's own defaults.
+ */
+export const VALUE_SETTINGS: Readonly<Record<string, string>> = {
+  bytea_output: "hex",
+  DateStyle: "ISO,MDY",
+  IntervalStyle: "postgres",
+  extra_float_digits: "1",
+};
+
+/** `db` with {@link VALUE_SETTINGS} added to its startup `options` (after the operator's own `PGOPTIONS`). */
+export function withValueSettings(db: DatabaseConfig): DatabaseConfig {
+  const pinned = Object.entries(VALUE_SETTINGS).map(([name, value]) => `-c ${name}=${value}`);
+  return { ...db, options: [db.options, ...pinned].filter(Boolean).join(" ") };
+}
+
 /** A pool for short metadata queries (catalog look-ups, slot bookkeeping). */
 export function createPool(db: DatabaseConfig, max = 4): pg.Pool {
-  const pool = new pg.Pool({ ...db, max, idleTimeoutMillis: 10_000 });
+  const pool = new pg.Pool({ ...withValueSettings(db), max, idleTimeoutMillis: 10_000 });
   // An idle client's connection dying must not crash the process; the next query reconnects.
   pool.on("error", () => {});
   return pool;
@@ -17,8 +37,9 @@ export function createPool(db: DatabaseConfig, max = 4): pg.Pool {
 
 /** A dedicated connection; `replication` opens a walsender connection for replication commands. */
 export async function connect(db: DatabaseConfig, replication = false): Promise<pg.Client> {
+  const settled = withValueSettings(db);
   const client = new pg.Client(
-    replication ? { ...db, replication: "database" } as pg.ClientConfig : db,
+    replication ? { ...settled, replication: "database" } as pg.ClientConfig : settled,
   );
   client.on("error", () => {});
   await client.connect();

@@ -10,7 +10,7 @@ import type { Buffer } from "node:buffer";
 import type pg from "pg";
 import { LogicalReplicationService } from "pg-logical-replication";
 import type { DatabaseConfig } from "./config.ts";
-import { SqlState, sqlState } from "./database.ts";
+import { SqlState, sqlState, withValueSettings } from "./database.ts";
 import { type Lsn, parseLsn, ZERO_LSN } from "./lsn.ts";
 import { standbyStatusUpdate } from "./standby_status.ts";
 import {
@@ -142,7 +142,7 @@ export class ReplicationService implements AsyncDisposable {
       options.chunkBytes,
     );
     this.#plugin = new RawPgoutput({ publications: options.publications });
-    this.#lib = new LogicalReplicationService(options.database, {
+    this.#lib = new LogicalReplicationService(withValueSettings(options.database), {
       // Never acknowledge on the library's own: it would confirm what was only received (data loss).
       acknowledge: { auto: false, timeoutSeconds: 0 },
       // Await our data handler before the next message: that is how backpressure reaches the socket.

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { ENV_VARS, loadConfig } from "../src/config.ts";
+import { withValueSettings } from "../src/database.ts";
 import { runtimeFlags, taskWords } from "./support/harness.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];
@@ -67,4 +68,18 @@ Deno.test("the Dockerfile and the binary run with deno task start's permission a
   assert.deepEqual(cmd.filter((w) => /^--(allow-|v8-flags=)/.test(w)), startFlags);
   assert.equal(cmd.at(-1), "src/main.ts");
   assert.deepEqual(await runtimeFlags("compile"), startFlags);
+});
+
+Deno.test("the operator's PGOPTIONS and DATABASE_URL options are kept beside the pinned value settings", () => {
+  assert.equal(
+    loadConfig(env({ PGOPTIONS: "-c search_path=app" })).database.options,
+    "-c search_path=app",
+  );
+  const fromUrl = loadConfig(env({
+    DATABASE_URL: "postgres://u@h:5433/d?options=-c%20work_mem%3D64MB&sslmode=disable",
+  })).database;
+  assert.equal(fromUrl.options, "-c work_mem=64MB");
+  assert.equal(fromUrl.connectionString, "postgres://u@h:5433/d?sslmode=disable");
+  const settled = withValueSettings(fromUrl);
+  assert.match(settled.options!, /^-c work_mem=64MB -c bytea_output=hex -c DateStyle=ISO,MDY /);
 });
