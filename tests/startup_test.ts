@@ -13,7 +13,7 @@ async function refusal(
     },
     (error: Error) => error,
   );
-  assert.match(error.message, /exited with code [12] before listening/);
+  assert.match(error.message, /exited with code [12] before it was ready/);
   return error.message;
 }
 

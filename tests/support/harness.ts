@@ -182,84 +182,94 @@ export class StreamClient implements AsyncDisposable {
 }
 
 /** The words of a deno.json task, after `deno` (e.g. `run`, flags, `src/main.ts`). */
-export async function taskWords(task: "start" | "compile"): Promise<string[]> {
+export async function taskWords(task: "start" | "compile" | "dev"): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(new URL("../../deno.json", import.meta.url)));
-  return (config.tasks[task] as string).split(/\s+/).slice(1);
+  const definition = config.tasks[task];
+  const command: string = typeof definition === "string" ? definition : definition.command;
+  return command.split(/\s+/).slice(1);
 }
 
 /** The permission and V8 flags of a deno.json task: what the server runs with. */
-export async function runtimeFlags(task: "start" | "compile"): Promise<string[]> {
+export async function runtimeFlags(task: "start" | "compile" | "dev"): Promise<string[]> {
   return (await taskWords(task)).filter((word) => /^--(allow-|v8-flags=)/.test(word));
 }
 
-/** The server as a separate process, started like `deno task start`. */
-export class ServerProcess implements AsyncDisposable {
-  readonly url: URL;
-  readonly #child: Deno.ChildProcess;
-  readonly output: Promise<string>;
+/** Options of {@link ChildProcess.spawn}. */
+export interface SpawnOptions {
+  args: string[];
+  /** The whole environment (nothing is inherited). */
+  env: Record<string, string>;
+  cwd?: string;
+  /** What the process prints once it is ready; its first group is the result. */
+  ready: RegExp;
+  /** What it is, for messages. */
+  name: string;
+}
 
-  private constructor(child: Deno.ChildProcess, url: URL, output: Promise<string>) {
+/** A child process whose output is collected, started and waited for until it prints that it is ready. */
+export class ChildProcess implements AsyncDisposable {
+  /** The `ready` pattern's first group, as printed. */
+  readonly ready: string;
+  /** Everything it printed (stdout and stderr), once it has exited. */
+  readonly output: Promise<string>;
+  readonly #child: Deno.ChildProcess;
+  readonly #name: string;
+
+  private constructor(
+    child: Deno.ChildProcess,
+    name: string,
+    ready: string,
+    output: Promise<string>,
+  ) {
     this.#child = child;
-    this.url = url;
+    this.#name = name;
+    this.ready = ready;
     this.output = output;
   }
 
-  /** Spawns `src/main.ts` against `db` with `env` added; resolves once it prints its address. */
-  static async spawn(
-    db: DatabaseConfig,
-    env: Record<string, string> = {},
-    extraFlags: string[] = [],
-  ): Promise<ServerProcess> {
+  /** Spawns it; resolves once it printed `ready`, rejects with its output if it exits first. */
+  static async spawn(options: SpawnOptions): Promise<ChildProcess> {
     const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        ...await runtimeFlags("start"),
-        ...extraFlags,
-        new URL("../../src/main.ts", import.meta.url).pathname,
-      ],
-      env: {
-        PGHOST: db.host,
-        PGPORT: String(db.port),
-        PGUSER: db.user,
-        DBNAME: db.database,
-        SERVERHOST: "127.0.0.1",
-        SERVERPORT: "0",
-        ...env,
-      },
+      args: options.args,
+      env: options.env,
+      cwd: options.cwd,
       clearEnv: true,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
     }).spawn();
-    const listening = Promise.withResolvers<URL>();
-    let log = "";
+    const ready = Promise.withResolvers<string>();
+    const log = { text: "" };
     const collect = async (stream: ReadableStream<Uint8Array>) => {
       for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-        log += chunk;
-        const match = /listening on (http:\/\/\S+)/.exec(log);
-        if (match) listening.resolve(new URL(match[1]));
+        log.text += chunk;
+        const match = options.ready.exec(log.text);
+        if (match) ready.resolve(match[1]);
       }
     };
-    const output = Promise.all([collect(child.stdout), collect(child.stderr)]).then(() => log);
+    const output = Promise.all([collect(child.stdout), collect(child.stderr)]).then(() => log.text);
     void child.status.then(async (status) => {
       await output; // all it printed, before saying why it failed
-      listening.reject(
-        new Error(`server exited with code ${status.code} before listening:\n${log}`),
+      ready.reject(
+        new Error(
+          `${options.name} exited with code ${status.code} before it was ready:\n${log.text}`,
+        ),
       );
     });
-    const url = await deadline(listening.promise, "the server process to print its address")
-      .catch(async (error) => {
+    const printed = await deadline(ready.promise, `${options.name} to be ready`).catch(
+      async (error) => {
         try {
           child.kill("SIGKILL");
         } catch { /* exited */ }
         await child.status;
         await output;
         throw error;
-      });
-    return new ServerProcess(child, url, output);
+      },
+    );
+    return new ChildProcess(child, options.name, printed, output);
   }
 
-  /** The server's process id (for /proc readings in the benchmark). */
+  /** The process id. */
   get pid(): number {
     return this.#child.pid;
   }
@@ -269,9 +279,69 @@ export class ServerProcess implements AsyncDisposable {
     try {
       this.#child.kill(signal);
     } catch { /* already exited */ }
-    const status = await deadline(this.#child.status, `server process ${this.pid} to exit`);
+    const status = await deadline(this.#child.status, `${this.#name} (${this.pid}) to exit`);
     await this.output;
     return status;
+  }
+
+  /** Kills the process if it still runs. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.kill("SIGKILL");
+  }
+}
+
+/** The server as a separate process, started like `deno task start`. */
+export class ServerProcess implements AsyncDisposable {
+  readonly url: URL;
+  readonly #process: ChildProcess;
+
+  private constructor(process: ChildProcess) {
+    this.#process = process;
+    this.url = new URL(process.ready);
+  }
+
+  /** Spawns `src/main.ts` against `db` with `env` added; resolves once it prints its address. */
+  static async spawn(
+    db: DatabaseConfig,
+    env: Record<string, string> = {},
+    extraFlags: string[] = [],
+  ): Promise<ServerProcess> {
+    return new ServerProcess(
+      await ChildProcess.spawn({
+        name: "the server process",
+        args: [
+          "run",
+          ...await runtimeFlags("start"),
+          ...extraFlags,
+          new URL("../../src/main.ts", import.meta.url).pathname,
+        ],
+        env: {
+          PGHOST: db.host,
+          PGPORT: String(db.port),
+          PGUSER: db.user,
+          DBNAME: db.database,
+          SERVERHOST: "127.0.0.1",
+          SERVERPORT: "0",
+          ...env,
+        },
+        ready: /listening on (http:\/\/\S+)/,
+      }),
+    );
+  }
+
+  /** Everything it printed, once it has exited. */
+  get output(): Promise<string> {
+    return this.#process.output;
+  }
+
+  /** The server's process id (for /proc readings in the benchmark). */
+  get pid(): number {
+    return this.#process.pid;
+  }
+
+  /** Sends `signal` and waits for the exit status. */
+  kill(signal: Deno.Signal = "SIGKILL"): Promise<Deno.CommandStatus> {
+    return this.#process.kill(signal);
   }
 
   /** Kills the process if it still runs. */
