@@ -2,12 +2,17 @@
 FROM denoland/deno:2.9.6
 
 WORKDIR /app
-# Dependencies first, so a source change does not re-download them. Only the server's own
-# modules are cached: the embedded PostgreSQL of `deno task dev` is not in the image.
+# The server's npm packages, in a layer of their own that only deno.json and deno.lock invalidate:
+# a source change does not re-install them. The dev- and test-only packages (the embedded
+# PostgreSQL of `deno task dev`, the browser driver) are dropped from the imports first, so the
+# image does not carry them; every package left keeps the version and integrity the lock records.
 COPY deno.json deno.lock ./
+RUN deno eval --no-config 'const c = JSON.parse(Deno.readTextFileSync("deno.json")); \
+      for (const k of Object.keys(c.imports)) if (/embedded-postgres|playwright/.test(k)) delete c.imports[k]; \
+      Deno.writeTextFileSync("deno.json", JSON.stringify(c, null, 2));' \
+  && deno install
 COPY src/ ./src/
-RUN deno install --frozen --entrypoint src/main.ts \
-  && deno cache --frozen src/main.ts
+RUN deno cache --frozen src/main.ts
 
 # The image's default user; nothing under /app needs writing at run time.
 USER deno
@@ -15,6 +20,10 @@ USER deno
 # Listen on every interface inside the container, on PORT if the platform sets one, else 12312.
 ENV SERVERHOST=0.0.0.0
 EXPOSE 12312
+
+# Healthy while the server answers and reaches its database (/healthz is 503 when it cannot).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["deno", "eval", "--no-config", "const port = Deno.env.get('SERVERPORT') || Deno.env.get('PORT') || '12312'; const r = await fetch(`http://127.0.0.1:${port}/healthz`).catch(() => undefined); await r?.body?.cancel(); Deno.exit(r?.ok ? 0 : 1);"]
 
 # The same narrow permissions and V8 flags as `deno task start` (see README); nothing is fetched
 # at run time (--cached-only) and the lock file is not touched (--frozen).

@@ -53,8 +53,9 @@ async function main(): Promise<number> {
   try {
     const config = loadConfig((name) => Deno.env.get(name));
     config.database = postgres.database;
-    const problems = await preflight(config.database);
+    const { problems, warnings } = await preflight(config.database);
     if (problems.length > 0) throw new Error(problems.join("\n"));
+    for (const warning of warnings) console.error(`warning: ${warning}`);
     server = await startServer(config);
   } catch (error) {
     console.error(`pgdeltastream dev: the server cannot start: ${(error as Error).message}`);

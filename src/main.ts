@@ -27,11 +27,12 @@ export async function main(): Promise<number> {
     console.error(`pgdeltastream: ${(error as Error).message}`);
     return EXIT_CONFIG;
   }
-  const problems = await preflight(config.database);
+  const { problems, warnings } = await preflight(config.database);
   if (problems.length > 0) {
     console.error(`pgdeltastream cannot start:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
     return EXIT_DATABASE;
   }
+  for (const warning of warnings) console.error(`pgdeltastream: warning: ${warning}`);
   let server;
   try {
     server = await startServer(config);

@@ -32,15 +32,22 @@ function connectionProblem(db: DatabaseConfig, error: unknown, replication: bool
   }: ${message}`;
 }
 
-/** Runs every check; returns the problems found (empty when the database is ready). */
-export async function preflight(db: DatabaseConfig): Promise<string[]> {
+/** What the start-up checks found: problems that stop the server, and warnings it starts with. */
+export interface PreflightReport {
+  problems: string[];
+  warnings: string[];
+}
+
+/** Runs every check; `problems` is empty when the database is ready. */
+export async function preflight(db: DatabaseConfig): Promise<PreflightReport> {
   let client;
   try {
     client = await connect(db);
   } catch (error) {
-    return [connectionProblem(db, error, false)];
+    return { problems: [connectionProblem(db, error, false)], warnings: [] };
   }
   const problems: string[] = [];
+  const warnings: string[] = [];
   try {
     const { rows } = await client.query<{
       wal_level: string;
@@ -72,15 +79,17 @@ export async function preflight(db: DatabaseConfig): Promise<string[]> {
       );
     }
     if (facts.free_slots <= 0) {
-      problems.push(
-        "No free replication slots (max_replication_slots is reached): drop unused slots with " +
-          "pg_drop_replication_slot() or raise max_replication_slots and restart PostgreSQL.",
+      // Streaming existing slots needs none; only init does, and it answers 503 meanwhile.
+      warnings.push(
+        "No free replication slots (max_replication_slots is reached): existing slots stream, but " +
+          "init answers 503 until you drop unused slots with pg_drop_replication_slot() or raise " +
+          "max_replication_slots and restart PostgreSQL.",
       );
     }
   } finally {
     await client.end().catch(() => {});
   }
-  if (problems.length > 0) return problems;
+  if (problems.length > 0) return { problems, warnings };
   try {
     const replication = await connect(db, true);
     await replication.query("IDENTIFY_SYSTEM");
@@ -88,5 +97,5 @@ export async function preflight(db: DatabaseConfig): Promise<string[]> {
   } catch (error) {
     problems.push(connectionProblem(db, error, true));
   }
-  return problems;
+  return { problems, warnings };
 }

@@ -207,15 +207,7 @@ export class App implements AsyncDisposable {
 
   async #export(request: Request): Promise<Response> {
     this.#assertOpen();
-    const body = await readJson(request);
-    const fields = typeof body === "object" && body !== null ? Object.keys(body) : [];
-    if (fields.includes("offset") || fields.includes("limit")) {
-      throw new HttpError(
-        400,
-        'Invalid request: export streams the whole table; "offset" and "limit" are for /v1/snapshot/data',
-      );
-    }
-    const page = parsePageRequest(body);
+    const page = parsePageRequest(await readJson(request), "export");
     const source = await this.#snapshotSource(page.slotName);
     return new Response(await exportRows(source, page), {
       headers: { "content-type": "application/x-ndjson; charset=utf-8" },

@@ -33,7 +33,11 @@ export interface PageRequest {
   after?: string;
 }
 
-const FIELDS = new Set(["slotName", "table", "offset", "limit", "order_by", "after"]);
+/** The fields of a page request; an export takes the whole table, so not those that page. */
+const FIELDS = {
+  page: new Set(["slotName", "table", "offset", "limit", "order_by", "after"]),
+  export: new Set(["slotName", "table", "order_by"]),
+};
 
 function count(value: unknown, field: string, fallback: number, min: number, max: number): number {
   if (value === undefined || value === null) return fallback;
@@ -55,15 +59,25 @@ function text(value: unknown, field: string): string {
   return value;
 }
 
-/** Checks the shape of a parsed request body; throws a 400 `HttpError` naming the bad field. */
-export function parsePageRequest(body: unknown): PageRequest {
+/**
+ * Checks the shape of a parsed request body (of `/snapshot/data`, or of
+ * `/snapshot/export`); throws a 400 `HttpError` naming the bad field.
+ */
+export function parsePageRequest(body: unknown, kind: "page" | "export" = "page"): PageRequest {
   if (typeof body !== "object" || body === null || Array.isArray(body)) {
     throw new HttpError(400, "Invalid request: the body must be a JSON object");
   }
   const input = body as Record<string, unknown>;
-  const unknown = Object.keys(input).find((k) => !FIELDS.has(k));
+  const unknown = Object.keys(input).find((k) => !FIELDS[kind].has(k));
   if (unknown !== undefined) {
-    throw new HttpError(400, `Invalid request: unknown field ${JSON.stringify(unknown)}`);
+    throw new HttpError(
+      400,
+      kind === "export" && FIELDS.page.has(unknown)
+        ? `Invalid request: export streams the whole table; ${
+          JSON.stringify(unknown)
+        } is for /v1/snapshot/data`
+        : `Invalid request: unknown field ${JSON.stringify(unknown)}`,
+    );
   }
   const slotName = text(input.slotName, "slotName");
   if (!isValidSlotName(slotName)) {

@@ -311,12 +311,19 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
     assert.ok(!lines.some((row) => row.name === "after this init"));
     const missing = await postJson(url("/v1/snapshot/export"), { slotName, table: "nope" });
     assert.equal(missing.status, 404);
-    const paged = await postJson(url("/v1/snapshot/export"), {
-      slotName,
-      table: "test_table",
-      limit: 5,
-    });
-    assert.equal(paged.status, 400);
+    for (const field of [{ limit: 5 }, { offset: 1 }, { after: 3 }, { extra: true }]) {
+      const refused = await postJson(url("/v1/snapshot/export"), {
+        slotName,
+        table: "test_table",
+        ...field,
+      });
+      assert.equal(refused.status, 400, JSON.stringify(field));
+      assert.match(
+        JSON.parse(refused.text).error,
+        /export streams the whole table|unknown field/,
+        JSON.stringify(field),
+      );
+    }
     // The snapshot is still usable after an export (its cursor was closed).
     assert.equal((await snapshot({ slotName, table: "test_table", limit: 1 })).status, 200);
   });

@@ -1,6 +1,18 @@
 import assert from "node:assert/strict";
 import { ServerProcess, sql, startPostgres } from "./support/harness.ts";
 
+Deno.test("with no replication slot free the server starts, warns, and init answers 503", async () => {
+  await using postgres = await startPostgres({ settings: { max_replication_slots: "1" } });
+  const db = postgres.database;
+  await sql(db, "SELECT pg_create_logical_replication_slot('another_tool', 'pgoutput')");
+  await using server = await ServerProcess.spawn(db);
+  const response = await fetch(new URL("/v1/init", server.url));
+  assert.equal(response.status, 503);
+  assert.match((await response.json()).error, /all replication slots are in use/);
+  await server.kill("SIGTERM");
+  assert.match(await server.output, /warning: No free replication slots.*init answers 503/);
+});
+
 /** Spawns the server and expects it to refuse to start; returns what it printed. */
 async function refusal(
   db: Parameters<typeof ServerProcess.spawn>[0],
