@@ -72,6 +72,17 @@ export async function streamReference(
   prepare: () => Promise<unknown> = async () => {},
 ): Promise<string[]> {
   const { setup, workload } = await referenceScript();
+  return await streamWorkload(db, base, setup, workload, prepare);
+}
+
+/** `setup`, `prepare`, a new slot of the server at `base`, then each of `workload` streamed: the frames, sentinel excluded. */
+export async function streamWorkload(
+  db: DatabaseConfig,
+  base: URL,
+  setup: string,
+  workload: string[],
+  prepare: () => Promise<unknown> = async () => {},
+): Promise<string[]> {
   await sql(db, setup);
   await prepare();
   const slotName = await init(base);
