@@ -15,6 +15,8 @@ export interface DatabaseConfig {
   connectionString?: string;
   /** Startup options (`-c name=value …`): `PGOPTIONS`, or `options` of `DATABASE_URL`. */
   options?: string;
+  /** `PGSSLMODE` (`sslmode` in `DATABASE_URL` wins): anything but `disable` means verified TLS. */
+  sslmode?: string;
   application_name: string;
 }
 
@@ -33,6 +35,8 @@ export interface Config {
   publicationPrefix: string;
   /** A transaction whose changes reach this many bytes is sent as several frames. */
   frameChunkBytes: number;
+  /** Connections that read one table export in parallel. */
+  exportReaders: number;
 }
 
 /** Every environment variable the server or `npm:pg` reads: the `--allow-env` list. */
@@ -63,6 +67,7 @@ export const ENV_VARS = [
   "SLOT_BUSY_TIMEOUT_SECONDS",
   "PUBLICATION_PREFIX",
   "FRAME_CHUNK_BYTES",
+  "EXPORT_READERS",
   "NODE_PG_FORCE_NATIVE",
 ] as const;
 
@@ -143,6 +148,7 @@ export function loadConfig(env: EnvReader): Config {
       database: nonEmpty(env, "DBNAME", "PGDATABASE") ?? user,
       connectionString,
       options,
+      sslmode: nonEmpty(env, "PGSSLMODE"),
       application_name: "pgdeltastream",
     },
     hostname: nonEmpty(env, "SERVERHOST") ?? "127.0.0.1",
@@ -151,6 +157,7 @@ export function loadConfig(env: EnvReader): Config {
     slotBusyTimeoutSeconds: integer(env, ["SLOT_BUSY_TIMEOUT_SECONDS"], 10, 0, 600),
     publicationPrefix: prefix,
     frameChunkBytes: integer(env, ["FRAME_CHUNK_BYTES"], 1 << 20, 1024, 64 << 20),
+    exportReaders: integer(env, ["EXPORT_READERS"], 2, 1, 16),
   };
 }
 

@@ -19,7 +19,8 @@ import { ReplicationService, SlotInUseError, SlotNotFoundError } from "./replica
 import { ensureSchema, type SchemaNames, schemaNames, syncPublication } from "./schema.ts";
 import { type SlotInfo, SlotManager } from "./slot_manager.ts";
 import { isValidSlotName } from "./slot_names.ts";
-import { exportRows, parsePageRequest, readPage, type SnapshotSource } from "./snapshot_reader.ts";
+import { exportRows } from "./snapshot_export.ts";
+import { parsePageRequest, readPage, type SnapshotSource } from "./snapshot_reader.ts";
 import { SnapshotStore } from "./snapshots.ts";
 import { StreamSession } from "./stream_session.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
@@ -209,7 +210,8 @@ export class App implements AsyncDisposable {
     this.#assertOpen();
     const page = parsePageRequest(await readJson(request), "export");
     const source = await this.#snapshotSource(page.slotName);
-    return new Response(await exportRows(source, page), {
+    const options = { database: this.config.database, readers: this.config.exportReaders };
+    return new Response(await exportRows(source, options, page), {
       headers: { "content-type": "application/x-ndjson; charset=utf-8" },
     });
   }

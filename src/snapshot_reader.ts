@@ -123,7 +123,8 @@ export function parsePageRequest(body: unknown, kind: "page" | "export" = "page"
   return request;
 }
 
-interface ResolvedTable {
+/** A table a request names, found in the snapshot's catalog. */
+export interface ResolvedTable {
   oid: number;
   /** `"schema"."table"`, quoted by PostgreSQL's format('%I.%I'), as of the snapshot. */
   qualified: string;
@@ -285,7 +286,7 @@ interface RowOrder {
 }
 
 /** The sort order: the requested column (checked and quoted), else the primary key, else physical order. */
-async function sortOrder(
+export async function sortOrder(
   client: pg.PoolClient,
   table: ResolvedTable,
   request: PageRequest,
@@ -348,7 +349,7 @@ async function sortOrder(
  * row instead of every value, which is what makes snapshots fast. Types are
  * matched on `atttypid`, as wal2json does (a domain over int4 is a string).
  */
-async function jsonSelectList(client: pg.PoolClient, table: ResolvedTable): Promise<string> {
+export async function jsonSelectList(client: pg.PoolClient, table: ResolvedTable): Promise<string> {
   const { rows } = await client.query<{ expr: string | null }>(
     `SELECT string_agg(format('%L || %s', CASE WHEN a.n = 1 THEN '{' ELSE ',' END || to_json(a.attname::text)::text || ':',
               CASE
@@ -369,8 +370,8 @@ async function jsonSelectList(client: pg.PoolClient, table: ResolvedTable): Prom
   return rows[0]?.expr ?? "'{}'";
 }
 
-/** Resolves and locks `name`, and checks it is still as the snapshot saw it. */
-async function openTable(
+/** Resolves and locks `name` for this read, and checks it is still as the snapshot saw it. */
+export async function openTable(
   client: pg.PoolClient,
   source: SnapshotSource,
   name: string,
@@ -423,65 +424,8 @@ export async function readPage(source: SnapshotSource, request: PageRequest): Pr
   }
 }
 
-/** Rows fetched from the export cursor per round trip. */
-const EXPORT_BATCH_ROWS = 10_000;
-
-/**
- * The whole table as of `snapshot`, as NDJSON (one row object a line), read
- * through a cursor one batch at a time as the client consumes it: memory
- * stays flat and so does the time per row, unlike OFFSET paging. Resolves
- * once the table and sort are resolved (errors then are 4xx); the stream
- * then holds the snapshot's connection until it ends or is cancelled.
- */
-export function exportRows(
-  source: SnapshotSource,
-  request: PageRequest,
-): Promise<ReadableStream<Uint8Array>> {
-  const ready = Promise.withResolvers<ReadableStream<Uint8Array>>();
-  const finished = Promise.withResolvers<void>();
-  const work = source.snapshot.read(async (client) => {
-    const table = await openTable(client, source, request.table);
-    const order = (await sortOrder(client, table, request)).clause;
-    const select = await jsonSelectList(client, table);
-    await client.query(
-      `DECLARE export_rows NO SCROLL CURSOR FOR SELECT ${select} FROM ${table.qualified}${order}`,
-    );
-    const encoder = new TextEncoder();
-    ready.resolve(
-      new ReadableStream<Uint8Array>({
-        async pull(controller) {
-          try {
-            const batch = await client.query({
-              text: `FETCH ${EXPORT_BATCH_ROWS} FROM export_rows`,
-              rowMode: "array",
-              types: RAW_TEXT_TYPES,
-            });
-            if (batch.rows.length === 0) {
-              controller.close();
-              finished.resolve();
-              return;
-            }
-            const lines = (batch.rows as string[][]).map((row) => row[0]).join("\n");
-            controller.enqueue(encoder.encode(`${lines}\n`));
-          } catch (error) {
-            controller.error(error);
-            finished.resolve();
-          }
-        },
-        cancel() {
-          finished.resolve();
-        },
-      }, { highWaterMark: 1 }),
-    );
-    await finished.promise;
-    await client.query("CLOSE export_rows");
-  });
-  work.catch((error) => ready.reject(mapReadError(error)));
-  return ready.promise;
-}
-
 /** PostgreSQL errors a snapshot read can cause by its input, as 4xx; others unchanged. */
-function mapReadError(error: unknown): unknown {
+export function mapReadError(error: unknown): unknown {
   if (error instanceof HttpError) return error;
   switch (sqlState(error)) {
     case SqlState.InsufficientPrivilege:

@@ -32,6 +32,15 @@ interface ActiveRead {
   abort(reason: string): void;
 }
 
+/** Names the snapshot in the message of a read it cut off. */
+export class SnapshotReleasedError extends Error {
+  /** Creates the error for a read of `slotName`'s snapshot, released for `reason`. */
+  constructor(slotName: string, reason: string) {
+    super(`the snapshot of slot "${slotName}" was released (${reason})`);
+    this.name = "SnapshotReleasedError";
+  }
+}
+
 /** One held snapshot: the holder's connection, and the reads in progress on it. */
 export class HeldSnapshot {
   readonly slotName: string;
@@ -75,20 +84,28 @@ export class HeldSnapshot {
     return this.#lost;
   }
 
+  /** What another transaction imports (`SET TRANSACTION SNAPSHOT`) to read in this snapshot too. */
+  get id(): string {
+    return this.#id;
+  }
+
   /**
    * Runs `work` in a transaction of its own that sees this snapshot, then
    * ends it (and with it every lock the work took). If the snapshot is
    * released meanwhile, the transaction is cut off: its connection is
-   * closed, and `work`'s queries fail.
+   * closed, `work`'s queries fail, and `signal` aborts with a
+   * {@link SnapshotReleasedError} (for connections of the work's own).
    */
-  async read<T>(work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+  async read<T>(work: (client: pg.PoolClient, signal: AbortSignal) => Promise<T>): Promise<T> {
     if (this.#lost !== undefined) throw this.#gone(this.#lost);
     const client = await this.#readers.connect();
+    const controller = new AbortController();
     let aborted: string | undefined;
     const active: ActiveRead = {
       abort: (reason) => {
         if (aborted !== undefined) return;
         aborted = reason;
+        controller.abort(new SnapshotReleasedError(this.slotName, reason));
         client.release(new Error(`snapshot released: ${reason}`)); // closes the connection
       },
     };
@@ -96,7 +113,7 @@ export class HeldSnapshot {
     try {
       await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
       await client.query(`SET TRANSACTION SNAPSHOT '${this.#id}'`);
-      const result = await work(client);
+      const result = await work(client, controller.signal);
       await client.query("COMMIT");
       return result;
     } catch (error) {

@@ -4,9 +4,12 @@ import { ChildProcess } from "./support/harness.ts";
 
 const REPO = new URL("..", import.meta.url).pathname;
 
-/** Copies the checkout's tracked files (as they are in the working tree) into `target`. */
+/** Copies what a clone of the working tree would hold (tracked and new, not ignored, files) into `target`. */
 async function copyCheckout(target: string): Promise<void> {
-  const { stdout } = await new Deno.Command("git", { args: ["ls-files", "-z"], cwd: REPO })
+  const { stdout } = await new Deno.Command("git", {
+    args: ["ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    cwd: REPO,
+  })
     .output();
   for (const path of new TextDecoder().decode(stdout).split("\0").filter(Boolean)) {
     const from = `${REPO}${path}`;
