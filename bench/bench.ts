@@ -9,7 +9,7 @@
  */
 
 import pg from "pg";
-import { EmbeddedPostgres } from "../src/embedded_postgres.ts";
+import { EmbeddedPostgres } from "../src/dev/embedded_postgres.ts";
 import { init, ServerProcess } from "../tests/support/harness.ts";
 
 const args = new Set(Deno.args);

@@ -5,7 +5,7 @@
  */
 
 import { describeDatabase, loadConfig } from "./config.ts";
-import { preflight } from "./preflight.ts";
+import { preflight } from "./postgres/preflight.ts";
 import { startServer } from "./server.ts";
 
 /** Exit codes: configuration error, database not ready. */

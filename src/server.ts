@@ -6,8 +6,8 @@
 
 import type pg from "pg";
 import type { Config } from "./config.ts";
-import { createPool, isConnectionError } from "./database.ts";
-import { HttpError } from "./http_error.ts";
+import { createPool, isConnectionError } from "./postgres/database.ts";
+import { HttpError } from "./http/http_error.ts";
 import {
   API_PREFIX,
   CloseCode,
@@ -15,16 +15,25 @@ import {
   type InitResponse,
   MAX_REQUEST_BYTES,
 } from "./protocol.ts";
-import { ReplicationService, SlotInUseError, SlotNotFoundError } from "./replication_service.ts";
-import { ensureSchema, type SchemaNames, schemaNames, syncPublication } from "./schema.ts";
-import { type SlotInfo, SlotManager } from "./slot_manager.ts";
-import { isValidSlotName } from "./slot_names.ts";
-import { exportRows } from "./snapshot_export.ts";
-import { parsePageRequest, readPage, type SnapshotSource } from "./snapshot_reader.ts";
-import { SnapshotStore } from "./snapshots.ts";
-import { StreamSession } from "./stream_session.ts";
-import { assertWebSocketHandshake } from "./websocket_handshake.ts";
-import type { ColumnType } from "./pgoutput_decoder.ts";
+import {
+  ReplicationService,
+  SlotInUseError,
+  SlotNotFoundError,
+} from "./replication/replication_service.ts";
+import {
+  ensureSchema,
+  type SchemaNames,
+  schemaNames,
+  syncPublication,
+} from "./postgres/server_schema.ts";
+import { type SlotInfo, SlotManager } from "./slots/slot_manager.ts";
+import { isValidSlotName } from "./slots/slot_names.ts";
+import { exportRows } from "./snapshots/snapshot_export.ts";
+import { parsePageRequest, readPage, type SnapshotSource } from "./snapshots/snapshot_reader.ts";
+import { SnapshotStore } from "./snapshots/snapshot_store.ts";
+import { StreamSession } from "./streams/stream_session.ts";
+import { assertWebSocketHandshake } from "./http/websocket_handshake.ts";
+import type { ColumnType } from "./replication/pgoutput_decoder.ts";
 
 type Handler = (request: Request, match: URLPatternResult) => Promise<Response>;
 

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { CloseCode } from "../src/protocol.ts";
-import type { ReleaseDetail } from "../src/snapshots.ts";
+import type { ReleaseDetail } from "../src/snapshots/snapshot_store.ts";
 import { init, postJson, sql, startApi, startPostgres, StreamClient } from "./support/harness.ts";
 
 const SETUP = `

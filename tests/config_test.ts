@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { ENV_VARS, loadConfig } from "../src/config.ts";
-import { withValueSettings } from "../src/database.ts";
+import { withValueSettings } from "../src/postgres/database.ts";
 import { runtimeFlags, taskWords } from "./support/harness.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];

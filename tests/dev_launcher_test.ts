@@ -20,7 +20,7 @@ async function accepts(port: number): Promise<boolean> {
   }
 }
 
-/** `src/dev.ts` with the dev task's flags, in `cwd` (a fresh, private directory: mode 700). */
+/** `src/dev/dev.ts` with the dev task's flags, in `cwd` (a fresh, private directory: mode 700). */
 async function spawnDev(cwd: string, env: Record<string, string>): Promise<ChildProcess> {
   return await ChildProcess.spawn({
     name: "deno task dev",
@@ -29,7 +29,7 @@ async function spawnDev(cwd: string, env: Record<string, string>): Promise<Child
       "--config",
       `${REPO}deno.json`,
       ...await runtimeFlags("dev"),
-      `${REPO}src/dev.ts`,
+      `${REPO}src/dev/dev.ts`,
     ],
     cwd,
     env: {

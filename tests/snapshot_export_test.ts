@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { BLOCKS_PER_RANGE } from "../src/snapshot_export.ts";
+import { BLOCKS_PER_RANGE } from "../src/snapshots/snapshot_export.ts";
 import { init, postJson, sql, startApi, startPostgres } from "./support/harness.ts";
 
 /** Rows that need more block ranges than there are readers: each reader copies range after range. */

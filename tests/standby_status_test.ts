@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { parseLsn } from "../src/lsn.ts";
-import { POSTGRES_EPOCH_MS, standbyStatusUpdate } from "../src/standby_status.ts";
+import { POSTGRES_EPOCH_MS, standbyStatusUpdate } from "../src/replication/standby_status.ts";
 
 Deno.test("standbyStatusUpdate() confirms exactly the given LSN, dated from 2000-01-01", () => {
   const lsn = parseLsn("16/B374D848");

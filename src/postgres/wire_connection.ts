@@ -14,7 +14,7 @@
 import { createHash } from "node:crypto";
 import { parse as parseConnectionString } from "pg-connection-string";
 import type { DatabaseConfig } from "../config.ts";
-import { withValueSettings } from "../database.ts";
+import { withValueSettings } from "./database.ts";
 import { ScramClient } from "./scram.ts";
 
 const encoder = new TextEncoder();

@@ -6,7 +6,7 @@
 
 import pg from "pg";
 import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.ts";
-import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/embedded_postgres.ts";
+import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/dev/embedded_postgres.ts";
 import type { TransactionFrame } from "../../src/protocol.ts";
 import { type RunningServer, startServer } from "../../src/server.ts";
 import { deadline, poll } from "./deadline.ts";

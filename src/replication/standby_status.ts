@@ -5,7 +5,7 @@
  */
 
 import { Buffer } from "node:buffer";
-import type { Lsn } from "./lsn.ts";
+import type { Lsn } from "../lsn.ts";
 
 /** PostgreSQL's epoch, 2000-01-01 UTC, in Unix milliseconds. */
 export const POSTGRES_EPOCH_MS = Date.UTC(2000, 0, 1);

@@ -9,9 +9,9 @@
 import type { Buffer } from "node:buffer";
 import type pg from "pg";
 import { LogicalReplicationService } from "pg-logical-replication";
-import type { DatabaseConfig } from "./config.ts";
-import { SqlState, sqlState, withValueSettings } from "./database.ts";
-import { type Lsn, parseLsn, ZERO_LSN } from "./lsn.ts";
+import type { DatabaseConfig } from "../config.ts";
+import { SqlState, sqlState, withValueSettings } from "../postgres/database.ts";
+import { type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
 import { standbyStatusUpdate } from "./standby_status.ts";
 import {
   type Frame,

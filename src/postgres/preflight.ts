@@ -4,7 +4,7 @@
  * @module
  */
 
-import { type DatabaseConfig, describeDatabase } from "./config.ts";
+import { type DatabaseConfig, describeDatabase } from "../config.ts";
 import { connect, sqlState } from "./database.ts";
 
 function connectionProblem(db: DatabaseConfig, error: unknown, replication: boolean): string {

@@ -17,8 +17,8 @@
  */
 
 import type pg from "pg";
-import type { DatabaseConfig } from "./config.ts";
-import { WireConnection } from "./postgres/wire_connection.ts";
+import type { DatabaseConfig } from "../config.ts";
+import { WireConnection } from "../postgres/wire_connection.ts";
 import {
   jsonSelectList,
   mapReadError,

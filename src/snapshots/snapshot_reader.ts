@@ -7,11 +7,11 @@
  */
 
 import type pg from "pg";
-import { RAW_TEXT_TYPES, SqlState, sqlState } from "./database.ts";
-import { HttpError } from "./http_error.ts";
-import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "./protocol.ts";
-import { isValidSlotName } from "./slot_names.ts";
-import type { HeldSnapshot } from "./snapshots.ts";
+import { RAW_TEXT_TYPES, SqlState, sqlState } from "../postgres/database.ts";
+import { HttpError } from "../http/http_error.ts";
+import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "../protocol.ts";
+import { isValidSlotName } from "../slots/slot_names.ts";
+import type { HeldSnapshot } from "./snapshot_store.ts";
 
 /** What a snapshot read needs besides the request: the snapshot, the database as it is now, and what to hide. */
 export interface SnapshotSource {

@@ -4,7 +4,7 @@
  * @module
  */
 
-import { schemaNames, setupSql } from "./schema.ts";
+import { schemaNames, setupSql } from "./server_schema.ts";
 
 if (import.meta.main) {
   const prefix = Deno.args[0] ?? "pgdeltastream";

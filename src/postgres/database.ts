@@ -5,7 +5,7 @@
  */
 
 import pg from "pg";
-import type { DatabaseConfig } from "./config.ts";
+import type { DatabaseConfig } from "../config.ts";
 
 /**
  * Settings that change the text PostgreSQL writes for a value (bytea,

@@ -5,12 +5,12 @@
  */
 
 import type pg from "pg";
-import type { DatabaseConfig } from "./config.ts";
-import { connect, SqlState, sqlState } from "./database.ts";
-import { HttpError } from "./http_error.ts";
-import { type SchemaNames, syncPublication } from "./schema.ts";
+import type { DatabaseConfig } from "../config.ts";
+import { connect, SqlState, sqlState } from "../postgres/database.ts";
+import { HttpError } from "../http/http_error.ts";
+import { type SchemaNames, syncPublication } from "../postgres/server_schema.ts";
 import { generateSlotName } from "./slot_names.ts";
-import type { SnapshotStore } from "./snapshots.ts";
+import type { SnapshotStore } from "../snapshots/snapshot_store.ts";
 
 /** A slot as `pg_replication_slots` shows it. */
 export interface SlotInfo {

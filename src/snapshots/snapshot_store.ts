@@ -12,9 +12,9 @@
  */
 
 import type pg from "pg";
-import type { DatabaseConfig } from "./config.ts";
-import { connect, createPool } from "./database.ts";
-import { HttpError } from "./http_error.ts";
+import type { DatabaseConfig } from "../config.ts";
+import { connect, createPool } from "../postgres/database.ts";
+import { HttpError } from "../http/http_error.ts";
 
 /** Snapshot names as `pg_export_snapshot()` makes them, e.g. `00000003-0000001B-1`. */
 const SNAPSHOT_NAME = /^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$/;

@@ -5,10 +5,13 @@
  * @module
  */
 
-import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "./lsn.ts";
-import type { Frame } from "./pgoutput_decoder.ts";
-import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "./protocol.ts";
-import { ReplicationLostError, type ReplicationService } from "./replication_service.ts";
+import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
+import type { Frame } from "../replication/pgoutput_decoder.ts";
+import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "../protocol.ts";
+import {
+  ReplicationLostError,
+  type ReplicationService,
+} from "../replication/replication_service.ts";
 
 /** Socket buffer above which sending pauses, and below which it resumes. */
 export const SOCKET_HIGH_WATER_BYTES = 1 << 20;

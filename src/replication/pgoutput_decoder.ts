@@ -8,8 +8,8 @@
  */
 
 import { Buffer } from "node:buffer";
-import type { Lsn } from "./lsn.ts";
-import { formatLsnAt, readLsn } from "./lsn.ts";
+import type { Lsn } from "../lsn.ts";
+import { formatLsnAt, readLsn } from "../lsn.ts";
 import { encoderFor, JSON_NULL, type ValueEncoder } from "./wal2json_value.ts";
 
 /** A committed transaction, or one chunk of a large one, ready to send. */

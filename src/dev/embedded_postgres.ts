@@ -8,7 +8,7 @@
  * @module
  */
 
-import type { DatabaseConfig } from "./config.ts";
+import type { DatabaseConfig } from "../config.ts";
 
 /** Options of {@link EmbeddedPostgres.start}. */
 export interface EmbeddedPostgresOptions {

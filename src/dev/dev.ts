@@ -6,10 +6,10 @@
  * @module
  */
 
-import { loadConfig } from "./config.ts";
+import { loadConfig } from "../config.ts";
 import { canReach, EmbeddedPostgres, rootCacheDir, serverUser } from "./embedded_postgres.ts";
-import { preflight } from "./preflight.ts";
-import { startServer } from "./server.ts";
+import { preflight } from "../postgres/preflight.ts";
+import { startServer } from "../server.ts";
 
 const DEV_PG_PORT = 54329;
 
