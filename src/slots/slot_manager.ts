@@ -7,10 +7,10 @@
 import type pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
 import { connect, SqlState, sqlState } from "../postgres/database.ts";
-import { HttpError } from "../http/http_error.ts";
+import { UnavailableError } from "../errors.ts";
 import { type SchemaNames, syncPublication } from "../postgres/server_schema.ts";
 import { generateSlotName } from "./slot_names.ts";
-import type { SnapshotStore } from "../snapshots/snapshot_store.ts";
+import type { SnapshotOwner, SnapshotStore } from "../snapshots/snapshot_store.ts";
 
 /** A slot as `pg_replication_slots` shows it. */
 export interface SlotInfo {
@@ -21,6 +21,11 @@ export interface SlotInfo {
   confirmed_flush_lsn: string | null;
   /** Recorded in the server's slots table: created by pgdeltastream. */
   owned: boolean;
+}
+
+/** Whose snapshot a v1 slot's is, and what its reader does once it is gone. */
+export function v1SnapshotOwner(slotName: string): SnapshotOwner {
+  return { label: `slot "${slotName}"`, remedy: "call /v1/init for a new slot and snapshot" };
 }
 
 /** Called before a slot is dropped, to close the server's own stream on it. */
@@ -57,6 +62,11 @@ export class SlotManager {
     });
     this.#initLock = next.catch(() => {});
     return next;
+  }
+
+  /** Re-syncs the keyed publication with the tables' replica identities. */
+  syncPublication(): Promise<void> {
+    return syncPublication(this.#pool, this.#names);
   }
 
   /** Slots of this database, and whether this server created them. */
@@ -127,8 +137,7 @@ export class SlotManager {
         await this.#forget(slotName);
         if (sqlState(error) === SqlState.DuplicateObject && attempt < 5) continue;
         if (sqlState(error) === SqlState.ConfigurationLimitExceeded) {
-          throw new HttpError(
-            503,
+          throw new UnavailableError(
             `Cannot init: all replication slots are in use (${(error as Error).message}); ` +
               "drop unused slots or raise max_replication_slots",
           );
@@ -164,7 +173,7 @@ export class SlotManager {
       const { rows } = await replication.query(
         `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput EXPORT_SNAPSHOT`,
       );
-      await this.#snapshots.hold(slotName, rows[0].snapshot_name);
+      await this.#snapshots.hold(slotName, v1SnapshotOwner(slotName), rows[0].snapshot_name);
     } finally {
       await replication.end().catch(() => {});
     }

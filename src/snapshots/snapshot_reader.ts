@@ -1,16 +1,16 @@
 /**
- * `POST /v1/snapshot/data`: validates the request, resolves the table and
- * sort column against the catalog, and reads one page of rows as of the
- * slot's snapshot. Request input never becomes SQL text: names are looked up
- * and quoted by PostgreSQL itself, numbers are bound.
+ * Reading a held snapshot: resolves the table and sort column against the
+ * catalog as of the snapshot, locks the table for the read and checks that
+ * it is still what the snapshot saw, then reads one page of rows. Request
+ * input never becomes SQL text: names are looked up and quoted by
+ * PostgreSQL itself, values are bound.
  * @module
  */
 
 import type pg from "pg";
+import { ConflictError, ForbiddenError, InvalidRequestError, NotFoundError } from "../errors.ts";
 import { RAW_TEXT_TYPES, SqlState, sqlState } from "../postgres/database.ts";
-import { HttpError } from "../http/http_error.ts";
-import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "../protocol.ts";
-import { isValidSlotName } from "../slots/slot_names.ts";
+import type { SortOrder } from "../protocol.ts";
 import type { HeldSnapshot } from "./snapshot_store.ts";
 
 /** What a snapshot read needs besides the request: the snapshot, the database as it is now, and what to hide. */
@@ -20,107 +20,18 @@ export interface SnapshotSource {
   current: pg.Pool;
   /** The server's own schema, never readable through the API. */
   ownSchema: string;
+  /** What a reader whose table changed since the snapshot should do, e.g. "call /v1/init". */
+  remedy: string;
 }
 
-/** A validated snapshot request. */
+/** A validated page request (the export takes only `table` and `orderBy`). */
 export interface PageRequest {
-  slotName: string;
   table: string;
   offset: number;
   limit: number;
   orderBy?: { column: string; order: SortOrder };
   /** Keyset paging: rows after this value of the (single) sort column. */
   after?: string;
-}
-
-/** The fields of a page request; an export takes the whole table, so not those that page. */
-const FIELDS = {
-  page: new Set(["slotName", "table", "offset", "limit", "order_by", "after"]),
-  export: new Set(["slotName", "table", "order_by"]),
-};
-
-function count(value: unknown, field: string, fallback: number, min: number, max: number): number {
-  if (value === undefined || value === null) return fallback;
-  if (typeof value !== "number" || !Number.isSafeInteger(value) || value < min || value > max) {
-    throw new HttpError(
-      400,
-      `Invalid request: "${field}" must be an integer from ${min} to ${max}`,
-    );
-  }
-  return value;
-}
-
-function text(value: unknown, field: string): string {
-  if (
-    typeof value !== "string" || value.length === 0 || value.length > 1024 || value.includes("\0")
-  ) {
-    throw new HttpError(400, `Invalid request: "${field}" must be a non-empty string`);
-  }
-  return value;
-}
-
-/**
- * Checks the shape of a parsed request body (of `/snapshot/data`, or of
- * `/snapshot/export`); throws a 400 `HttpError` naming the bad field.
- */
-export function parsePageRequest(body: unknown, kind: "page" | "export" = "page"): PageRequest {
-  if (typeof body !== "object" || body === null || Array.isArray(body)) {
-    throw new HttpError(400, "Invalid request: the body must be a JSON object");
-  }
-  const input = body as Record<string, unknown>;
-  const unknown = Object.keys(input).find((k) => !FIELDS[kind].has(k));
-  if (unknown !== undefined) {
-    throw new HttpError(
-      400,
-      kind === "export" && FIELDS.page.has(unknown)
-        ? `Invalid request: export streams the whole table; ${
-          JSON.stringify(unknown)
-        } is for /v1/snapshot/data`
-        : `Invalid request: unknown field ${JSON.stringify(unknown)}`,
-    );
-  }
-  const slotName = text(input.slotName, "slotName");
-  if (!isValidSlotName(slotName)) {
-    throw new HttpError(400, `Invalid request: "slotName" is not a replication slot name`);
-  }
-  const request: PageRequest = {
-    slotName,
-    table: text(input.table, "table"),
-    offset: count(input.offset, "offset", 0, 0, Number.MAX_SAFE_INTEGER),
-    limit: count(input.limit, "limit", DEFAULT_SNAPSHOT_LIMIT, 1, MAX_SNAPSHOT_LIMIT),
-  };
-  const orderBy = input.order_by;
-  if (orderBy !== undefined && orderBy !== null) {
-    if (typeof orderBy !== "object" || Array.isArray(orderBy)) {
-      throw new HttpError(
-        400,
-        `Invalid request: "order_by" must be {"column": "...", "order": "ASC"|"DESC"}`,
-      );
-    }
-    const { column, order = "ASC", ...rest } = orderBy as Record<string, unknown>;
-    if (Object.keys(rest).length > 0) {
-      throw new HttpError(400, `Invalid request: unknown field order_by.${Object.keys(rest)[0]}`);
-    }
-    const upper = typeof order === "string" ? order.toUpperCase() : order;
-    if (upper !== "ASC" && upper !== "DESC") {
-      throw new HttpError(400, `Invalid request: "order_by.order" must be "ASC" or "DESC"`);
-    }
-    request.orderBy = { column: text(column, "order_by.column"), order: upper };
-  }
-  const after = input.after;
-  if (after !== undefined && after !== null) {
-    if (typeof after === "number" ? !Number.isSafeInteger(after) : typeof after !== "string") {
-      throw new HttpError(
-        400,
-        'Invalid request: "after" must be a string or a safe integer (send large numbers as strings)',
-      );
-    }
-    if (request.offset !== 0) {
-      throw new HttpError(400, 'Invalid request: use "after" or "offset", not both');
-    }
-    request.after = String(after);
-  }
-  return request;
 }
 
 /** A table a request names, found in the snapshot's catalog. */
@@ -184,11 +95,8 @@ async function resolveTable(
     [parsed, name, ownSchema],
   );
   if (rows.length === 0) {
-    throw new HttpError(
-      404,
-      `Cannot read snapshot: table ${
-        JSON.stringify(name)
-      } does not exist (as of the slot's snapshot)`,
+    throw new NotFoundError(
+      `Cannot read snapshot: table ${JSON.stringify(name)} does not exist (as of the snapshot)`,
     );
   }
   return rows[0];
@@ -216,9 +124,6 @@ interface TableShape {
   named: number | null;
 }
 
-/** What a changed table is told, and how to get a snapshot that has it. */
-const REMEDY = "a new snapshot is needed: call /v1/init";
-
 /**
  * Locks `table` for this read (until its transaction ends), then checks
  * that the table is still what the snapshot saw. TRUNCATE and rewrites are
@@ -230,14 +135,14 @@ const REMEDY = "a new snapshot is needed: call /v1/init";
  */
 async function lockUnchanged(
   client: pg.PoolClient,
-  current: pg.Pool,
+  source: SnapshotSource,
   table: ResolvedTable,
 ): Promise<void> {
+  const current = source.current;
   const changed = (what: string) =>
-    new HttpError(
-      409,
-      `Cannot read snapshot: ${what} after the slot's snapshot was taken, so its rows as of the ` +
-        `snapshot can no longer be read; ${REMEDY}`,
+    new ConflictError(
+      `Cannot read snapshot: ${what} after the snapshot was taken, so its rows as of the ` +
+        `snapshot can no longer be read; a new snapshot is needed: ${source.remedy}`,
     );
   // Planning a scan takes the lock (and, for a partitioned table, locks its partitions).
   const locked = await client.query(`SELECT FROM ${table.qualified} LIMIT 0`).then(
@@ -298,8 +203,7 @@ export async function sortOrder(
       [table.oid, request.orderBy.column],
     );
     if (rows.length === 0) {
-      throw new HttpError(
-        404,
+      throw new NotFoundError(
         `Cannot read snapshot: column ${
           JSON.stringify(request.orderBy.column)
         } does not exist in ${table.qualified}`,
@@ -377,7 +281,7 @@ export async function openTable(
   name: string,
 ): Promise<ResolvedTable> {
   const table = await resolveTable(client, name, source.ownSchema);
-  await lockUnchanged(client, source.current, table);
+  await lockUnchanged(client, source, table);
   return table;
 }
 
@@ -392,8 +296,7 @@ export async function readPage(source: SnapshotSource, request: PageRequest): Pr
       const values: unknown[] = [request.limit];
       if (request.after !== undefined) {
         if (order.keyset === undefined) {
-          throw new HttpError(
-            400,
+          throw new InvalidRequestError(
             'Invalid request: "after" needs one sort column: give order_by, or use a table with a one-column primary key',
           );
         }
@@ -424,14 +327,13 @@ export async function readPage(source: SnapshotSource, request: PageRequest): Pr
   }
 }
 
-/** PostgreSQL errors a snapshot read can cause by its input, as 4xx; others unchanged. */
+/** PostgreSQL errors a snapshot read can cause by its input, as the request's errors; others unchanged. */
 export function mapReadError(error: unknown): unknown {
-  if (error instanceof HttpError) return error;
   switch (sqlState(error)) {
     case SqlState.InsufficientPrivilege:
-      return new HttpError(403, `Cannot read snapshot: ${(error as Error).message}`);
+      return new ForbiddenError(`Cannot read snapshot: ${(error as Error).message}`);
     case SqlState.UndefinedFunction:
-      return new HttpError(400, `Cannot read snapshot: ${(error as Error).message}`);
+      return new InvalidRequestError(`Cannot read snapshot: ${(error as Error).message}`);
   }
   return error;
 }

@@ -14,7 +14,7 @@
 import type pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
 import { connect, createPool } from "../postgres/database.ts";
-import { HttpError } from "../http/http_error.ts";
+import { GoneError } from "../errors.ts";
 
 /** Snapshot names as `pg_export_snapshot()` makes them, e.g. `00000003-0000001B-1`. */
 const SNAPSHOT_NAME = /^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$/;
@@ -41,9 +41,25 @@ export class SnapshotReleasedError extends Error {
   }
 }
 
+/** Whose snapshot it is and what to do once it is gone, for the messages of a 410. */
+export interface SnapshotOwner {
+  /** E.g. `slot "delta_x1"` or `stream "orders"`. */
+  label: string;
+  /** What to do for a new snapshot, e.g. `call /v1/init for a new slot and snapshot`. */
+  remedy: string;
+}
+
+/** The error for a snapshot of `owner` that is gone, for `reason`. */
+function snapshotGone(owner: SnapshotOwner, reason: string): GoneError {
+  return new GoneError(
+    `Cannot read snapshot: the snapshot of ${owner.label} is no longer available (${reason}); ${owner.remedy}`,
+  );
+}
+
 /** One held snapshot: the holder's connection, and the reads in progress on it. */
 export class HeldSnapshot {
   readonly slotName: string;
+  readonly owner: SnapshotOwner;
   /** What readers import: the snapshot as the holder exported it. */
   readonly #id: string;
   readonly #holder: pg.Client;
@@ -51,8 +67,15 @@ export class HeldSnapshot {
   readonly #active = new Set<ActiveRead>();
   #lost: string | undefined;
 
-  private constructor(slotName: string, id: string, holder: pg.Client, readers: pg.Pool) {
+  private constructor(
+    slotName: string,
+    owner: SnapshotOwner,
+    id: string,
+    holder: pg.Client,
+    readers: pg.Pool,
+  ) {
     this.slotName = slotName;
+    this.owner = owner;
     this.#id = id;
     this.#holder = holder;
     this.#readers = readers;
@@ -64,6 +87,7 @@ export class HeldSnapshot {
     db: DatabaseConfig,
     readers: pg.Pool,
     slotName: string,
+    owner: SnapshotOwner,
     exported: string,
   ): Promise<HeldSnapshot> {
     const name = checkedSnapshotName(exported);
@@ -72,7 +96,7 @@ export class HeldSnapshot {
       await holder.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
       await holder.query(`SET TRANSACTION SNAPSHOT '${name}'`);
       const { rows } = await holder.query<{ id: string }>("SELECT pg_export_snapshot() AS id");
-      return new HeldSnapshot(slotName, checkedSnapshotName(rows[0].id), holder, readers);
+      return new HeldSnapshot(slotName, owner, checkedSnapshotName(rows[0].id), holder, readers);
     } catch (error) {
       await holder.end().catch(() => {});
       throw error;
@@ -97,7 +121,7 @@ export class HeldSnapshot {
    * {@link SnapshotReleasedError} (for connections of the work's own).
    */
   async read<T>(work: (client: pg.PoolClient, signal: AbortSignal) => Promise<T>): Promise<T> {
-    if (this.#lost !== undefined) throw this.#gone(this.#lost);
+    if (this.#lost !== undefined) throw snapshotGone(this.owner, this.#lost);
     const client = await this.#readers.connect();
     const controller = new AbortController();
     let aborted: string | undefined;
@@ -117,21 +141,13 @@ export class HeldSnapshot {
       await client.query("COMMIT");
       return result;
     } catch (error) {
-      if (aborted !== undefined) throw this.#gone(aborted);
+      if (aborted !== undefined) throw snapshotGone(this.owner, aborted);
       await client.query("ROLLBACK").catch(() => {});
       throw error;
     } finally {
       this.#active.delete(active);
       if (aborted === undefined) client.release();
     }
-  }
-
-  #gone(reason: string): HttpError {
-    return new HttpError(
-      410,
-      `Cannot read snapshot: the snapshot of slot "${this.slotName}" is no longer available (${reason}); ` +
-        "call /v1/init for a new slot and snapshot",
-    );
   }
 
   /**
@@ -166,7 +182,7 @@ export class SnapshotStore extends EventTarget implements AsyncDisposable {
   readonly #readers: pg.Pool;
   readonly #held = new Map<
     string,
-    { snapshot: HeldSnapshot; timer: ReturnType<typeof setTimeout> }
+    { snapshot: HeldSnapshot; timer: ReturnType<typeof setTimeout>; expiresAt: Date }
   >();
   /** Why a slot's snapshot went away, for a precise 410 message. */
   readonly #gone = new Map<string, string>();
@@ -179,28 +195,34 @@ export class SnapshotStore extends EventTarget implements AsyncDisposable {
     this.#readers = createPool(db, readers);
   }
 
-  /** Imports `snapshotName` (exported by the slot's creation) and holds it. */
-  async hold(slotName: string, snapshotName: string): Promise<void> {
-    const snapshot = await HeldSnapshot.hold(this.#db, this.#readers, slotName, snapshotName);
+  /** Imports `snapshotName` (exported by the slot's creation) and holds it for `owner`. */
+  async hold(slotName: string, owner: SnapshotOwner, snapshotName: string): Promise<void> {
+    const snapshot = await HeldSnapshot.hold(
+      this.#db,
+      this.#readers,
+      slotName,
+      owner,
+      snapshotName,
+    );
     const timer = setTimeout(() => {
       void this.release(slotName, `it expired after its time-to-live of ${this.#ttlMs / 1000} s`);
     }, this.#ttlMs);
     Deno.unrefTimer(Number(timer));
-    this.#held.set(slotName, { snapshot, timer });
+    this.#held.set(slotName, { snapshot, timer, expiresAt: new Date(Date.now() + this.#ttlMs) });
     this.#gone.delete(slotName);
   }
 
-  /** The held snapshot of `slotName`; a 410 `HttpError` saying why when there is none. */
-  get(slotName: string): HeldSnapshot {
+  /** The held snapshot of `slotName`; a {@link GoneError} saying why (to `owner`) when there is none. */
+  get(slotName: string, owner: SnapshotOwner): HeldSnapshot {
     const entry = this.#held.get(slotName);
     const why = entry?.snapshot.lost ?? (entry ? undefined : this.#gone.get(slotName));
     if (entry !== undefined && why === undefined) return entry.snapshot;
-    throw new HttpError(
-      410,
-      `Cannot read snapshot: the snapshot of slot "${slotName}" is no longer available (${
-        why ?? "this server did not create it, or restarted since"
-      }); call /v1/init for a new slot and snapshot`,
-    );
+    throw snapshotGone(owner, why ?? "this server did not create it, or restarted since");
+  }
+
+  /** When the snapshot of `slotName` will be released, if it is held. */
+  expiresAt(slotName: string): Date | undefined {
+    return this.#held.get(slotName)?.expiresAt;
   }
 
   /** Whether a snapshot of `slotName` is held (even if its connection has since failed). */

@@ -1,0 +1,27 @@
+/**
+ * The HTTP edge on Hono: the routes of every API version, and the one error
+ * mapper that decides each status a client sees.
+ * @module
+ */
+
+import { Hono } from "hono";
+import type { Server } from "../server.ts";
+import { errorBody, errorResponse } from "./error_mapper.ts";
+import { json, Routes } from "./routes.ts";
+import { v1Routes } from "./v1_routes.ts";
+
+/** The request handler of `server`'s API. */
+export function createHttpApp(server: Server): Hono {
+  const app = new Hono();
+  app.onError((error) => errorResponse(error));
+  app.notFound((c) => errorBody(404, `Not found: ${new URL(c.req.url).pathname}`));
+  const routes = new Routes(app);
+  routes.add("/healthz", {
+    GET: async () => {
+      const report = await server.health();
+      return json(report, report.status === "ok" ? 200 : 503);
+    },
+  });
+  v1Routes(server, routes);
+  return app;
+}

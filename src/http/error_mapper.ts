@@ -1,0 +1,54 @@
+/**
+ * The one place that decides the status a client sees: every error a
+ * handler throws comes here and leaves as `{"error": "..."}`. Domain errors
+ * map to their status; PostgreSQL being unreachable is a 503; anything else
+ * is a 500 whose details stay in the server log.
+ * @module
+ */
+
+import {
+  ConflictError,
+  ForbiddenError,
+  GoneError,
+  InvalidRequestError,
+  NotFoundError,
+  UnavailableError,
+} from "../errors.ts";
+import { isConnectionError } from "../postgres/database.ts";
+import type { ErrorBody } from "../protocol.ts";
+import { HttpError } from "./http_error.ts";
+
+/** Content type of every JSON body the server sends. */
+export const JSON_CONTENT_TYPE = "application/json; charset=utf-8";
+
+/** Domain error classes and the status each is answered with. */
+const STATUSES: [new (...args: never[]) => Error, number][] = [
+  [InvalidRequestError, 400],
+  [ForbiddenError, 403],
+  [NotFoundError, 404],
+  [ConflictError, 409],
+  [GoneError, 410],
+  [UnavailableError, 503],
+];
+
+/** A JSON error response. */
+export function errorBody(status: number, message: string, headers: HeadersInit = {}): Response {
+  const body: ErrorBody = { error: message };
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { "content-type": JSON_CONTENT_TYPE, ...headers },
+  });
+}
+
+/** The response for `error`; logs what the client is not told. */
+export function errorResponse(error: unknown): Response {
+  if (error instanceof HttpError) return errorBody(error.status, error.message, error.headers);
+  for (const [type, status] of STATUSES) {
+    if (error instanceof type) return errorBody(status, error.message);
+  }
+  if (isConnectionError(error)) {
+    return errorBody(503, `Database unavailable (${(error as Error).message}); retry shortly`);
+  }
+  console.error("request failed:", error);
+  return errorBody(500, "Internal server error; see the server log");
+}

@@ -1,0 +1,165 @@
+/**
+ * Request bodies, each declared once: a zod schema that validates and
+ * normalizes it, and the message a client reads when a field is wrong
+ * (keyed by the field's path; `*` stands for any array index). A body that
+ * fails gets the message of its first bad field, as a 400.
+ * @module
+ */
+
+import { z } from "zod";
+import { InvalidRequestError } from "../errors.ts";
+import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "../protocol.ts";
+import { isValidSlotName } from "../slots/slot_names.ts";
+
+/** A request body's schema and the messages for its fields. */
+export interface RequestSchema<T> {
+  zod: z.ZodType<T>;
+  /** Field path (`order_by.order`, `tables.*.where`) → what the field must be. */
+  messages: Record<string, string>;
+  /** The message for a field the schema does not know. */
+  unknownField?: (path: string) => string;
+}
+
+/** `a.0.b` as a client reads it: `a[0].b`. */
+function displayPath(path: PropertyKey[]): string {
+  return path.map((p, i) => typeof p === "number" ? `[${p}]` : `${i ? "." : ""}${String(p)}`)
+    .join("");
+}
+
+/** The message declared for `path`, or for its nearest parent that has one. */
+function messageFor(messages: Record<string, string>, path: PropertyKey[]): string | undefined {
+  for (let end = path.length; end > 0; end--) {
+    const key = path.slice(0, end).map((p) => typeof p === "number" ? "*" : String(p)).join(".");
+    if (messages[key] !== undefined) return messages[key];
+  }
+  return undefined;
+}
+
+/** Checks `body` against `schema`; throws an {@link InvalidRequestError} naming the first bad field. */
+export function parseRequest<T>(schema: RequestSchema<T>, body: unknown): T {
+  if (typeof body !== "object" || body === null || Array.isArray(body)) {
+    throw new InvalidRequestError("Invalid request: the body must be a JSON object");
+  }
+  const result = schema.zod.safeParse(body);
+  if (result.success) return result.data;
+  const issue = result.error.issues[0];
+  if (issue.code === "unrecognized_keys") {
+    const path = displayPath([...issue.path, issue.keys[0]]);
+    throw new InvalidRequestError(
+      schema.unknownField?.(path) ?? `Invalid request: unknown field ${JSON.stringify(path)}`,
+    );
+  }
+  if (issue.code === "custom" && issue.params?.explicit) {
+    throw new InvalidRequestError(`Invalid request: ${issue.message}`);
+  }
+  const declared = messageFor(schema.messages, issue.path);
+  const field = displayPath(issue.path);
+  throw new InvalidRequestError(
+    declared !== undefined
+      ? `Invalid request: ${declared}`
+      : `Invalid request: ${field ? `"${field}": ` : ""}${issue.message}`,
+  );
+}
+
+/** An issue whose message is the one the client reads (a rule across fields, say). */
+export function explicit(path: PropertyKey[], message: string) {
+  return { code: "custom" as const, path, message, params: { explicit: true } };
+}
+
+/** A string a name can be: non-empty, at most 1,024 characters, no NUL. */
+const name = z.string().min(1).max(1024).refine((s) => !s.includes("\0"));
+
+/** `null` means absent, as the seed's clients send it. */
+const optional = <T extends z.ZodType>(schema: T) =>
+  schema.nullish().transform((v) => v ?? undefined);
+
+const ORDER_BY = z.strictObject({
+  column: name,
+  order: optional(
+    z.string().transform((s) => s.toUpperCase()).pipe(z.enum(["ASC", "DESC"])),
+  ),
+}).transform(({ column, order }) => ({ column, order: (order ?? "ASC") as SortOrder }));
+
+/** `after`: a key value, as a string (a safe integer is accepted and kept exact). */
+const AFTER = z.union([z.string(), z.number().int().refine(Number.isSafeInteger)]).transform(
+  String,
+);
+
+const SNAPSHOT_MESSAGES = {
+  table: '"table" must be a non-empty string',
+  offset: `"offset" must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}`,
+  limit: `"limit" must be an integer from 1 to ${MAX_SNAPSHOT_LIMIT}`,
+  order_by: '"order_by" must be {"column": "...", "order": "ASC"|"DESC"}',
+  "order_by.column": '"order_by.column" must be a non-empty string',
+  "order_by.order": '"order_by.order" must be "ASC" or "DESC"',
+  after: '"after" must be a string or a safe integer (send large numbers as strings)',
+};
+
+/** The fields of a page of a snapshot: table, paging and order. */
+const PAGE_FIELDS = {
+  table: name,
+  offset: optional(z.number().int().min(0).max(Number.MAX_SAFE_INTEGER)),
+  limit: optional(z.number().int().min(1).max(MAX_SNAPSHOT_LIMIT)),
+  order_by: optional(ORDER_BY),
+  after: optional(AFTER),
+};
+
+/** A page request as the snapshot readers take it. */
+export interface PageRequestBody {
+  table: string;
+  offset: number;
+  limit: number;
+  orderBy?: { column: string; order: SortOrder };
+  after?: string;
+}
+
+function toPage(
+  body: {
+    table: string;
+    offset?: number;
+    limit?: number;
+    order_by?: { column: string; order: SortOrder };
+    after?: string;
+  },
+  context: z.RefinementCtx,
+): PageRequestBody {
+  if (body.after !== undefined && (body.offset ?? 0) !== 0) {
+    context.addIssue(explicit(["after"], 'use "after" or "offset", not both'));
+  }
+  return {
+    table: body.table,
+    offset: body.offset ?? 0,
+    limit: body.limit ?? DEFAULT_SNAPSHOT_LIMIT,
+    orderBy: body.order_by,
+    after: body.after,
+  };
+}
+
+const SLOT_NAME = z.string().refine(isValidSlotName);
+
+/** `POST /v1/snapshot/data`. */
+export const V1_PAGE: RequestSchema<PageRequestBody & { slotName: string }> = {
+  zod: z.strictObject({ slotName: SLOT_NAME, ...PAGE_FIELDS }).transform((body, context) => ({
+    slotName: body.slotName,
+    ...toPage(body, context),
+  })),
+  messages: {
+    ...SNAPSHOT_MESSAGES,
+    slotName: '"slotName" must be the name of a replication slot (a-z, 0-9, _)',
+  },
+};
+
+const EXPORT_UNKNOWN = (v1: boolean) => (path: string) =>
+  path in PAGE_FIELDS
+    ? `Invalid request: export streams the whole table; ${JSON.stringify(path)} is for ${
+      v1 ? "/v1/snapshot/data" : "the snapshot endpoint"
+    }`
+    : `Invalid request: unknown field ${JSON.stringify(path)}`;
+
+/** `POST /v1/snapshot/export`: the whole table, so nothing that pages. */
+export const V1_EXPORT: RequestSchema<PageRequestBody & { slotName: string }> = {
+  zod: z.strictObject({ slotName: SLOT_NAME, table: name, order_by: optional(ORDER_BY) })
+    .transform((body, context) => ({ slotName: body.slotName, ...toPage(body, context) })),
+  messages: V1_PAGE.messages,
+  unknownField: EXPORT_UNKNOWN(true),
+};
