@@ -13,6 +13,7 @@ import { createPool } from "./postgres/database.ts";
 import { ensureSchema, type SchemaNames, schemaNames } from "./postgres/server_schema.ts";
 import { TypeNames } from "./postgres/type_names.ts";
 import { CloseCode } from "./protocol.ts";
+import { v1Scope } from "./replication/pgoutput_decoder.ts";
 import type { ReplicationOptions } from "./replication/replication_service.ts";
 import { type SlotInfo, SlotManager } from "./slots/slot_manager.ts";
 import { SnapshotStore } from "./snapshots/snapshot_store.ts";
@@ -78,14 +79,14 @@ export class Server implements AsyncDisposable {
     if (this.#closing) throw new UnavailableError("The server is shutting down");
   }
 
-  /** How the replication of `slotName` is started: the server's publications, types and limits. */
+  /** How the replication of a v1 slot is started: the server's publications, types and limits. */
   replicationOptions(slotName: string): ReplicationOptions {
     return {
       database: this.config.database,
       slotName,
       publications: [this.names.inserts, this.names.keyed],
       resolveTypes: (types) => this.typeNames.resolve(types),
-      skipSchema: (schema) => schema === this.names.schema,
+      scope: v1Scope(this.names.schema),
       chunkBytes: this.config.frameChunkBytes,
     };
   }

@@ -3,6 +3,12 @@
  * wal2json format-version 1, as JSON text built directly from PostgreSQL's
  * text output: no parse/stringify round trip, so numbers stay verbatim.
  *
+ * What a stream carries is decided once per relation, when pgoutput
+ * describes it: a {@link RelationPlan} names the columns written and the
+ * row filter; the decoder reads only the values it needs (the columns
+ * written, the key, the filter's), so a change the filter drops costs little
+ * more than walking its tuple.
+ *
  * Message layouts: https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html
  * @module
  */
@@ -10,6 +16,7 @@
 import { Buffer } from "node:buffer";
 import type { Lsn } from "../lsn.ts";
 import { formatLsnAt, readLsn } from "../lsn.ts";
+import { type CompiledCondition, NOT_THERE, passes, type RawValue } from "./row_filter.ts";
 import { encoderFor, JSON_NULL, type ValueEncoder } from "./wal2json_value.ts";
 
 /** A committed transaction, or one chunk of a large one, ready to send. */
@@ -26,6 +33,8 @@ export interface Frame {
   readonly changes: number;
   /** True for every chunk of a large transaction but the last. */
   readonly partial: boolean;
+  /** The transaction's commit time (ms since the Unix epoch) as pgoutput's Begin carries it. */
+  readonly commitTime: number;
 }
 
 /** Default size at which a transaction's changes are sent as a partial frame. */
@@ -40,32 +49,87 @@ export interface ColumnType {
 /** Resolves type OIDs and modifiers to `format_type()` names, e.g. `character varying(20)`. */
 export type TypeNameResolver = (types: ColumnType[]) => Promise<string[]>;
 
-/** Schemas whose changes are never streamed: the server's own bookkeeping. */
-export type SchemaFilter = (schema: string) => boolean;
+/** A relation as pgoutput's Relation message describes it. */
+export interface RelationDescription {
+  relid: number;
+  schema: string;
+  table: string;
+  columns: { name: string; type: ColumnType; key: boolean }[];
+}
+
+/** How one relation's changes are written: which columns, and which rows. */
+export interface RelationPlan {
+  /** Tuple positions of the columns written, in order. */
+  columns: number[];
+  /** Conditions on the tuple's values, by position; all must hold. None: every row. */
+  filter?: CompiledCondition[];
+}
+
+/** The kinds of change a stream carries. */
+export interface Operations {
+  insert: boolean;
+  update: boolean;
+  delete: boolean;
+  truncate: boolean;
+}
+
+/**
+ * What a decoder's stream carries. `plan` is asked when pgoutput describes a
+ * relation (at its first change in a session, and after each change of its
+ * shape); it may look things up, and it may throw to stop the stream (a
+ * filter that names a column the table no longer has).
+ */
+export interface StreamScope {
+  /** How the relation's changes are written; undefined drops them. */
+  plan(relation: RelationDescription): RelationPlan | undefined | Promise<RelationPlan | undefined>;
+  operations: Operations;
+  /**
+   * Whether a `{"kind":"schema"}` change announces each relation's shape
+   * before its first change in a session and after every change of it.
+   */
+  schemaEvents: boolean;
+}
+
+/** The v1 stream: every relation but those in the server's own schema, whole; no truncates. */
+export function v1Scope(ownSchema: string): StreamScope {
+  return {
+    plan: (relation) =>
+      relation.schema === ownSchema ? undefined : { columns: relation.columns.map((_, i) => i) },
+    operations: { insert: true, update: true, delete: true, truncate: false },
+    schemaEvents: false,
+  };
+}
 
 interface Relation {
-  /** Changes to this relation are dropped (server-internal schema). */
+  /** Changes to this relation are dropped. */
   skip: boolean;
-  names: string[];
-  /** JSON-encoded column names and type names, ready to join. */
+  ncols: number;
+  encoders: ValueEncoder[];
+  /** Which tuple positions the decoder reads: the columns written, the key, the filter's. */
+  needed: Uint8Array;
+  filter: CompiledCondition[] | undefined;
+  /** The key's positions (replica identity; every column for REPLICA IDENTITY FULL). */
+  keyIndexes: number[];
+  /** Tuple positions of the columns written, in order. */
+  columns: number[];
+  /** Whether every column is written, in order: the fast path. */
+  whole: boolean;
+  /** JSON-encoded names and type names of every column, by position. */
   jsonNames: string[];
   jsonTypes: string[];
-  encoders: ValueEncoder[];
-  /** Indexes of replica identity columns (all of them for REPLICA IDENTITY FULL). */
-  keyIndexes: number[];
   /** `{"kind":"insert","schema":…,"table":…` (and update/delete variants). */
   insertHead: string;
   updateHead: string;
   deleteHead: string;
-  /** `,"columnnames":[…],"columntypes":[…],"columnvalues":[` for a tuple with every column. */
+  /** `,"columnnames":[…],"columntypes":[…],"columnvalues":[` for the columns written. */
   allColumns: string;
   /** `,"oldkeys":{"keynames":[…],"keytypes":[…],"keyvalues":[` */
   oldKeysHead: string;
+  /** The relation's `{"kind":"schema"}` change, or undefined when the stream has none. */
+  schemaChange: string | undefined;
+  /** `{"kind":"truncate",…}`. */
+  truncateChange: string;
 }
-
-/** Marks a column whose TOASTed value did not change: wal2json leaves it out. */
-const UNCHANGED = undefined;
-type TupleValues = (string | typeof UNCHANGED)[];
 
 const TAG_BEGIN = 0x42; // B
 const TAG_COMMIT = 0x43; // C
@@ -73,37 +137,46 @@ const TAG_RELATION = 0x52; // R
 const TAG_INSERT = 0x49; // I
 const TAG_UPDATE = 0x55; // U
 const TAG_DELETE = 0x44; // D
+const TAG_TRUNCATE = 0x54; // T
+
+/** Microseconds from the Unix epoch to PostgreSQL's (2000-01-01). */
+const POSTGRES_EPOCH_US = 946_684_800_000_000n;
 
 /** Decoder state for one replication connection: relations seen and the open transaction. */
 export class PgoutputDecoder {
   readonly #relations = new Map<number, Relation>();
   readonly #resolveTypes: TypeNameResolver;
-  readonly #skipSchema: SchemaFilter;
+  readonly #scope: StreamScope;
   readonly #chunkBytes: number;
   #changes: string[] = [];
   #bytes = 0;
   #chunked = false;
   #inTransaction = false;
+  #commitTime = 0;
   /** nextlsn of the last complete transaction sent: what a partial frame carries. */
   #lastEnd: Lsn = 0n;
   #lastEndText = "0/0";
+  /** Scratch arrays for tuple values, reused change after change. */
+  #newValues: RawValue[] = [];
+  #oldValues: RawValue[] = [];
 
   /**
    * Message tag → handler. A handler returns a `Frame` when a transaction
-   * completes, a promise when it must look something up first (new relation).
-   * Tags not listed are ignored: Origin, Type, Truncate and Message carry
-   * nothing wal2json format-version 1 prints.
+   * (or a chunk of it) is complete, a promise when it must look something up
+   * first (a new relation). Tags not listed are ignored: Origin, Type and
+   * Message carry nothing wal2json format-version 1 prints.
    */
   readonly #handlers: Record<
     number,
     (buf: Buffer, view: DataView) => Frame | Promise<void> | void
   > = {
-    // Begin: a transaction's changes follow, up to its Commit.
-    [TAG_BEGIN]: () => {
+    // Begin: final_lsn(8) commit timestamp(8) xid(4); a transaction's changes follow, up to its Commit.
+    [TAG_BEGIN]: (_buf, view) => {
       this.#changes = [];
       this.#bytes = 0;
       this.#chunked = false;
       this.#inTransaction = true;
+      this.#commitTime = Number((view.getBigInt64(9) + POSTGRES_EPOCH_US) / 1000n);
     },
     // Commit: flags(1) commit_lsn(8) end_lsn(8) timestamp(8). end_lsn is wal2json's nextlsn.
     [TAG_COMMIT]: (_buf, view) => this.#commit(view),
@@ -115,21 +188,22 @@ export class PgoutputDecoder {
     [TAG_UPDATE]: (buf, view) => this.#update(buf, view),
     // Delete: relid(4) 'K'|'O' old tuple.
     [TAG_DELETE]: (buf, view) => this.#delete(buf, view),
+    // Truncate: nrelations(4) options(1) relid(4)…; each relation was described before.
+    [TAG_TRUNCATE]: (_buf, view) => this.#truncate(view),
   };
 
   /**
-   * Creates a decoder that names types with `resolveTypes`, drops changes in
-   * schemas `skipSchema` matches, and sends a transaction's changes as a
-   * partial frame whenever they reach `chunkBytes`, so no transaction is
-   * ever held whole in memory.
+   * Creates a decoder that names types with `resolveTypes`, writes what
+   * `scope` carries, and sends a transaction's changes as a partial frame
+   * whenever they reach `chunkBytes`, so no transaction is ever held whole.
    */
   constructor(
     resolveTypes: TypeNameResolver,
-    skipSchema: SchemaFilter = () => false,
+    scope: StreamScope,
     chunkBytes = DEFAULT_CHUNK_BYTES,
   ) {
     this.#resolveTypes = resolveTypes;
-    this.#skipSchema = skipSchema;
+    this.#scope = scope;
     this.#chunkBytes = chunkBytes;
   }
 
@@ -138,7 +212,7 @@ export class PgoutputDecoder {
     return this.#inTransaction;
   }
 
-  /** Decodes one pgoutput message: a `Frame` at commit, a promise to await before the next message, or nothing. */
+  /** Decodes one pgoutput message: a `Frame` when one is ready, a promise to await before the next message, or nothing. */
   decode(buf: Buffer): Frame | Promise<void> | void {
     const handler = this.#handlers[buf[0]];
     if (handler === undefined) return;
@@ -150,13 +224,19 @@ export class PgoutputDecoder {
     const changes = this.#changes;
     this.#changes = [];
     this.#bytes = 0;
-    // A transaction whose every change was filtered out (server bookkeeping) is not sent; the last
-    // chunk of a chunked one always is, even empty: it carries the nextlsn to acknowledge.
+    // A transaction whose every change was filtered out is not sent; the last chunk of a chunked
+    // one always is, even empty: it carries the nextlsn to acknowledge.
     if (changes.length === 0 && !this.#chunked) return undefined;
     this.#lastEnd = readLsn(view, 10);
     this.#lastEndText = formatLsnAt(view, 10);
     const text = `{"nextlsn":"${this.#lastEndText}","change":[${changes.join(",")}]}`;
-    return { text, nextLsn: this.#lastEnd, changes: changes.length, partial: false };
+    return {
+      text,
+      nextLsn: this.#lastEnd,
+      changes: changes.length,
+      partial: false,
+      commitTime: this.#commitTime,
+    };
   }
 
   /** Adds one encoded change; returns a partial frame once the pending changes reach the chunk size. */
@@ -171,7 +251,13 @@ export class PgoutputDecoder {
     const text = `{"nextlsn":"${this.#lastEndText}","partial":true,"change":[${
       changes.join(",")
     }]}`;
-    return { text, nextLsn: this.#lastEnd, changes: changes.length, partial: true };
+    return {
+      text,
+      nextLsn: this.#lastEnd,
+      changes: changes.length,
+      partial: true,
+      commitTime: this.#commitTime,
+    };
   }
 
   async #relation(buf: Buffer, view: DataView): Promise<void> {
@@ -183,42 +269,80 @@ export class PgoutputDecoder {
     pos = afterName + 1; // replica identity setting
     const ncols = view.getInt16(pos);
     pos += 2;
-    const names: string[] = [];
-    const types: ColumnType[] = [];
-    const keyIndexes: number[] = [];
+    const description: RelationDescription = {
+      relid,
+      schema: namespace === "" ? "pg_catalog" : namespace, // pgoutput sends "" for pg_catalog
+      table: name,
+      columns: [],
+    };
     for (let i = 0; i < ncols; i++) {
       const flags = buf[pos++];
       const [column, next] = readCString(buf, pos);
       pos = next;
-      types.push({ oid: view.getUint32(pos), typmod: view.getInt32(pos + 4) });
+      description.columns.push({
+        name: column,
+        type: { oid: view.getUint32(pos), typmod: view.getInt32(pos + 4) },
+        key: (flags & 1) !== 0,
+      });
       pos += 8;
-      names.push(column);
-      if (flags & 1) keyIndexes.push(i);
     }
-    // pgoutput sends "" for pg_catalog.
-    const schema = namespace === "" ? "pg_catalog" : namespace;
-    const skip = this.#skipSchema(schema);
-    const typeNames = skip ? types.map(() => "") : await this.#resolveTypes(types);
-    const jsonNames = names.map((n) => JSON.stringify(n));
+    const previous = this.#relations.get(relid);
+    const plan = await this.#scope.plan(description);
+    const relation = plan === undefined ? skipped(ncols) : await this.#describe(description, plan);
+    this.#relations.set(relid, relation);
+    // The consumer learns a relation's shape before its first change with it: at the first
+    // description in a session (it may have changed while nobody streamed), and whenever it changes.
+    // (Never a chunk boundary here: the change that follows flushes the chunk if it is full.)
+    if (relation.schemaChange !== undefined && relation.schemaChange !== previous?.schemaChange) {
+      this.#changes.push(relation.schemaChange);
+      this.#bytes += relation.schemaChange.length;
+    }
+  }
+
+  async #describe(description: RelationDescription, plan: RelationPlan): Promise<Relation> {
+    const types = description.columns.map((c) => c.type);
+    const typeNames = await this.#resolveTypes(types);
+    const jsonNames = description.columns.map((c) => JSON.stringify(c.name));
     const jsonTypes = typeNames.map((t) => JSON.stringify(t));
-    const where = `,"schema":${JSON.stringify(schema)},"table":${JSON.stringify(name)}`;
-    this.#relations.set(relid, {
-      skip,
-      names,
+    // The key as written: the replica identity's columns among those the stream carries, so that no
+    // column it leaves out is ever sent (REPLICA IDENTITY FULL makes every column a key column).
+    const written = new Set(plan.columns);
+    const keyIndexes = description.columns.flatMap((c, i) => (c.key && written.has(i) ? [i] : []));
+    const ncols = description.columns.length;
+    const needed = new Uint8Array(ncols);
+    for (const i of plan.columns) needed[i] = 1;
+    for (const i of keyIndexes) needed[i] = 1;
+    for (const c of plan.filter ?? []) needed[c.position] = 1;
+    const where = `,"schema":${JSON.stringify(description.schema)},"table":${
+      JSON.stringify(description.table)
+    }`;
+    const names = plan.columns.map((i) => jsonNames[i]).join(",");
+    const typeList = plan.columns.map((i) => jsonTypes[i]).join(",");
+    return {
+      skip: false,
+      ncols,
+      encoders: types.map((t) => encoderFor(t.oid)),
+      needed,
+      filter: plan.filter !== undefined && plan.filter.length > 0 ? plan.filter : undefined,
+      keyIndexes,
+      columns: plan.columns,
+      whole: plan.columns.length === ncols && plan.columns.every((p, i) => p === i),
       jsonNames,
       jsonTypes,
-      encoders: types.map((t) => encoderFor(t.oid)),
-      keyIndexes,
       insertHead: `{"kind":"insert"${where}`,
       updateHead: `{"kind":"update"${where}`,
       deleteHead: `{"kind":"delete"${where}`,
-      allColumns: `,"columnnames":[${jsonNames.join(",")}],"columntypes":[${
-        jsonTypes.join(",")
-      }],"columnvalues":[`,
+      allColumns: `,"columnnames":[${names}],"columntypes":[${typeList}],"columnvalues":[`,
       oldKeysHead: `,"oldkeys":{"keynames":[${
         keyIndexes.map((i) => jsonNames[i]).join(",")
       }],"keytypes":[${keyIndexes.map((i) => jsonTypes[i]).join(",")}],"keyvalues":[`,
-    });
+      schemaChange: this.#scope.schemaEvents
+        ? `{"kind":"schema"${where},"columnnames":[${names}],"columntypes":[${typeList}],"keynames":[${
+          keyIndexes.map((i) => jsonNames[i]).join(",")
+        }]}`
+        : undefined,
+      truncateChange: `{"kind":"truncate"${where}}`,
+    };
   }
 
   #relationOf(view: DataView): Relation | undefined {
@@ -233,86 +357,171 @@ export class PgoutputDecoder {
 
   #insert(buf: Buffer, view: DataView): Frame | undefined {
     const relation = this.#relationOf(view);
-    if (relation === undefined) return;
-    const [values] = readTuple(buf, view, 6, relation.encoders);
+    if (relation === undefined || !this.#scope.operations.insert) return;
+    const values = this.#newValues;
+    readTuple(buf, view, 6, relation, values);
+    if (relation.filter !== undefined && !passes(relation.filter, values)) return;
     return this.#push(relation.insertHead + columns(relation, values) + "}");
   }
 
   #update(buf: Buffer, view: DataView): Frame | undefined {
     const relation = this.#relationOf(view);
     if (relation === undefined) return;
+    const operations = this.#scope.operations;
     let pos = 5;
-    let old: TupleValues | undefined;
+    let old: RawValue[] | undefined;
+    let oldIsWholeRow = false;
     if (buf[pos] === 0x4b /* K */ || buf[pos] === 0x4f /* O */) {
-      [old, pos] = readTuple(buf, view, pos + 1, relation.encoders);
+      oldIsWholeRow = buf[pos] === 0x4f;
+      old = this.#oldValues;
+      pos = readTuple(buf, view, pos + 1, relation, old, !oldIsWholeRow);
     }
-    const [values] = readTuple(buf, view, pos + 1, relation.encoders);
-    return this.#push(
-      relation.updateHead + columns(relation, values) + oldKeys(relation, old ?? values) + "}",
-    );
+    const values = this.#newValues;
+    readTuple(buf, view, pos + 1, relation, values);
+    const filter = relation.filter;
+    if (filter === undefined || passes(filter, values)) {
+      if (!operations.update) return;
+      return this.#push(
+        relation.updateHead + columns(relation, values) + oldKeys(relation, old ?? values) + "}",
+      );
+    }
+    // The new row is outside the stream's rows: it may have left them, so its key is deleted. Unless
+    // the whole old row is known (REPLICA IDENTITY FULL) and was outside them too: then nothing.
+    if (!operations.delete || (oldIsWholeRow && !passes(filter, old!))) return;
+    return this.#push(relation.deleteHead + oldKeys(relation, old ?? values) + "}");
   }
 
   #delete(buf: Buffer, view: DataView): Frame | undefined {
     const relation = this.#relationOf(view);
-    if (relation === undefined) return;
-    const [old] = readTuple(buf, view, 6, relation.encoders);
+    if (relation === undefined || !this.#scope.operations.delete) return;
+    const wholeRow = buf[5] === 0x4f; // O: REPLICA IDENTITY FULL; else K, the key alone
+    const old = this.#oldValues;
+    readTuple(buf, view, 6, relation, old, !wholeRow);
+    // A key-only row lacks the filter's other columns: those conditions pass (the delete is sent).
+    if (relation.filter !== undefined && !passes(relation.filter, old)) return;
     return this.#push(relation.deleteHead + oldKeys(relation, old) + "}");
   }
+
+  #truncate(view: DataView): Frame | undefined {
+    if (!this.#scope.operations.truncate) return;
+    const count = view.getInt32(1);
+    let frame: Frame | undefined;
+    for (let i = 0; i < count; i++) {
+      const relation = this.#relations.get(view.getUint32(6 + 4 * i));
+      if (relation === undefined || relation.skip) continue;
+      frame = this.#push(relation.truncateChange) ?? frame;
+    }
+    return frame;
+  }
+}
+
+/** A relation whose changes are dropped. */
+function skipped(ncols: number): Relation {
+  return {
+    skip: true,
+    ncols,
+    encoders: [],
+    needed: new Uint8Array(0),
+    filter: undefined,
+    keyIndexes: [],
+    columns: [],
+    whole: false,
+    jsonNames: [],
+    jsonTypes: [],
+    insertHead: "",
+    updateHead: "",
+    deleteHead: "",
+    allColumns: "",
+    oldKeysHead: "",
+    schemaChange: undefined,
+    truncateChange: "",
+  };
+}
+
+/** One value as JSON: its encoder applied to its text, `null` for SQL NULL. */
+function encoded(relation: Relation, values: RawValue[], i: number): string {
+  const value = values[i];
+  return value === null ? JSON_NULL : relation.encoders[i](value as string);
 }
 
 /** `,"columnnames":[…],"columntypes":[…],"columnvalues":[…]`, leaving out unchanged TOAST columns. */
-function columns(relation: Relation, values: TupleValues): string {
-  if (!values.includes(UNCHANGED)) return relation.allColumns + values.join(",") + "]";
-  const present = values.flatMap((v, i) => (v === UNCHANGED ? [] : [i]));
+function columns(relation: Relation, values: RawValue[]): string {
+  const positions = relation.columns;
+  let complete = true;
+  for (let k = 0; k < positions.length; k++) {
+    if (values[positions[k]] === NOT_THERE) {
+      complete = false;
+      break;
+    }
+  }
+  if (complete) {
+    let out = relation.allColumns;
+    for (let k = 0; k < positions.length; k++) {
+      out += (k === 0 ? "" : ",") + encoded(relation, values, positions[k]);
+    }
+    return out + "]";
+  }
+  const present = positions.filter((i) => values[i] !== NOT_THERE);
   return `,"columnnames":[${present.map((i) => relation.jsonNames[i]).join(",")}],"columntypes":[${
     present.map((i) => relation.jsonTypes[i]).join(",")
-  }],"columnvalues":[${present.map((i) => values[i]).join(",")}]`;
+  }],"columnvalues":[${present.map((i) => encoded(relation, values, i)).join(",")}]`;
 }
 
 /** `,"oldkeys":{…}` with the replica identity columns of `values`. */
-function oldKeys(relation: Relation, values: TupleValues): string {
+function oldKeys(relation: Relation, values: RawValue[]): string {
   const keys = relation.keyIndexes;
-  if (keys.some((i) => values[i] === UNCHANGED)) {
-    const present = keys.filter((i) => values[i] !== UNCHANGED);
+  if (keys.some((i) => values[i] === NOT_THERE)) {
+    const present = keys.filter((i) => values[i] !== NOT_THERE);
     return `,"oldkeys":{"keynames":[${
       present.map((i) => relation.jsonNames[i]).join(",")
     }],"keytypes":[${present.map((i) => relation.jsonTypes[i]).join(",")}],"keyvalues":[${
-      present.map((i) => values[i]).join(",")
+      present.map((i) => encoded(relation, values, i)).join(",")
     }]}`;
   }
   let out = relation.oldKeysHead;
-  for (let k = 0; k < keys.length; k++) out += (k === 0 ? "" : ",") + values[keys[k]];
+  for (let k = 0; k < keys.length; k++) {
+    out += (k === 0 ? "" : ",") + encoded(relation, values, keys[k]);
+  }
   return out + "]}";
 }
 
-/** Reads TupleData at `pos`: each column JSON-encoded, `UNCHANGED` for unchanged TOAST. Returns the end offset too. */
+/**
+ * Reads TupleData at `pos` into `values`: the text of each column the
+ * relation needs (others are skipped, `NOT_THERE`), `null` for SQL NULL,
+ * `NOT_THERE` for an unchanged TOASTed value. In a key-only tuple
+ * (`keyOnly`), columns outside the key are not carried: `NOT_THERE` too.
+ * Returns the offset after the tuple.
+ */
 function readTuple(
   buf: Buffer,
   view: DataView,
   pos: number,
-  encoders: ValueEncoder[],
-): [TupleValues, number] {
+  relation: Relation,
+  values: RawValue[],
+  keyOnly = false,
+): number {
   const ncols = view.getInt16(pos);
   pos += 2;
-  const values: TupleValues = new Array(ncols);
+  const needed = relation.needed;
+  values.length = ncols;
   for (let i = 0; i < ncols; i++) {
     const kind = buf[pos++];
     if (kind === 0x74 /* t: text */) {
       const len = view.getInt32(pos);
       pos += 4;
-      values[i] = encoders[i](buf.toString("utf8", pos, pos + len));
+      values[i] = needed[i] === 1 ? buf.toString("utf8", pos, pos + len) : NOT_THERE;
       pos += len;
     } else if (kind === 0x6e /* n: null */) {
-      values[i] = JSON_NULL;
+      values[i] = keyOnly && !relation.keyIndexes.includes(i) ? NOT_THERE : null;
     } else if (kind === 0x75 /* u: unchanged TOAST */) {
-      values[i] = UNCHANGED;
+      values[i] = NOT_THERE;
     } else {
       throw new RangeError(
         `pgoutput tuple column ${i} has unsupported kind ${String.fromCharCode(kind)}`,
       );
     }
   }
-  return [values, pos];
+  return pos;
 }
 
 /** Reads a NUL-terminated UTF-8 string at `pos`; returns it and the offset after the NUL. */

@@ -17,7 +17,7 @@ import { standbyStatusUpdate } from "./standby_status.ts";
 import {
   type Frame,
   PgoutputDecoder,
-  type SchemaFilter,
+  type StreamScope,
   type TypeNameResolver,
 } from "./pgoutput_decoder.ts";
 
@@ -30,7 +30,8 @@ export interface ReplicationOptions {
   slotName: string;
   publications: string[];
   resolveTypes: TypeNameResolver;
-  skipSchema: SchemaFilter;
+  /** What the stream carries: which relations, columns, rows and kinds of change. */
+  scope: StreamScope;
   /** Bytes of frames decoded ahead of the consumer before reading from PostgreSQL pauses. */
   highWaterBytes?: number;
   /** Size at which a large transaction is sent as partial frames. */
@@ -162,11 +163,7 @@ export class ReplicationService implements AsyncDisposable {
 
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
-    this.#decoder = new PgoutputDecoder(
-      options.resolveTypes,
-      options.skipSchema,
-      options.chunkBytes,
-    );
+    this.#decoder = new PgoutputDecoder(options.resolveTypes, options.scope, options.chunkBytes);
     this.#plugin = new RawPgoutput({ publications: options.publications });
     this.#lib = new LogicalReplicationService(withValueSettings(options.database), {
       // Never acknowledge on the library's own: it would confirm what was only received (data loss).
