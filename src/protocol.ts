@@ -4,8 +4,11 @@
  * @module
  */
 
-/** API version prefix of every route. */
+/** Prefix of the seed-compatible v1 routes. */
 export const API_PREFIX = "/v1";
+
+/** Prefix of the v2 routes: named streams. */
+export const V2_PREFIX = "/v2";
 
 /** Body of every error response: HTTP 4xx/5xx and websocket error frames. */
 export interface ErrorBody {
@@ -55,26 +58,55 @@ export const MAX_REQUEST_BYTES = 1 << 20;
 export const MAX_CLIENT_MESSAGE_BYTES = 1 << 20;
 
 /**
- * One change inside a transaction frame: wal2json format-version 1, byte for
- * byte. Values are JSON numbers (verbatim, never rounded), booleans, `null`
- * or strings in PostgreSQL's text form, so a typed view is only indicative.
+ * A row change inside a transaction frame: wal2json format-version 1, byte
+ * for byte. Values are JSON numbers (verbatim, never rounded), booleans,
+ * `null` or strings in PostgreSQL's text form, so a typed view is only
+ * indicative.
  */
-export interface Change {
+export interface RowChange {
   kind: "insert" | "update" | "delete";
   schema: string;
   table: string;
+  /** insert, update: the columns written (the stream's, in v2) of the new row. */
   columnnames?: string[];
   columntypes?: string[];
   columnvalues?: unknown[];
+  /** update, delete: the replica identity of the old row (among the stream's columns, in v2). */
   oldkeys?: { keynames: string[]; keytypes: string[]; keyvalues: unknown[] };
 }
+
+/** v2: the table was truncated (`CASCADE` truncations list every table). */
+export interface TruncateChange {
+  kind: "truncate";
+  schema: string;
+  table: string;
+}
+
+/**
+ * v2: the table's shape from here on: sent before a table's first change in
+ * each session, and whenever its columns, types or name change, always
+ * ahead of the first change that has the new shape.
+ */
+export interface SchemaChange {
+  kind: "schema";
+  schema: string;
+  table: string;
+  /** The stream's columns of the table, as they are now. */
+  columnnames: string[];
+  columntypes: string[];
+  /** The replica identity among them. */
+  keynames: string[];
+}
+
+/** One entry of a frame's `change` array (v1 frames carry row changes only). */
+export type Change = RowChange | TruncateChange | SchemaChange;
 
 /**
  * Server → client text frame: one committed transaction. `nextlsn` is the
  * end of its commit record; acknowledging it means "this transaction and all
  * before it are consumed".
  */
-export interface TransactionFrame {
+export interface TransactionFrame<C extends Change = RowChange> {
   nextlsn: string;
   /**
    * Present (true) on every chunk of a large transaction but the last. Such a
@@ -82,7 +114,8 @@ export interface TransactionFrame {
    * client would, confirms nothing new; the last chunk carries the real one.
    */
   partial?: true;
-  change: Change[];
+  /** The transaction's changes: row changes only in v1; v2 adds truncate and schema changes. */
+  change: C[];
 }
 
 /** Client → server text frame: acknowledge everything up to and including `lsn`. */
@@ -105,11 +138,105 @@ export const CloseCode = {
   InternalError: 1011,
   /** The replication connection to PostgreSQL was lost; reconnect to resume after the last ack. Retryable. */
   TryAgainLater: 1013,
-  /** The slot was dropped (by a new init); reconnecting to it will fail with 404. */
+  /** The slot was dropped (by a new init, or the stream deleted); reconnecting will fail with 404. */
   SlotDropped: 4000,
   /** The client sent an invalid acknowledgement; the reason says which rule it broke. */
   InvalidAck: 4400,
+  /**
+   * v2: the stream's definition no longer fits its table (its filter names a
+   * column that was dropped or renamed); the reason names it. Final: delete
+   * the stream and create it again, from a fresh snapshot.
+   */
+  DefinitionBroken: 4422,
 } as const;
 
 /** A close code from {@link CloseCode}. */
 export type CloseCodeValue = typeof CloseCode[keyof typeof CloseCode];
+
+// ---- v2: named streams ------------------------------------------------------------------------
+
+/** A stream name: 1–48 of `[a-z0-9_-]`. */
+export const STREAM_NAME = /^[a-z0-9_-]{1,48}$/;
+
+/** Conditions per table of a stream, at most. */
+export const MAX_CONDITIONS = 32;
+
+/** Values of one `in` list, at most. */
+export const MAX_IN_VALUES = 1000;
+
+/** The kinds of change a stream can carry (all four by default). */
+export type StreamOperation = "insert" | "update" | "delete" | "truncate";
+
+/** A row condition: `[column, op, value]`, `[column, "in", [values]]` or `[column, "is null" | "is not null"]`. */
+export type WhereCondition =
+  | [
+    column: string,
+    op: "=" | "<>" | "<" | "<=" | ">" | ">=" | "like",
+    value: string | number | boolean,
+  ]
+  | [column: string, op: "in", values: (string | number | boolean)[]]
+  | [column: string, op: "is null" | "is not null"];
+
+/** One table of `POST /v2/streams`: a name, or a name with the columns and rows carried. */
+export type StreamTableRequest = string | {
+  table: string;
+  /** Default: every column (also those added later). Must include the replica identity. */
+  columns?: string[];
+  where?: WhereCondition[];
+};
+
+/** `POST /v2/streams` request body. */
+export interface CreateStreamRequest {
+  name: string;
+  tables: StreamTableRequest[];
+  operations?: StreamOperation[];
+}
+
+/** A table of a stream, normalized: schema-qualified, columns resolved. */
+export interface StreamTable {
+  schema: string;
+  table: string;
+  /** The columns carried, as they are now (every column when the definition names none). */
+  columns: string[];
+  /** Whether the stream carries every column, including ones added later. */
+  allColumns: boolean;
+  /** The replica identity (what updates and deletes are keyed by). */
+  key: string[];
+  /** Conditions, with values as PostgreSQL writes them. */
+  where: [string, string, ...unknown[]][];
+}
+
+/** A stream as `POST /v2/streams` returns it. */
+export interface StreamDefinitionBody {
+  name: string;
+  slotName: string;
+  tables: StreamTable[];
+  operations: StreamOperation[];
+  createdAt: string;
+}
+
+/** `201` of `POST /v2/streams`. */
+export interface CreateStreamResponse extends StreamDefinitionBody {
+  snapshot: { expiresAt: string };
+}
+
+/** A stream with its state: `GET /v2/streams/{name}` (and each of `GET /v2/streams`). */
+export interface StreamStateBody extends StreamDefinitionBody {
+  /** A consumer is connected to `changes`. */
+  active: boolean;
+  /** The position PostgreSQL keeps for the stream: everything up to it was acknowledged. */
+  confirmedLsn: string | null;
+  /** WAL between the database's current position and `confirmedLsn`: what the slot holds back. */
+  lagBytes: number | null;
+  /** Whether the snapshot of the stream's creation can still be read. */
+  snapshotHeld: boolean;
+  /** When that snapshot is released, while it is held. */
+  snapshotExpiresAt?: string;
+  /** Read-only tails connected. */
+  tails: number;
+}
+
+/** `GET /v2/streams`. */
+export interface StreamListBody {
+  streams: StreamStateBody[];
+}

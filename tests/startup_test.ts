@@ -1,5 +1,45 @@
 import assert from "node:assert/strict";
-import { ServerProcess, sql, startPostgres } from "./support/harness.ts";
+import {
+  init,
+  postJson,
+  ServerProcess,
+  sql,
+  startPostgres,
+  StreamClient,
+} from "./support/harness.ts";
+
+Deno.test("a role that is not superuser runs the server once a superuser ran deno task setup-sql", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, "CREATE ROLE cdc LOGIN REPLICATION");
+  const cdc = { ...db, user: "cdc" };
+  const refused = await ServerProcess.spawn(cdc).then(
+    async (server) => {
+      await server.kill();
+      throw new Error("the server started without its schema");
+    },
+    (error: Error) => error.message,
+  );
+  assert.match(refused, /deno task setup-sql pgdeltastream <role>/);
+  const printed = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      new URL("../src/postgres/setup_sql.ts", import.meta.url).pathname,
+      "pgdeltastream",
+      "cdc",
+    ],
+  }).output();
+  assert.ok(printed.success);
+  await sql(db, new TextDecoder().decode(printed.stdout));
+  await sql(db, "CREATE TABLE t(id int primary key); GRANT SELECT ON t TO cdc");
+  await using server = await ServerProcess.spawn(cdc);
+  const slotName = await init(server.url);
+  await using client = await StreamClient.open(server.url, slotName);
+  await sql(db, "INSERT INTO t VALUES (1)");
+  assert.deepEqual((await client.next()).change[0].columnvalues, [1]);
+  const page = await postJson(new URL("/v1/snapshot/data", server.url), { slotName, table: "t" });
+  assert.equal(page.status, 200, page.text);
+});
 
 Deno.test("with no replication slot free the server starts, warns, and init answers 503", async () => {
   await using postgres = await startPostgres({ settings: { max_replication_slots: "1" } });

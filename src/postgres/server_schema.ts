@@ -15,25 +15,45 @@ import type pg from "pg";
 
 /** Names of the server's database objects, all derived from one prefix. */
 export interface SchemaNames {
-  /** Schema holding the bookkeeping table and functions; its changes are never streamed. */
+  /** Schema holding the bookkeeping tables and functions; its changes are never streamed. */
   schema: string;
   /** Publication of every table's inserts. */
   inserts: string;
   /** Publication of updates and deletes of tables with a replica identity. */
   keyed: string;
+  /** Publication of every table's truncations (read by v2 streams only). */
+  truncates: string;
 }
 
 /** The object names for `prefix` (validated by the config as `[a-z_][a-z0-9_]*`). */
 export function schemaNames(prefix: string): SchemaNames {
-  return { schema: prefix, inserts: `${prefix}_inserts`, keyed: `${prefix}_keyed` };
+  return {
+    schema: prefix,
+    inserts: `${prefix}_inserts`,
+    keyed: `${prefix}_keyed`,
+    truncates: `${prefix}_truncates`,
+  };
 }
 
-/** SQL that sets everything up; the README shows it for roles that are not superuser. */
-export function setupSql(n: SchemaNames): string {
+/**
+ * SQL that sets everything up; the README shows it for roles that are not
+ * superuser, who run `deno task setup-sql <prefix> <role>` to have it grant
+ * `role` (the server's own) what it needs.
+ */
+export function setupSql(n: SchemaNames, role?: string): string {
+  const grants = role === undefined ? "" : `
+GRANT USAGE ON SCHEMA ${n.schema} TO ${quoteIdent(role)};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA ${n.schema} TO ${quoteIdent(role)};`;
   return `
 CREATE SCHEMA IF NOT EXISTS ${n.schema};
 CREATE TABLE IF NOT EXISTS ${n.schema}.slots (
   slot_name name PRIMARY KEY,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS ${n.schema}.streams (
+  name text PRIMARY KEY CHECK (name ~ '^[a-z0-9_-]{1,48}$'),
+  slot_name name NOT NULL UNIQUE,
+  definition jsonb NOT NULL,
   created_at timestamptz NOT NULL DEFAULT now()
 );
 DO $$ BEGIN
@@ -42,6 +62,9 @@ DO $$ BEGIN
   END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.keyed}') THEN
     CREATE PUBLICATION ${n.keyed} WITH (publish = 'update, delete');
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.truncates}') THEN
+    CREATE PUBLICATION ${n.truncates} FOR ALL TABLES WITH (publish = 'truncate');
   END IF;
 END $$;
 CREATE OR REPLACE FUNCTION ${n.schema}.sync_keyed_publication() RETURNS void
@@ -80,8 +103,13 @@ DROP EVENT TRIGGER IF EXISTS ${n.schema}_sync;
 CREATE EVENT TRIGGER ${n.schema}_sync ON ddl_command_end
   WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'DROP INDEX', 'ALTER INDEX')
   EXECUTE FUNCTION ${n.schema}.on_ddl();
-SELECT ${n.schema}.sync_keyed_publication();
+SELECT ${n.schema}.sync_keyed_publication();${grants}
 `;
+}
+
+/** A role name as a quoted identifier (setup SQL is printed for a person to run, from an argument). */
+function quoteIdent(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
 }
 
 /**
@@ -92,18 +120,19 @@ SELECT ${n.schema}.sync_keyed_publication();
 export async function ensureSchema(pool: pg.Pool, n: SchemaNames): Promise<void> {
   const { rows } = await pool.query<{ superuser: boolean; ready: boolean }>(
     `SELECT rolsuper AS superuser,
-            (SELECT count(*) = 2 FROM pg_publication WHERE pubname IN ($1, $2))
-              AND to_regclass($3) IS NOT NULL AS ready
+            (SELECT count(*) = 3 FROM pg_publication WHERE pubname IN ($1, $2, $3))
+              AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AS ready
        FROM pg_roles WHERE rolname = current_user`,
-    [n.inserts, n.keyed, `${n.schema}.slots`],
+    [n.inserts, n.keyed, n.truncates, `${n.schema}.slots`, `${n.schema}.streams`],
   );
   const { superuser, ready } = rows[0];
   if (!superuser) {
     if (ready) return;
     throw new Error(
-      `Cannot start: publications ${n.inserts} and ${n.keyed} do not exist, and creating them ` +
-        `FOR ALL TABLES needs a superuser. Have a superuser run the SQL printed by ` +
-        `"deno task setup-sql" (also in the README), then start again.`,
+      `Cannot start: the schema ${n.schema} or the publications ${n.inserts}, ${n.keyed} and ` +
+        `${n.truncates} are missing or out of date, and creating publications FOR ALL TABLES needs ` +
+        `a superuser. Have a superuser run the SQL printed by "deno task setup-sql ${n.schema} <role>" ` +
+        `(see the README), then start again.`,
     );
   }
   const client = await pool.connect();
