@@ -18,6 +18,8 @@ import type { ReplicationOptions } from "./replication/replication_service.ts";
 import { type SlotInfo, SlotManager } from "./slots/slot_manager.ts";
 import { SnapshotStore } from "./snapshots/snapshot_store.ts";
 import { SessionRegistry } from "./streams/session_registry.ts";
+import { StreamManager } from "./streams/stream_manager.ts";
+import { TailHub } from "./streams/tail_hub.ts";
 
 /** What `/healthz` reports. */
 export interface HealthReport {
@@ -50,6 +52,10 @@ export class Server implements AsyncDisposable {
   readonly sessions: SessionRegistry;
   /** Type names for frames' `columntypes`. */
   readonly typeNames: TypeNames;
+  /** Read-only copies of v2 streams' frames. */
+  readonly tails: TailHub;
+  /** v2's named streams. */
+  readonly streams: StreamManager;
   #closing = false;
 
   private constructor(config: Config, pool: pg.Pool) {
@@ -60,6 +66,8 @@ export class Server implements AsyncDisposable {
     this.slots = new SlotManager(config.database, pool, this.names, this.snapshots);
     this.sessions = new SessionRegistry(config.slotBusyTimeoutSeconds);
     this.typeNames = new TypeNames(pool);
+    this.tails = new TailHub();
+    this.streams = new StreamManager(this);
   }
 
   /** Connects to the database and sets up the server's schema and publications. */
@@ -137,6 +145,7 @@ export class Server implements AsyncDisposable {
   /** Closes every stream with 1001, releases snapshots and connections. Slots are kept. */
   async [Symbol.asyncDispose](): Promise<void> {
     this.#closing = true;
+    this.tails.closeAll(CloseCode.GoingAway, "server shutting down");
     await this.sessions.closeAll(CloseCode.GoingAway, "server shutting down");
     await this.snapshots[Symbol.asyncDispose]();
     await this.pool.end();

@@ -9,6 +9,7 @@ import type { Server } from "../server.ts";
 import { errorBody, errorResponse } from "./error_mapper.ts";
 import { json, Routes } from "./routes.ts";
 import { v1Routes } from "./v1_routes.ts";
+import { v2Routes } from "./v2_routes.ts";
 
 /** The request handler of `server`'s API. */
 export function createHttpApp(server: Server): Hono {
@@ -23,5 +24,6 @@ export function createHttpApp(server: Server): Hono {
     },
   });
   v1Routes(server, routes);
+  v2Routes(server, routes);
   return app;
 }

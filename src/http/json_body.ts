@@ -8,7 +8,15 @@
 
 import { MAX_REQUEST_BYTES } from "../protocol.ts";
 import { HttpError } from "./http_error.ts";
+import { JsonNumber } from "./json_number.ts";
 import { parseRequest, type RequestSchema } from "./request_schemas.ts";
+
+function keepDigits(_key: string, value: unknown, context?: { source?: string }): unknown {
+  if (typeof value !== "number" || context?.source === undefined) return value;
+  return Number.isSafeInteger(value) || String(value) === context.source
+    ? value
+    : new JsonNumber(context.source);
+}
 
 const tooLarge = () =>
   new HttpError(413, `Invalid request: the body is larger than ${MAX_REQUEST_BYTES} bytes`);
@@ -39,7 +47,7 @@ export async function readJson(request: Request): Promise<unknown> {
   const text = new TextDecoder().decode(bytes);
   if (text.trim() === "") return {};
   try {
-    return JSON.parse(text);
+    return JSON.parse(text, keepDigits);
   } catch (error) {
     throw new HttpError(
       400,

@@ -8,8 +8,19 @@
 
 import { z } from "zod";
 import { InvalidRequestError } from "../errors.ts";
-import { DEFAULT_SNAPSHOT_LIMIT, MAX_SNAPSHOT_LIMIT, type SortOrder } from "../protocol.ts";
+import {
+  DEFAULT_SNAPSHOT_LIMIT,
+  MAX_CONDITIONS,
+  MAX_IN_VALUES,
+  MAX_SNAPSHOT_LIMIT,
+  type SortOrder,
+  STREAM_NAME,
+} from "../protocol.ts";
+import { OPERATORS } from "../replication/row_filter.ts";
 import { isValidSlotName } from "../slots/slot_names.ts";
+import type { RequestCondition } from "../streams/stream_definition.ts";
+import type { CreateStream } from "../streams/stream_manager.ts";
+import { JsonNumber } from "./json_number.ts";
 
 /** A request body's schema and the messages for its fields. */
 export interface RequestSchema<T> {
@@ -162,4 +173,88 @@ export const V1_EXPORT: RequestSchema<PageRequestBody & { slotName: string }> = 
     .transform((body, context) => ({ slotName: body.slotName, ...toPage(body, context) })),
   messages: V1_PAGE.messages,
   unknownField: EXPORT_UNKNOWN(true),
+};
+
+// ---- v2 ---------------------------------------------------------------------------------------
+
+/** A v2 stream name in a path or a body. */
+export const STREAM_NAME_SCHEMA = z.string().regex(STREAM_NAME);
+
+const OPERATION = z.enum(["insert", "update", "delete", "truncate"]);
+
+/** A condition's value: a JSON string, number (digits kept) or boolean. */
+const VALUE = z.union([z.string(), z.number(), z.boolean(), z.instanceof(JsonNumber)]);
+
+/**
+ * `[column, op, value]`, `[column, "in", [values]]` or `[column, "is null" |
+ * "is not null"]`, checked op by op so that the message says what is wrong.
+ */
+const CONDITION = z.tuple([name, z.enum(OPERATORS)], z.unknown()).superRefine((c, context) => {
+  const [, op, ...rest] = c;
+  const wrong = (message: string) => context.addIssue(explicit([], message));
+  if (op === "is null" || op === "is not null") {
+    if (rest.length !== 0) wrong(`"${op}" takes no value: [column, "${op}"]`);
+  } else if (op === "in") {
+    const values = rest[0];
+    if (rest.length !== 1 || !Array.isArray(values) || values.length === 0) {
+      wrong('"in" takes a non-empty list: [column, "in", [values]]');
+    } else if (values.length > MAX_IN_VALUES) {
+      wrong(`"in" takes at most ${MAX_IN_VALUES} values`);
+    } else if (!values.every((v) => VALUE.safeParse(v).success)) {
+      wrong('the values of "in" must be strings, numbers or booleans');
+    }
+  } else if (rest.length !== 1 || !VALUE.safeParse(rest[0]).success) {
+    wrong(`"${op}" takes one value (a string, number or boolean): [column, "${op}", value]`);
+  } else if (op === "like" && typeof rest[0] !== "string") {
+    wrong('"like" takes a string pattern');
+  }
+}).transform((c) => c as unknown as RequestCondition);
+
+const STREAM_TABLE = z.preprocess(
+  (table) => typeof table === "string" ? { table } : table,
+  z.strictObject({
+    table: name,
+    columns: optional(z.array(name).min(1).max(1600)),
+    where: optional(z.array(CONDITION).max(MAX_CONDITIONS)),
+  }),
+);
+
+/** `POST /v2/streams`. */
+export const V2_CREATE: RequestSchema<CreateStream> = {
+  zod: z.strictObject({
+    name: STREAM_NAME_SCHEMA,
+    tables: z.array(STREAM_TABLE).min(1).max(1000),
+    operations: optional(z.array(OPERATION).min(1)),
+  }).transform((body) => ({
+    name: body.name,
+    tables: body.tables,
+    operations: body.operations === undefined
+      ? ["insert", "update", "delete", "truncate"]
+      : [...new Set(body.operations)],
+  })),
+  messages: {
+    name: '"name" must be 1 to 48 of a-z, 0-9, _ and -',
+    tables:
+      '"tables" must be a list of 1 to 1000 tables: names, or {"table", "columns"?, "where"?}',
+    "tables.*.table": '"table" must be a non-empty string',
+    "tables.*.columns": '"columns" must be a non-empty list of column names',
+    "tables.*.where": `"where" must be a list of at most ${MAX_CONDITIONS} conditions, each ` +
+      '[column, op, value], [column, "in", [values]] or [column, "is null" | "is not null"], ' +
+      `op one of ${OPERATORS.join(", ")}`,
+    operations: '"operations" must be a non-empty list of insert, update, delete, truncate',
+  },
+};
+
+/** `POST /v2/streams/{name}/snapshot`. */
+export const V2_PAGE: RequestSchema<PageRequestBody> = {
+  zod: z.strictObject(PAGE_FIELDS).transform((body, context) => toPage(body, context)),
+  messages: SNAPSHOT_MESSAGES,
+};
+
+/** `POST /v2/streams/{name}/snapshot/export`. */
+export const V2_EXPORT: RequestSchema<PageRequestBody> = {
+  zod: z.strictObject({ table: name, order_by: optional(ORDER_BY) })
+    .transform((body, context) => toPage(body, context)),
+  messages: SNAPSHOT_MESSAGES,
+  unknownField: EXPORT_UNKNOWN(false),
 };

@@ -12,7 +12,7 @@ import {
   startReplication,
 } from "../replication/replication_service.ts";
 import type { SessionRegistry } from "../streams/session_registry.ts";
-import { StreamSession } from "../streams/stream_session.ts";
+import { type SessionObserver, StreamSession } from "../streams/stream_session.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 
 /** What a stream request is for. */
@@ -27,6 +27,8 @@ export interface StreamTarget {
   options: ReplicationOptions;
   /** How long to wait for a walsender that is going away. */
   busyTimeoutSeconds: number;
+  /** Watches the session (tails, metrics). */
+  observer?: SessionObserver;
 }
 
 /** Upgrades `request` to a websocket streaming `target`'s slot, registered in `sessions`. */
@@ -42,7 +44,7 @@ export async function acceptStream(
     await target.prepare();
     service = await startReplication(target.options, target.busyTimeoutSeconds);
     const { socket, response } = Deno.upgradeWebSocket(request);
-    claim.attach(new StreamSession(socket, service));
+    claim.attach(new StreamSession(socket, service, target.observer));
     return response;
   } catch (error) {
     await service?.close();

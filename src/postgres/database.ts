@@ -82,6 +82,8 @@ export function isConnectionError(error: unknown): boolean {
 export const SqlState = {
   /** `undefined_object`: e.g. a replication slot that does not exist. */
   UndefinedObject: "42704",
+  /** `unique_violation`: e.g. a stream name already taken. */
+  UniqueViolation: "23505",
   /** `duplicate_object`: e.g. a slot name already taken. */
   DuplicateObject: "42710",
   /** `object_in_use`: e.g. a slot another walsender is streaming. */

@@ -90,6 +90,20 @@ export interface StreamScope {
   schemaEvents: boolean;
 }
 
+/**
+ * Thrown by a {@link StreamScope} that cannot carry a relation as defined
+ * (its filter names a column the table no longer has): the stream stops,
+ * and its consumer is told why, rather than sent rows the filter could not
+ * judge.
+ */
+export class StreamScopeError extends Error {
+  /** Creates the error; `message` says what no longer fits and what to do. */
+  constructor(message: string) {
+    super(message);
+    this.name = "StreamScopeError";
+  }
+}
+
 /** The v1 stream: every relation but those in the server's own schema, whole; no truncates. */
 export function v1Scope(ownSchema: string): StreamScope {
   return {

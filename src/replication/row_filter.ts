@@ -57,6 +57,8 @@ export interface ColumnInfo {
   codePointOrder: boolean;
   /** `bpchar`: trailing spaces do not count. */
   padded: boolean;
+  /** False for a nondeterministic collation, under which equal strings may differ in code points. */
+  deterministic: boolean;
 }
 
 const INTEGER_TYPES = new Set([20, 21, 23, 26]); // int8, int2, int4, oid
@@ -68,7 +70,7 @@ export function comparisonOf(info: ColumnInfo): Comparison {
   if (INTEGER_TYPES.has(info.typeOid)) return "integer";
   if (DECIMAL_TYPES.has(info.typeOid)) return "decimal";
   if (info.typeOid === 16) return "boolean";
-  if (STRING_TYPES.has(info.typeOid)) return "string";
+  if (STRING_TYPES.has(info.typeOid)) return info.deterministic ? "string" : "none";
   if (info.typeOid === 2950) return "uuid";
   if (info.typeOid === 1082) return "date";
   if (info.typeOid === 1114) return "timestamp";
@@ -307,24 +309,19 @@ export function passes(conditions: CompiledCondition[], values: RawValue[]): boo
 // ---- The same conditions as SQL -----------------------------------------------------------------
 
 /**
- * `conditions` as a SQL `WHERE` clause body for a table whose columns are
- * quoted by `quoted` (names from the catalog, quoted by PostgreSQL), with
- * each value a parameter `$n` numbered from `first`: the text and the
- * values to bind. Values are cast to the column's type, `typeName` (from
- * `format_type()` of the catalog), so PostgreSQL compares them as it would.
+ * `conditions` as the body of a SQL `WHERE`: column names quoted by
+ * `quoted` (names from the catalog, quoted by PostgreSQL), each value as
+ * `bind` writes it — a parameter, or a literal PostgreSQL quoted — cast to
+ * the column's type `typeName` (from `format_type()` of the catalog), so
+ * PostgreSQL compares as it would for the column.
  */
 export function conditionsSql(
   conditions: Condition[],
   quoted: (column: string) => string,
   typeName: (column: string) => string,
-  first: number,
-): { text: string; values: unknown[] } {
+  bind: (value: string) => string,
+): string {
   const parts: string[] = [];
-  const values: unknown[] = [];
-  const param = (value: unknown, type: string) => {
-    values.push(value);
-    return `$${first + values.length - 1}::${type}`;
-  };
   for (const c of conditions) {
     const column = quoted(c.column);
     const type = typeName(c.column);
@@ -334,14 +331,16 @@ export function conditionsSql(
         parts.push(`${column} ${c.op.toUpperCase()}`);
         break;
       case "in":
-        parts.push(`${column} = ANY (${param(c.values, `${type}[]`)})`);
+        parts.push(
+          `${column} = ANY (ARRAY[${c.values.map((v) => `${bind(v)}::${type}`).join(", ")}])`,
+        );
         break;
       case "like":
-        parts.push(`${column} LIKE ${param(c.values[0], "text")}`);
+        parts.push(`${column} LIKE ${bind(c.values[0])}::text`);
         break;
       default:
-        parts.push(`${column} ${c.op} ${param(c.values[0], type)}`);
+        parts.push(`${column} ${c.op} ${bind(c.values[0])}::${type}`);
     }
   }
-  return { text: parts.length > 0 ? parts.join(" AND ") : "true", values };
+  return parts.length > 0 ? parts.join(" AND ") : "true";
 }

@@ -9,7 +9,7 @@ import type { DatabaseConfig } from "../config.ts";
 import { connect, SqlState, sqlState } from "../postgres/database.ts";
 import { UnavailableError } from "../errors.ts";
 import { type SchemaNames, syncPublication } from "../postgres/server_schema.ts";
-import { generateSlotName } from "./slot_names.ts";
+import { generateSlotName, isValidSlotName } from "./slot_names.ts";
 import type { SnapshotOwner, SnapshotStore } from "../snapshots/snapshot_store.ts";
 
 /** A slot as `pg_replication_slots` shows it. */
@@ -19,8 +19,10 @@ export interface SlotInfo {
   database: string | null;
   active_pid: number | null;
   confirmed_flush_lsn: string | null;
-  /** Recorded in the server's slots table: created by pgdeltastream. */
+  /** Recorded by the server: created by pgdeltastream (by init, or for a v2 stream). */
   owned: boolean;
+  /** Created by v1's init (and dropped by the next one). */
+  v1: boolean;
 }
 
 /** Whose snapshot a v1 slot's is, and what its reader does once it is gone. */
@@ -56,7 +58,7 @@ export class SlotManager {
     const next = this.#initLock.then(async () => {
       await syncPublication(this.#pool, this.#names);
       for (const slot of await this.list()) {
-        if (slot.owned) await this.drop(slot, beforeDrop);
+        if (slot.v1) await this.drop(slot, beforeDrop);
       }
       return await this.#create();
     });
@@ -69,13 +71,16 @@ export class SlotManager {
     return syncPublication(this.#pool, this.#names);
   }
 
-  /** Slots of this database, and whether this server created them. */
+  /** Slots of this database, and whether this server created them (v1 slots and v2 streams'). */
   async list(): Promise<SlotInfo[]> {
     const { rows } = await this.#pool.query<SlotInfo>(
       `SELECT coalesce(s.slot_name, o.slot_name)::text AS slot_name, s.plugin::text, s.database::text,
-              s.active_pid, s.confirmed_flush_lsn::text, o.slot_name IS NOT NULL AS owned
+              s.active_pid, s.confirmed_flush_lsn::text, o.slot_name IS NOT NULL AS owned,
+              o.v1 IS TRUE AS v1
          FROM (SELECT * FROM pg_replication_slots WHERE database = current_database()) s
-         FULL JOIN ${this.#names.schema}.slots o ON o.slot_name = s.slot_name
+         FULL JOIN (SELECT slot_name, true AS v1 FROM ${this.#names.schema}.slots
+                    UNION ALL SELECT slot_name, false FROM ${this.#names.schema}.streams) o
+           ON o.slot_name = s.slot_name
         ORDER BY 1`,
     );
     return rows;
@@ -90,18 +95,23 @@ export class SlotManager {
   async drop(slot: SlotInfo, beforeDrop: BeforeDrop): Promise<void> {
     await beforeDrop(slot.slot_name);
     await this.#snapshots.release(slot.slot_name, "a new init dropped its slot");
-    if (slot.plugin !== null) {
-      // A walsender of another process (an old instance's, or a crashed one's) may still hold it.
-      await this.#pool.query(
-        `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-          WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()`,
-        [slot.slot_name],
-      );
-      await this.#dropWhenInactive(slot.slot_name);
-    }
+    if (slot.plugin !== null) await this.dropSlot(slot.slot_name);
     await this.#pool.query(`DELETE FROM ${this.#names.schema}.slots WHERE slot_name = $1`, [
       slot.slot_name,
     ]);
+  }
+
+  /**
+   * Drops the replication slot `slotName` if it exists, ending any walsender
+   * that still holds it (an old instance's, or a crashed one's) first.
+   */
+  async dropSlot(slotName: string): Promise<void> {
+    await this.#pool.query(
+      `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+        WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()`,
+      [slotName],
+    );
+    await this.#dropWhenInactive(slotName);
   }
 
   async #dropWhenInactive(slotName: string): Promise<void> {
@@ -131,7 +141,7 @@ export class SlotManager {
       );
       if (recorded.rowCount === 0) continue;
       try {
-        await this.#createSlot(slotName);
+        await this.createSlot(slotName, v1SnapshotOwner(slotName));
         return slotName;
       } catch (error) {
         await this.#forget(slotName);
@@ -166,14 +176,20 @@ export class SlotManager {
     }
   }
 
-  async #createSlot(slotName: string): Promise<void> {
+  /**
+   * Creates the logical slot `slotName` (pgoutput) with an exported snapshot,
+   * held for `owner`. The name is the caller's, checked (`[a-z0-9_]`) and
+   * recorded before this is called.
+   */
+  async createSlot(slotName: string, owner: SnapshotOwner): Promise<void> {
+    if (!isValidSlotName(slotName)) throw new TypeError(`Not a slot name: ${slotName}`);
     const replication = await connect(this.#db, true);
     try {
       // The exported snapshot lives only while this connection stays idle: import it before anything else.
       const { rows } = await replication.query(
         `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput EXPORT_SNAPSHOT`,
       );
-      await this.#snapshots.hold(slotName, v1SnapshotOwner(slotName), rows[0].snapshot_name);
+      await this.#snapshots.hold(slotName, owner, rows[0].snapshot_name);
     } finally {
       await replication.end().catch(() => {});
     }

@@ -20,9 +20,8 @@ import type pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
 import { WireConnection } from "../postgres/wire_connection.ts";
 import {
-  jsonSelectList,
   mapReadError,
-  openTable,
+  openViewedTable,
   type PageRequest,
   type SnapshotSource,
   sortOrder,
@@ -67,14 +66,14 @@ async function units(client: pg.PoolClient, oid: number): Promise<Unit[]> {
 }
 
 /** The COPY statements of an export: block ranges of every unit, the last one of each open-ended. */
-function rangeCopies(select: string, all: Unit[]): string[] {
+function rangeCopies(select: string, where: string, all: Unit[]): string[] {
   const copies: string[] = [];
   for (const unit of all) {
     for (let from = 0; from === 0 || from < unit.blocks; from += BLOCKS_PER_RANGE) {
       const to = from + BLOCKS_PER_RANGE;
       const upper = to < unit.blocks ? ` AND ctid < '(${to},0)'::tid` : "";
       copies.push(
-        `COPY (SELECT ${select} FROM ONLY ${unit.qualified} WHERE ctid >= '(${from},0)'::tid${upper}) TO STDOUT (FORMAT binary)`,
+        `COPY (SELECT ${select} FROM ONLY ${unit.qualified} WHERE ctid >= '(${from},0)'::tid${upper} AND ${where}) TO STDOUT (FORMAT binary)`,
       );
     }
   }
@@ -211,15 +210,19 @@ export function exportRows(
 ): Promise<ReadableStream<Uint8Array>> {
   const ready = Promise.withResolvers<ReadableStream<Uint8Array>>();
   const work = source.snapshot.read(async (client, released) => {
-    const table = await openTable(client, source, request.table);
-    const select = await jsonSelectList(client, table);
+    const { table, select, where } = await openViewedTable(
+      client,
+      source,
+      request.table,
+      "literals",
+    );
     const copies = request.orderBy !== undefined
       ? [
-        `COPY (SELECT ${select} FROM ${table.qualified}${
+        `COPY (SELECT ${select} FROM ${table.qualified} WHERE ${where}${
           (await sortOrder(client, table, request)).clause
         }) TO STDOUT (FORMAT binary)`,
       ]
-      : rangeCopies(select, await units(client, table.oid));
+      : rangeCopies(select, where, await units(client, table.oid));
     const readers = Math.max(1, Math.min(options.readers, copies.length));
     const queue = new ChunkQueue(2 * readers);
     const ended = new AbortController();

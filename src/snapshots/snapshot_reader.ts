@@ -11,6 +11,9 @@ import type pg from "pg";
 import { ConflictError, ForbiddenError, InvalidRequestError, NotFoundError } from "../errors.ts";
 import { RAW_TEXT_TYPES, SqlState, sqlState } from "../postgres/database.ts";
 import type { SortOrder } from "../protocol.ts";
+import { type ResolvedTable, resolveTable } from "../postgres/resolve_table.ts";
+import { conditionsSql } from "../replication/row_filter.ts";
+import type { StoredCondition } from "../streams/stream_definition.ts";
 import type { HeldSnapshot } from "./snapshot_store.ts";
 
 /** What a snapshot read needs besides the request: the snapshot, the database as it is now, and what to hide. */
@@ -22,6 +25,8 @@ export interface SnapshotSource {
   ownSchema: string;
   /** What a reader whose table changed since the snapshot should do, e.g. "call /v1/init". */
   remedy: string;
+  /** What the reader may see, for a stream's snapshot; none: every table whole (v1). */
+  view?: SnapshotView;
 }
 
 /** A validated page request (the export takes only `table` and `orderBy`). */
@@ -32,74 +37,6 @@ export interface PageRequest {
   orderBy?: { column: string; order: SortOrder };
   /** Keyset paging: rows after this value of the (single) sort column. */
   after?: string;
-}
-
-/** A table a request names, found in the snapshot's catalog. */
-export interface ResolvedTable {
-  oid: number;
-  /** `"schema"."table"`, quoted by PostgreSQL's format('%I.%I'), as of the snapshot. */
-  qualified: string;
-  relkind: string;
-}
-
-/**
- * Finds the table `name` names, as of the snapshot (the catalog is read
- * under it, so a table dropped since is still found, and then reported as
- * dropped): first as PostgreSQL parses a name (`schema.table`, quoting, case
- * folding, the search_path), then as one exact name on the search_path
- * (`Mixed Case` without quotes). Only what the server streams can be read:
- * ordinary and partitioned, logged tables outside the system schemas and the
- * server's own. Anything else is answered exactly as a missing table is, so
- * the answer does not reveal that it exists.
- */
-async function resolveTable(
-  client: pg.PoolClient,
-  name: string,
-  ownSchema: string,
-): Promise<ResolvedTable> {
-  // parse_ident rejects what is not a name (spaces, bad quoting): that leaves the exact-name rule,
-  // and a savepoint keeps its error from aborting the read's transaction.
-  await client.query("SAVEPOINT resolve");
-  const parsed = await client.query<{ parts: string[] }>(
-    "SELECT parse_ident($1) AS parts",
-    [name],
-  ).then(
-    (result: pg.QueryResult<{ parts: string[] }>) => result.rows[0].parts,
-    async (error: unknown) => {
-      if (sqlState(error) === undefined) throw error;
-      await client.query("ROLLBACK TO SAVEPOINT resolve");
-      return null;
-    },
-  );
-  await client.query("RELEASE SAVEPOINT resolve");
-  const { rows } = await client.query<ResolvedTable>(
-    `SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS qualified, c.relkind::text AS relkind
-       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-       LEFT JOIN unnest(current_schemas(false)) WITH ORDINALITY AS path(nspname, position)
-         ON path.nspname = n.nspname
-      WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
-        AND n.nspname NOT IN ('information_schema', $3) AND n.nspname NOT LIKE 'pg\\_%'
-        AND (CASE cardinality($1::text[])
-               WHEN 1 THEN c.relname = $1[1] AND path.position IS NOT NULL
-               WHEN 2 THEN n.nspname = $1[1] AND c.relname = $1[2]
-               WHEN 3 THEN $1[1] = current_database() AND n.nspname = $1[2] AND c.relname = $1[3]
-               ELSE false END
-             OR (c.relname = $2 AND path.position IS NOT NULL))
-      ORDER BY CASE cardinality($1::text[])
-                 WHEN 1 THEN c.relname = $1[1]
-                 WHEN 2 THEN n.nspname = $1[1] AND c.relname = $1[2]
-                 WHEN 3 THEN n.nspname = $1[2] AND c.relname = $1[3]
-                 ELSE false END DESC NULLS LAST,
-               path.position
-      LIMIT 1`,
-    [parsed, name, ownSchema],
-  );
-  if (rows.length === 0) {
-    throw new NotFoundError(
-      `Cannot read snapshot: table ${JSON.stringify(name)} does not exist (as of the snapshot)`,
-    );
-  }
-  return rows[0];
 }
 
 /**
@@ -253,7 +190,11 @@ export async function sortOrder(
  * row instead of every value, which is what makes snapshots fast. Types are
  * matched on `atttypid`, as wal2json does (a domain over int4 is a string).
  */
-export async function jsonSelectList(client: pg.PoolClient, table: ResolvedTable): Promise<string> {
+export async function jsonSelectList(
+  client: pg.PoolClient,
+  table: ResolvedTable,
+  only: string[] | null = null,
+): Promise<string> {
   const { rows } = await client.query<{ expr: string | null }>(
     `SELECT string_agg(format('%L || %s', CASE WHEN a.n = 1 THEN '{' ELSE ',' END || to_json(a.attname::text)::text || ':',
               CASE
@@ -268,30 +209,121 @@ export async function jsonSelectList(client: pg.PoolClient, table: ResolvedTable
                 ELSE format($f$coalesce(to_json(%1$I::text)::text, 'null')$f$, a.attname)
               END), ' || ' ORDER BY a.n) || $f$ || '}'$f$ AS expr
        FROM (SELECT attname, atttypid, row_number() OVER (ORDER BY attnum) AS n
-               FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped) a`,
-    [table.oid],
+               FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
+                 AND ($2::text[] IS NULL OR attname = ANY ($2::text[]))) a`,
+    [table.oid, only],
   );
   return rows[0]?.expr ?? "'{}'";
 }
 
+/** The part of a table a view lets a reader see: its columns (null: every one) and rows. */
+export interface ViewedTable {
+  columns: string[] | null;
+  where: StoredCondition[];
+}
+
+/**
+ * What a stream lets its readers see: only its tables (others read as
+ * missing), and of each only its columns and the rows its filter passes.
+ */
+export interface SnapshotView {
+  /** The stream's part of the table `oid`, or undefined when it is not one of the stream's. */
+  table(oid: number): ViewedTable | undefined;
+}
+
 /** Resolves and locks `name` for this read, and checks it is still as the snapshot saw it. */
-export async function openTable(
+async function openTable(
   client: pg.PoolClient,
   source: SnapshotSource,
   name: string,
 ): Promise<ResolvedTable> {
-  const table = await resolveTable(client, name, source.ownSchema);
+  const table = await resolveTable(
+    client,
+    name,
+    source.ownSchema,
+    "Cannot read snapshot",
+    " (as of the snapshot)",
+  );
   await lockUnchanged(client, source, table);
   return table;
+}
+
+/** A read's table: what it is, its part visible to the reader, the select list and the row filter. */
+export interface TableRead {
+  table: ResolvedTable;
+  /** The JSON-building select list of the visible columns. */
+  select: string;
+  /** The filter as SQL (`true` when none). */
+  where: string;
+}
+
+/** How a read binds the filter's values: as parameters numbered from `from`, or as literals. */
+export type Binding = { params: unknown[]; from: number } | "literals";
+
+/**
+ * Opens `name` for a read through `source`'s view: resolved, locked,
+ * checked unchanged, and restricted to what the view lets the reader see.
+ * The filter's values are bound as `binding` says: parameters (pushed onto
+ * its `params`), or literals that PostgreSQL quoted (for COPY, which takes
+ * no parameters).
+ */
+export async function openViewedTable(
+  client: pg.PoolClient,
+  source: SnapshotSource,
+  name: string,
+  binding: Binding,
+): Promise<TableRead> {
+  const table = await openTable(client, source, name);
+  const part = source.view === undefined
+    ? { columns: null, where: [] }
+    : source.view.table(table.oid);
+  if (part === undefined) {
+    throw new NotFoundError(
+      `Cannot read snapshot: table ${JSON.stringify(name)} does not exist (as of the snapshot)`,
+    );
+  }
+  const select = await jsonSelectList(client, table, part.columns);
+  if (part.where.length === 0) return { table, select, where: "true" };
+  // The filter's columns quoted by PostgreSQL from the catalog as of the snapshot, and, for
+  // literals, its values quoted by PostgreSQL too.
+  const values = part.where.flatMap((c) => c.values);
+  const { rows: [{ quoted, literals }] } = await client.query<
+    { quoted: Record<string, string>; literals: string[] }
+  >(
+    `SELECT (SELECT json_object_agg(attname, format('%I', attname)) FROM pg_attribute
+              WHERE attrelid = $1 AND attname = ANY ($2::text[]) AND attnum > 0 AND NOT attisdropped)
+              AS quoted,
+            array(SELECT format('%L', v) FROM unnest($3::text[]) WITH ORDINALITY AS t(v, n) ORDER BY n)
+              AS literals`,
+    [table.oid, part.where.map((c) => c.column), values],
+  );
+  const types = new Map(part.where.map((c) => [c.column, c.typeName]));
+  let next = 0;
+  const bind = binding === "literals" ? () => literals[next++] : (value: string) => {
+    binding.params.push(value);
+    return `$${binding.from + binding.params.length - 1}`;
+  };
+  const where = conditionsSql(
+    part.where,
+    (column) => quoted[column] ?? "NULL",
+    (column) => types.get(column)!,
+    bind,
+  );
+  return { table, select, where };
 }
 
 /** Reads one page of `request.table` as of the snapshot, as a JSON array of row objects (text). */
 export async function readPage(source: SnapshotSource, request: PageRequest): Promise<string> {
   try {
     return await source.snapshot.read(async (client) => {
-      const table = await openTable(client, source, request.table);
+      const params: unknown[] = [];
+      const { table, select, where } = await openViewedTable(client, source, request.table, {
+        params,
+        from: 3,
+      });
       const order = await sortOrder(client, table, request);
-      const select = await jsonSelectList(client, table);
+      const filter = where === "true" ? "" : ` WHERE ${where}`;
+      const and = where === "true" ? "" : ` AND ${where}`;
       let text: string;
       const values: unknown[] = [request.limit];
       if (request.after !== undefined) {
@@ -303,20 +335,21 @@ export async function readPage(source: SnapshotSource, request: PageRequest): Pr
         // Keyset paging: an index seek, as fast at the end of the table as at its start.
         text = `SELECT ${select} FROM ${table.qualified} WHERE ${order.keyset} ${
           order.descending ? "<" : ">"
-        } $2${order.clause} LIMIT $1`;
+        } $2${and}${order.clause} LIMIT $1`;
         values.push(request.after);
       } else if (order.byColumns) {
         // Build JSON for the returned rows only, not for the ones OFFSET skips; re-sort outside.
         text =
-          `SELECT ${select} FROM (SELECT * FROM ${table.qualified}${order.clause} LIMIT $1 OFFSET $2) AS page${order.clause}`;
+          `SELECT ${select} FROM (SELECT * FROM ${table.qualified}${filter}${order.clause} LIMIT $1 OFFSET $2) AS page${order.clause}`;
         values.push(request.offset);
       } else {
-        text = `SELECT ${select} FROM ${table.qualified}${order.clause} LIMIT $1 OFFSET $2`;
+        text =
+          `SELECT ${select} FROM ${table.qualified}${filter}${order.clause} LIMIT $1 OFFSET $2`;
         values.push(request.offset);
       }
       const result = await client.query({
         text,
-        values,
+        values: [...values, ...params],
         rowMode: "array",
         types: RAW_TEXT_TYPES,
       });

@@ -6,7 +6,7 @@
  */
 
 import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
-import type { Frame } from "../replication/pgoutput_decoder.ts";
+import { type Frame, StreamScopeError } from "../replication/pgoutput_decoder.ts";
 import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "../protocol.ts";
 import {
   ReplicationLostError,
@@ -32,22 +32,32 @@ async function drained(socket: WebSocket, signal: AbortSignal): Promise<void> {
   }
 }
 
+/** What a session tells whoever watches it (tails, metrics). */
+export interface SessionObserver {
+  /** A frame was written to the consumer's socket. */
+  sent?(frame: Frame): void;
+  /** The consumer acknowledged everything up to `lsn`. */
+  acknowledged?(lsn: Lsn): void;
+}
+
 /** A websocket bound to a {@link ReplicationService} until either side ends. */
 export class StreamSession {
   readonly slotName: string;
   readonly #socket: WebSocket;
   readonly #service: ReplicationService;
   readonly #abort = new AbortController();
+  readonly #observer: SessionObserver;
   #delivered: Lsn = ZERO_LSN;
   #acked: Lsn = ZERO_LSN;
   /** Settles when the socket is closed and the replication connection ended. */
   readonly done: Promise<void>;
 
   /** Binds `socket` (from `Deno.upgradeWebSocket`) to `service`. */
-  constructor(socket: WebSocket, service: ReplicationService) {
+  constructor(socket: WebSocket, service: ReplicationService, observer: SessionObserver = {}) {
     this.slotName = service.slotName;
     this.#socket = socket;
     this.#service = service;
+    this.#observer = observer;
     socket.addEventListener("message", (event) => this.#onMessage(event));
     const closed = new Promise<void>((resolve) =>
       socket.addEventListener("close", () => resolve(), { once: true })
@@ -78,6 +88,7 @@ export class StreamSession {
         if (socket.readyState !== WebSocket.OPEN) throw new Error("socket closed");
         socket.send(frame.text);
         this.#delivered = frame.nextLsn;
+        this.#observer.sent?.(frame);
         if (socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) {
           await drained(socket, signal);
           lastYield = performance.now();
@@ -94,7 +105,9 @@ export class StreamSession {
       this.close(CloseCode.Normal, "stream ended");
     } catch (error) {
       if (signal.aborted) return;
-      if (error instanceof ReplicationLostError) {
+      if (error instanceof ReplicationLostError && error.cause instanceof StreamScopeError) {
+        this.close(CloseCode.DefinitionBroken, error.cause.message);
+      } else if (error instanceof ReplicationLostError) {
         this.close(
           CloseCode.TryAgainLater,
           "replication connection lost; reconnect to resume after your last ack",
@@ -148,6 +161,7 @@ export class StreamSession {
     if (lsn <= this.#acked) return;
     this.#acked = lsn;
     this.#service.acknowledge(lsn);
+    this.#observer.acknowledged?.(lsn);
   }
 
   /** Closes the socket with `code` and `reason` (at most 123 bytes), ending the stream. */

@@ -7,7 +7,7 @@
 import pg from "pg";
 import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.ts";
 import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/dev/embedded_postgres.ts";
-import type { TransactionFrame } from "../../src/protocol.ts";
+import type { Change, TransactionFrame } from "../../src/protocol.ts";
 import { type RunningServer, startServer } from "../../src/server.ts";
 import { deadline, poll } from "./deadline.ts";
 
@@ -88,6 +88,25 @@ export async function postJson(
   return { status: response.status, text: await response.text() };
 }
 
+/** `POST /v2/streams` with `body`; returns the created stream, or throws with the status and error. */
+export async function createStream(
+  base: URL,
+  body: Record<string, unknown>,
+): Promise<Record<string, unknown> & { slotName: string }> {
+  const response = await postJson(new URL("/v2/streams", base), body);
+  if (response.status !== 201) {
+    throw new Error(`create failed: ${response.status} ${response.text}`);
+  }
+  return JSON.parse(response.text);
+}
+
+/** `DELETE` at `path` of `base`; returns the status (the body is read). */
+export async function deleteAt(base: URL, path: string): Promise<number> {
+  const response = await fetch(new URL(path, base), { method: "DELETE" });
+  await response.body?.cancel();
+  return response.status;
+}
+
 /** `GET /v1/init`; returns the slot name. */
 export async function init(base: URL): Promise<string> {
   const response = await fetch(new URL("/v1/init", base));
@@ -130,12 +149,27 @@ export class StreamClient implements AsyncDisposable {
   }
 
   /** Connects to `/v1/lr/stream?slotName=…` of `base`. */
-  static async open(base: URL, slotName: string): Promise<StreamClient> {
-    const url = new URL(`/v1/lr/stream?slotName=${encodeURIComponent(slotName)}`, base);
+  static open(base: URL, slotName: string): Promise<StreamClient> {
+    return StreamClient.connect(base, `/v1/lr/stream?slotName=${encodeURIComponent(slotName)}`);
+  }
+
+  /** Connects to the websocket at `path` of `base` (a v2 stream's `changes` or `tail`, say). */
+  static async connect(base: URL, path: string): Promise<StreamClient> {
+    const url = new URL(path, base);
     url.protocol = "ws:";
     const client = new StreamClient(url.href);
     await deadline(client.opened, `the websocket ${url.pathname}${url.search} to open`);
     return client;
+  }
+
+  /** Connects to `/v2/streams/{name}/changes` of `base`. */
+  static changes(base: URL, stream: string): Promise<StreamClient> {
+    return StreamClient.connect(base, `/v2/streams/${stream}/changes`);
+  }
+
+  /** Whether a frame has arrived and not been read yet. */
+  get pending(): number {
+    return this.#frames.length;
   }
 
   #wake(): void {
@@ -166,6 +200,11 @@ export class StreamClient implements AsyncDisposable {
 
   /** The next frame, parsed. */
   async next(ms?: number): Promise<TransactionFrame> {
+    return JSON.parse(await this.nextText(ms));
+  }
+
+  /** The next frame of a v2 stream, parsed (its changes include truncate and schema changes). */
+  async nextV2(ms?: number): Promise<TransactionFrame<Change>> {
     return JSON.parse(await this.nextText(ms));
   }
 

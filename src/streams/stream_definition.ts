@@ -1,0 +1,288 @@
+/**
+ * A v2 stream's definition: which tables, which of their columns and rows,
+ * which kinds of change. Created from a `POST /v2/streams` request by
+ * resolving every name in the catalog and checking every filter value with
+ * PostgreSQL itself (cast to its column's type), then stored as it is here:
+ * tables by OID (so a renamed table stays in the stream), conditions with
+ * canonical values and what their comparison needs.
+ * @module
+ */
+
+import type pg from "pg";
+import { InvalidRequestError, NotFoundError } from "../errors.ts";
+import { sqlState } from "../postgres/database.ts";
+import { resolveTable } from "../postgres/resolve_table.ts";
+import type { StreamOperation, StreamTable } from "../protocol.ts";
+import {
+  type ColumnInfo,
+  comparisonOf,
+  type Condition,
+  type Operator,
+  operatorsFor,
+} from "../replication/row_filter.ts";
+
+/** A condition as stored: with its column's type and how its values compare. */
+export interface StoredCondition extends Condition, ColumnInfo {
+  /** `format_type()` of the column's type, to cast bound values to in SQL. */
+  typeName: string;
+}
+
+/** A table of a stream, as stored. */
+export interface StoredTable {
+  oid: number;
+  /** Its name when the stream was created (frames carry the name of the moment). */
+  schema: string;
+  table: string;
+  /** The columns carried; null: every column, also those added later. */
+  columns: string[] | null;
+  /** The replica identity when the stream was created. */
+  key: string[];
+  where: StoredCondition[];
+}
+
+/** A stream's definition, as stored in `pgdeltastream.streams.definition`. */
+export interface StreamDefinition {
+  tables: StoredTable[];
+  operations: StreamOperation[];
+}
+
+/** A condition of a request: `[column, op, value?]`, values as JSON gave them. */
+export type RequestCondition = [string, Operator, unknown?];
+
+/** One table of a validated request. */
+export interface RequestTable {
+  table: string;
+  columns?: string[];
+  where?: RequestCondition[];
+}
+
+/** A column as the catalog describes it now. */
+interface CatalogColumn extends ColumnInfo {
+  name: string;
+  typeName: string;
+}
+
+/** A JSON value of a condition, as text for PostgreSQL to cast (big numbers keep their digits). */
+function valueText(value: unknown): string {
+  if (typeof value === "object" && value !== null && "source" in value) {
+    return String((value as { source: string }).source);
+  }
+  return String(value);
+}
+
+async function catalogColumns(client: pg.PoolClient, oid: number): Promise<CatalogColumn[]> {
+  const { rows } = await client.query<{
+    name: string;
+    type_oid: number;
+    type_name: string;
+    code_point_order: boolean;
+    deterministic: boolean;
+  }>(
+    `SELECT a.attname AS name, a.atttypid::int AS type_oid,
+            format_type(a.atttypid, a.atttypmod) AS type_name,
+            coalesce(co.collname IN ('C', 'POSIX', 'ucs_basic')
+              OR (co.collname = 'default' AND d.datcollate IN ('C', 'POSIX')
+                  AND coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') = 'c'), false) AS code_point_order,
+            coalesce((to_jsonb(co) ->> 'collisdeterministic')::boolean, true) AS deterministic
+       FROM pg_attribute a
+       LEFT JOIN pg_collation co ON co.oid = a.attcollation
+       CROSS JOIN (SELECT * FROM pg_database WHERE datname = current_database()) d
+      WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+      ORDER BY a.attnum`,
+    [oid],
+  );
+  return rows.map((r: {
+    name: string;
+    type_oid: number;
+    type_name: string;
+    code_point_order: boolean;
+    deterministic: boolean;
+  }) => ({
+    name: r.name,
+    typeName: r.type_name,
+    typeOid: r.type_oid,
+    codePointOrder: r.code_point_order,
+    padded: r.type_oid === 1042,
+    deterministic: r.deterministic,
+  }));
+}
+
+/** The replica identity's columns: the primary key, the chosen index, every column (FULL), or none. */
+async function replicaIdentity(
+  client: pg.PoolClient,
+  oid: number,
+  columns: CatalogColumn[],
+): Promise<string[]> {
+  const { rows } = await client.query<{ identity: string; key: string[] | null }>(
+    `SELECT c.relreplident::text AS identity,
+            (SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey, a.attnum))
+               FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = c.oid
+                AND CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident
+                    ELSE false END) AS key
+       FROM pg_class c WHERE c.oid = $1`,
+    [oid],
+  );
+  if (rows[0].identity === "f") return columns.map((c) => c.name);
+  return rows[0].key ?? [];
+}
+
+/**
+ * The definition `tables` and `operations` ask for, resolved in the
+ * catalog: {@link NotFoundError} for a table or column that does not exist,
+ * {@link InvalidRequestError} for a column list without the replica
+ * identity, an operator the column's type does not allow here, or a value
+ * the type rejects.
+ */
+export async function resolveDefinition(
+  pool: pg.Pool,
+  ownSchema: string,
+  tables: RequestTable[],
+  operations: StreamOperation[],
+): Promise<StreamDefinition> {
+  const client = await pool.connect();
+  try {
+    await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+    const resolved: StoredTable[] = [];
+    for (const [index, request] of tables.entries()) {
+      const at = `tables[${index}]`;
+      const found = await resolveTable(client, request.table, ownSchema, "Cannot create stream");
+      if (resolved.some((t) => t.oid === found.oid)) {
+        throw new InvalidRequestError(
+          `Invalid request: "${at}": table ${found.qualified} is listed twice`,
+        );
+      }
+      const { rows: [name] } = await client.query<{ schema: string; table: string }>(
+        `SELECT n.nspname AS schema, c.relname AS table
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1`,
+        [found.oid],
+      );
+      const columns = await catalogColumns(client, found.oid);
+      const byName = new Map(columns.map((c) => [c.name, c]));
+      const column = (wanted: string, where: string) => {
+        const info = byName.get(wanted);
+        if (info === undefined) {
+          throw new NotFoundError(
+            `Cannot create stream: "${where}": column ${
+              JSON.stringify(wanted)
+            } does not exist in ${found.qualified}`,
+          );
+        }
+        return info;
+      };
+      const key = await replicaIdentity(client, found.oid, columns);
+      if (request.columns !== undefined) {
+        request.columns.forEach((c, i) => column(c, `${at}.columns[${i}]`));
+        if (new Set(request.columns).size !== request.columns.length) {
+          throw new InvalidRequestError(`Invalid request: "${at}.columns" names a column twice`);
+        }
+        const missing = key.filter((k) => !request.columns!.includes(k));
+        if (missing.length > 0) {
+          throw new InvalidRequestError(
+            `Invalid request: "${at}.columns" must include the replica identity of ${found.qualified}, ` +
+              `which keys its updates and deletes; missing: ${missing.join(", ")}`,
+          );
+        }
+      }
+      const where: StoredCondition[] = [];
+      for (const [i, [name, op, value]] of (request.where ?? []).entries()) {
+        const path = `${at}.where[${i}]`;
+        const info = column(name, path);
+        if (!operatorsFor(info).includes(op)) {
+          const kind = comparisonOf(info) === "string"
+            ? `${info.typeName}${info.codePointOrder ? "" : " (not in the C collation)"}`
+            : info.typeName;
+          throw new InvalidRequestError(
+            `Invalid request: "${path}": operator "${op}" is not supported on column ${
+              JSON.stringify(name)
+            } of type ${kind}; supported there: ${operatorsFor(info).join(", ")}`,
+          );
+        }
+        const values = op === "is null" || op === "is not null"
+          ? []
+          : op === "like"
+          ? [String(value)]
+          : await canonical(client, info, op === "in" ? value as unknown[] : [value], path);
+        where.push({ column: name, op, values, ...info });
+      }
+      resolved.push({
+        oid: found.oid,
+        schema: name.schema,
+        table: name.table,
+        columns: request.columns ?? null,
+        key,
+        where,
+      });
+    }
+    await client.query("COMMIT");
+    return { tables: resolved, operations };
+  } catch (error) {
+    await client.query("ROLLBACK").catch(() => {});
+    throw error;
+  } finally {
+    client.release();
+  }
+}
+
+/** Each value cast by PostgreSQL to the column's type, as its text: the canonical form the stream compares. */
+async function canonical(
+  client: pg.PoolClient,
+  info: CatalogColumn,
+  values: unknown[],
+  path: string,
+): Promise<string[]> {
+  const texts = values.map(valueText);
+  await client.query("SAVEPOINT cast_values");
+  try {
+    // The type name comes from the catalog (format_type), never from the request; values are bound.
+    const { rows } = await client.query<{ value: string }>(
+      `SELECT CAST(v AS ${info.typeName})::text AS value FROM unnest($1::text[]) WITH ORDINALITY AS t(v, n)
+        ORDER BY n`,
+      [texts],
+    );
+    await client.query("RELEASE SAVEPOINT cast_values");
+    return rows.map((r: { value: string }) => r.value);
+  } catch (error) {
+    if (sqlState(error) === undefined) throw error;
+    await client.query("ROLLBACK TO SAVEPOINT cast_values");
+    throw new InvalidRequestError(
+      `Invalid request: "${path}": ${(error as Error).message} (the column is ${info.typeName})`,
+    );
+  }
+}
+
+/** The stored table as a response shows it: schema-qualified, its columns resolved as they are now. */
+export async function describeTables(
+  pool: pg.Pool,
+  definition: StreamDefinition,
+): Promise<StreamTable[]> {
+  const { rows } = await pool.query<
+    { oid: number; schema: string; table: string; columns: string[] }
+  >(
+    `SELECT c.oid::int AS oid, n.nspname AS schema, c.relname AS table,
+            array(SELECT a.attname::text FROM pg_attribute a
+                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum)
+              AS columns
+       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.oid = ANY ($1::oid[])`,
+    [definition.tables.map((t) => t.oid)],
+  );
+  const now = new Map(rows.map((r: { oid: number }) => [r.oid, r]));
+  return definition.tables.map((t) => {
+    const current = now.get(t.oid) as
+      | { schema: string; table: string; columns: string[] }
+      | undefined;
+    return {
+      schema: current?.schema ?? t.schema,
+      table: current?.table ?? t.table,
+      columns: t.columns ?? current?.columns ?? [],
+      allColumns: t.columns === null,
+      key: t.key,
+      where: t.where.map((c) =>
+        c.op === "is null" || c.op === "is not null"
+          ? [c.column, c.op]
+          : [c.column, c.op, c.op === "in" ? c.values : c.values[0]]
+      ) as StreamTable["where"],
+    };
+  });
+}

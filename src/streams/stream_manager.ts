@@ -1,0 +1,224 @@
+/**
+ * v2's named streams: each its own slot, its own exported snapshot, its own
+ * definition of the tables, columns, rows and kinds of change it carries.
+ * Creating one is atomic (no slot is left behind on any failure); deleting
+ * one closes its consumer and tails, releases its snapshot, drops its slot.
+ * @module
+ */
+
+import type pg from "pg";
+import type { Config } from "../config.ts";
+import { NotFoundError, UnavailableError } from "../errors.ts";
+import { SqlState, sqlState } from "../postgres/database.ts";
+import type { SchemaNames } from "../postgres/server_schema.ts";
+import type { TypeNames } from "../postgres/type_names.ts";
+import {
+  CloseCode,
+  type CreateStreamResponse,
+  type StreamDefinitionBody,
+  type StreamOperation,
+  type StreamStateBody,
+} from "../protocol.ts";
+import type { ReplicationOptions } from "../replication/replication_service.ts";
+import type { SlotManager } from "../slots/slot_manager.ts";
+import type { SnapshotSource } from "../snapshots/snapshot_reader.ts";
+import type { SnapshotOwner, SnapshotStore } from "../snapshots/snapshot_store.ts";
+import type { SessionRegistry } from "./session_registry.ts";
+import {
+  describeTables,
+  type RequestTable,
+  resolveDefinition,
+  type StreamDefinition,
+} from "./stream_definition.ts";
+import { streamScope } from "./stream_scope.ts";
+import { type StoredStream, StreamStore } from "./stream_store.ts";
+import type { TailHub } from "./tail_hub.ts";
+
+/** What creating a stream takes, validated. */
+export interface CreateStream {
+  name: string;
+  tables: RequestTable[];
+  operations: StreamOperation[];
+}
+
+/** What the manager works with: the server's state. */
+export interface StreamDependencies {
+  config: Config;
+  pool: pg.Pool;
+  names: SchemaNames;
+  slots: SlotManager;
+  snapshots: SnapshotStore;
+  sessions: SessionRegistry;
+  tails: TailHub;
+  typeNames: TypeNames;
+}
+
+/** The slot of a new stream: its name (`-` as `_`) and six random hex digits, in `[a-z0-9_]`. */
+function slotNameFor(name: string): string {
+  const random = [...crypto.getRandomValues(new Uint8Array(3))]
+    .map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `pgds_${name.replaceAll("-", "_")}_${random}`;
+}
+
+/** The named streams of the database. */
+export class StreamManager {
+  readonly #deps: StreamDependencies;
+  readonly #store: StreamStore;
+
+  /** Manages streams with the server's `deps`. */
+  constructor(deps: StreamDependencies) {
+    this.#deps = deps;
+    this.#store = new StreamStore(deps.pool, deps.names.schema);
+  }
+
+  /** Whose snapshot a stream's is, and what its reader does once it is gone. */
+  snapshotOwner(name: string): SnapshotOwner {
+    return {
+      label: `stream "${name}"`,
+      remedy:
+        `create the stream again for a new snapshot (DELETE /v2/streams/${name}, then POST /v2/streams)`,
+    };
+  }
+
+  /** The stored stream `name`; a {@link NotFoundError} (`action`: …) if there is none. */
+  async require(name: string, action = "Cannot find stream"): Promise<StoredStream> {
+    const stream = await this.#store.get(name);
+    if (stream === undefined) throw new NotFoundError(`${action}: stream "${name}" does not exist`);
+    return stream;
+  }
+
+  /**
+   * Creates the stream: resolves its definition, records it, then creates
+   * its slot with an exported snapshot. If the slot cannot be made (or
+   * held), the slot is dropped and the record deleted.
+   */
+  async create(request: CreateStream): Promise<CreateStreamResponse> {
+    const { pool, names, slots, snapshots } = this.#deps;
+    const definition = await resolveDefinition(
+      pool,
+      names.schema,
+      request.tables,
+      request.operations,
+    );
+    const stream = await this.#store.insert(request.name, slotNameFor(request.name), definition);
+    try {
+      await slots.syncPublication();
+      await slots.createSlot(stream.slotName, this.snapshotOwner(stream.name));
+    } catch (error) {
+      await this.#forget(stream);
+      if (sqlState(error) === SqlState.ConfigurationLimitExceeded) {
+        throw new UnavailableError(
+          `Cannot create stream: all replication slots are in use (${(error as Error).message}); ` +
+            "delete unused streams or raise max_replication_slots",
+        );
+      }
+      throw error;
+    }
+    return {
+      ...await this.#body(stream),
+      snapshot: { expiresAt: snapshots.expiresAt(stream.slotName)!.toISOString() },
+    };
+  }
+
+  /** Undoes a failed create: drops the slot if it exists, then the record (kept if the drop fails). */
+  async #forget(stream: StoredStream): Promise<void> {
+    try {
+      await this.#deps.snapshots.release(stream.slotName, "the stream could not be created");
+      await this.#deps.slots.dropSlot(stream.slotName);
+      await this.#store.delete(stream.name);
+    } catch (error) {
+      console.error(
+        `pgdeltastream: stream "${stream.name}" could not be created, nor its slot dropped; ` +
+          `DELETE /v2/streams/${stream.name} removes both:`,
+        (error as Error).message,
+      );
+    }
+  }
+
+  async #body(stream: StoredStream): Promise<StreamDefinitionBody> {
+    return {
+      name: stream.name,
+      slotName: stream.slotName,
+      tables: await describeTables(this.#deps.pool, stream.definition),
+      operations: stream.definition.operations,
+      createdAt: stream.createdAt.toISOString(),
+    };
+  }
+
+  /** Each stream with its definition and state. */
+  async list(): Promise<StreamStateBody[]> {
+    const streams = await this.#store.list();
+    return await Promise.all(streams.map((s) => this.#state(s)));
+  }
+
+  /** The stream `name` with its definition and state. */
+  async get(name: string): Promise<StreamStateBody> {
+    return await this.#state(await this.require(name));
+  }
+
+  async #state(stream: StoredStream): Promise<StreamStateBody> {
+    const { rows } = await this.#deps.pool.query<
+      { active: boolean; confirmed: string | null; lag: string | null }
+    >(
+      `SELECT active, confirmed_flush_lsn::text AS confirmed,
+              pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8::text AS lag
+         FROM pg_replication_slots WHERE slot_name = $1`,
+      [stream.slotName],
+    );
+    const slot = rows[0];
+    const expires = this.#deps.snapshots.expiresAt(stream.slotName);
+    return {
+      ...await this.#body(stream),
+      active: this.#deps.sessions.has(stream.slotName) || slot?.active === true,
+      confirmedLsn: slot?.confirmed ?? null,
+      lagBytes: slot?.lag === null || slot?.lag === undefined ? null : Number(slot.lag),
+      snapshotHeld: expires !== undefined,
+      ...(expires ? { snapshotExpiresAt: expires.toISOString() } : {}),
+      tails: this.#deps.tails.count(stream.name),
+    };
+  }
+
+  /** Deletes the stream: closes its consumer and tails (4000), releases its snapshot, drops its slot. */
+  async delete(name: string): Promise<void> {
+    const stream = await this.require(name, "Cannot delete stream");
+    const { sessions, tails, snapshots, slots } = this.#deps;
+    tails.close(name, CloseCode.SlotDropped, "stream deleted");
+    await sessions.close(stream.slotName, CloseCode.SlotDropped, "stream deleted");
+    await snapshots.release(stream.slotName, "the stream was deleted");
+    await slots.dropSlot(stream.slotName);
+    await this.#store.delete(name);
+  }
+
+  /** Releases the stream's snapshot before its time-to-live (it holds back vacuum). */
+  async releaseSnapshot(name: string): Promise<void> {
+    const stream = await this.require(name, "Cannot release snapshot");
+    await this.#deps.snapshots.release(stream.slotName, "it was released by DELETE .../snapshot");
+  }
+
+  /** The stream's snapshot, seen through the stream's definition. */
+  async snapshotSource(name: string): Promise<SnapshotSource> {
+    const stream = await this.require(name, "Cannot read snapshot");
+    const owner = this.snapshotOwner(name);
+    const tables = new Map(stream.definition.tables.map((t) => [t.oid, t]));
+    return {
+      snapshot: this.#deps.snapshots.get(stream.slotName, owner),
+      current: this.#deps.pool,
+      ownSchema: this.#deps.names.schema,
+      remedy: owner.remedy,
+      view: { table: (oid) => tables.get(oid) },
+    };
+  }
+
+  /** How the replication of the stream's slot is started: its publications and scope. */
+  replicationOptions(stream: StoredStream): ReplicationOptions {
+    const { config, names, typeNames, pool } = this.#deps;
+    return {
+      database: config.database,
+      slotName: stream.slotName,
+      publications: [names.inserts, names.keyed, names.truncates],
+      resolveTypes: (types) => typeNames.resolve(types),
+      scope: streamScope(stream.name, stream.definition as StreamDefinition, pool),
+      chunkBytes: config.frameChunkBytes,
+    };
+  }
+}

@@ -1,0 +1,62 @@
+/**
+ * Tails: read-only websockets that see a copy of every frame a stream's
+ * consumer is sent, for debugging and viewers. A tail never acknowledges
+ * (what it sends is ignored), never replays, and never moves the stream's
+ * position; any number may watch a stream. A tail that cannot keep up is
+ * closed rather than allowed to hold frames in memory.
+ * @module
+ */
+
+import { CloseCode, type CloseCodeValue } from "../protocol.ts";
+
+/** A tail's buffered bytes beyond which it is closed as too slow. */
+export const TAIL_MAX_BUFFERED_BYTES = 8 << 20;
+
+/** The tails of every stream, by stream name. */
+export class TailHub {
+  readonly #tails = new Map<string, Set<WebSocket>>();
+
+  /** Adds `socket` (just upgraded) as a tail of `stream`, until it closes. */
+  add(stream: string, socket: WebSocket): void {
+    let tails = this.#tails.get(stream);
+    if (tails === undefined) this.#tails.set(stream, tails = new Set());
+    tails.add(socket);
+    socket.addEventListener("close", () => {
+      tails.delete(socket);
+      if (tails.size === 0 && this.#tails.get(stream) === tails) this.#tails.delete(stream);
+    });
+  }
+
+  /** How many tails watch `stream`. */
+  count(stream: string): number {
+    return this.#tails.get(stream)?.size ?? 0;
+  }
+
+  /** Sends `text` (a frame the consumer was sent) to every open tail of `stream`. */
+  publish(stream: string, text: string): void {
+    const tails = this.#tails.get(stream);
+    if (tails === undefined) return;
+    for (const socket of tails) {
+      if (socket.readyState !== WebSocket.OPEN) continue;
+      if (socket.bufferedAmount > TAIL_MAX_BUFFERED_BYTES) {
+        socket.close(CloseCode.TryAgainLater, "tail too slow to keep up; reconnect");
+        continue;
+      }
+      socket.send(text);
+    }
+  }
+
+  /** Closes every tail of `stream` with `code` and `reason`. */
+  close(stream: string, code: CloseCodeValue, reason: string): void {
+    for (const socket of this.#tails.get(stream) ?? []) {
+      if (socket.readyState === WebSocket.OPEN || socket.readyState === WebSocket.CONNECTING) {
+        socket.close(code, reason);
+      }
+    }
+  }
+
+  /** Closes every tail. */
+  closeAll(code: CloseCodeValue, reason: string): void {
+    for (const stream of this.#tails.keys()) this.close(stream, code, reason);
+  }
+}
