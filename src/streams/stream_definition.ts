@@ -235,9 +235,11 @@ async function canonical(
   await client.query("SAVEPOINT cast_values");
   try {
     // The type name comes from the catalog (format_type), never from the request; values are bound.
+    // format('%s') calls the type's output function, as pgoutput does (a ::text cast need not:
+    // boolean's gives "true" where the output function writes "t", char(n)'s trims).
     const { rows } = await client.query<{ value: string }>(
-      `SELECT CAST(v AS ${info.typeName})::text AS value FROM unnest($1::text[]) WITH ORDINALITY AS t(v, n)
-        ORDER BY n`,
+      `SELECT format('%s', CAST(v AS ${info.typeName})) AS value
+         FROM unnest($1::text[]) WITH ORDINALITY AS t(v, n) ORDER BY n`,
       [texts],
     );
     await client.query("RELEASE SAVEPOINT cast_values");
