@@ -141,6 +141,8 @@ interface Relation {
   oldKeysHead: string;
   /** The relation's `{"kind":"schema"}` change, or undefined when the stream has none. */
   schemaChange: string | undefined;
+  /** Whether the schema change is still to be sent, ahead of the relation's next change. */
+  announce: boolean;
   /** `{"kind":"truncate",…}`. */
   truncateChange: string;
 }
@@ -253,6 +255,16 @@ export class PgoutputDecoder {
     };
   }
 
+  /** Adds a change of `relation`, after the relation's shape if it is still to be announced. */
+  #pushFor(relation: Relation, change: string): Frame | undefined {
+    if (relation.announce) {
+      relation.announce = false;
+      this.#changes.push(relation.schemaChange!);
+      this.#bytes += relation.schemaChange!.length;
+    }
+    return this.#push(change);
+  }
+
   /** Adds one encoded change; returns a partial frame once the pending changes reach the chunk size. */
   #push(change: string): Frame | undefined {
     this.#changes.push(change);
@@ -304,13 +316,11 @@ export class PgoutputDecoder {
     const plan = await this.#scope.plan(description);
     const relation = plan === undefined ? skipped(ncols) : await this.#describe(description, plan);
     this.#relations.set(relid, relation);
-    // The consumer learns a relation's shape before its first change with it: at the first
-    // description in a session (it may have changed while nobody streamed), and whenever it changes.
-    // (Never a chunk boundary here: the change that follows flushes the chunk if it is full.)
-    if (relation.schemaChange !== undefined && relation.schemaChange !== previous?.schemaChange) {
-      this.#changes.push(relation.schemaChange);
-      this.#bytes += relation.schemaChange.length;
-    }
+    // The consumer learns a relation's shape before its first change with it: after the first
+    // description in a session (it may have changed while nobody streamed), and whenever it changes;
+    // announced with the next change of it that is sent, so a shape alone never makes a frame.
+    relation.announce = relation.schemaChange !== undefined &&
+      (relation.schemaChange !== previous?.schemaChange || previous.announce);
   }
 
   async #describe(description: RelationDescription, plan: RelationPlan): Promise<Relation> {
@@ -350,6 +360,7 @@ export class PgoutputDecoder {
       oldKeysHead: `,"oldkeys":{"keynames":[${
         keyIndexes.map((i) => jsonNames[i]).join(",")
       }],"keytypes":[${keyIndexes.map((i) => jsonTypes[i]).join(",")}],"keyvalues":[`,
+      announce: false,
       schemaChange: this.#scope.schemaEvents
         ? `{"kind":"schema"${where},"columnnames":[${names}],"columntypes":[${typeList}],"keynames":[${
           keyIndexes.map((i) => jsonNames[i]).join(",")
@@ -375,7 +386,7 @@ export class PgoutputDecoder {
     const values = this.#newValues;
     readTuple(buf, view, 6, relation, values);
     if (relation.filter !== undefined && !passes(relation.filter, values)) return;
-    return this.#push(relation.insertHead + columns(relation, values) + "}");
+    return this.#pushFor(relation, relation.insertHead + columns(relation, values) + "}");
   }
 
   #update(buf: Buffer, view: DataView): Frame | undefined {
@@ -395,14 +406,15 @@ export class PgoutputDecoder {
     const filter = relation.filter;
     if (filter === undefined || passes(filter, values)) {
       if (!operations.update) return;
-      return this.#push(
+      return this.#pushFor(
+        relation,
         relation.updateHead + columns(relation, values) + oldKeys(relation, old ?? values) + "}",
       );
     }
     // The new row is outside the stream's rows: it may have left them, so its key is deleted. Unless
     // the whole old row is known (REPLICA IDENTITY FULL) and was outside them too: then nothing.
     if (!operations.delete || (oldIsWholeRow && !passes(filter, old!))) return;
-    return this.#push(relation.deleteHead + oldKeys(relation, old ?? values) + "}");
+    return this.#pushFor(relation, relation.deleteHead + oldKeys(relation, old ?? values) + "}");
   }
 
   #delete(buf: Buffer, view: DataView): Frame | undefined {
@@ -413,7 +425,7 @@ export class PgoutputDecoder {
     readTuple(buf, view, 6, relation, old, !wholeRow);
     // A key-only row lacks the filter's other columns: those conditions pass (the delete is sent).
     if (relation.filter !== undefined && !passes(relation.filter, old)) return;
-    return this.#push(relation.deleteHead + oldKeys(relation, old) + "}");
+    return this.#pushFor(relation, relation.deleteHead + oldKeys(relation, old) + "}");
   }
 
   #truncate(view: DataView): Frame | undefined {
@@ -423,7 +435,7 @@ export class PgoutputDecoder {
     for (let i = 0; i < count; i++) {
       const relation = this.#relations.get(view.getUint32(6 + 4 * i));
       if (relation === undefined || relation.skip) continue;
-      frame = this.#push(relation.truncateChange) ?? frame;
+      frame = this.#pushFor(relation, relation.truncateChange) ?? frame;
     }
     return frame;
   }
@@ -448,6 +460,7 @@ function skipped(ncols: number): Relation {
     allColumns: "",
     oldKeysHead: "",
     schemaChange: undefined,
+    announce: false,
     truncateChange: "",
   };
 }
