@@ -138,6 +138,101 @@ Deno.test("hostile input gets a 4xx or a close code, never a 5xx, and never reac
     assert.deepEqual((await client.next()).change[0].columnvalues, [3]);
   });
 
+  await t.step(
+    "v2 stream definitions: injection in names, columns, operators and values, huge lists",
+    async () => {
+      await sql(db, "CREATE TABLE regions(id int primary key, region text, n int)");
+      await sql(db, "INSERT INTO regions VALUES (1, 'eu', 1)");
+      const create = (body: unknown) =>
+        fetch(new URL("/v2/streams", api.url), {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify(body),
+        });
+      const before = log.length;
+      let accepted = 0;
+      for (const [i, evil] of INJECTIONS.entries()) {
+        const refused = [
+          { name: evil, tables: ["regions"] },
+          { name: `s${i}`, tables: [evil] },
+          { name: `s${i}`, tables: [{ table: "regions", columns: ["id", evil] }] },
+          { name: `s${i}`, tables: [{ table: "regions", where: [[evil, "=", 1]] }] },
+          { name: `s${i}`, tables: [{ table: "regions", where: [["region", evil, 1]] }] },
+          { name: `s${i}`, tables: [{ table: "regions", where: [["n", "=", evil]] }] },
+          { name: `s${i}`, tables: [{ table: "regions", where: [["n", "in", [1, evil]]] }] },
+        ];
+        for (const body of refused) await expect4xx(await create(body), JSON.stringify(body));
+        // As a value of a text column it is just a value: the stream is created, and its snapshot
+        // and export read with it (bound, or quoted by PostgreSQL), finding no such row.
+        const name = `evil-${i}`;
+        const made = await create({
+          name,
+          tables: [{ table: "regions", where: [["region", "=", evil], ["region", "like", evil]] }],
+        });
+        assert.equal(made.status, 201, await made.clone().text());
+        await made.body?.cancel();
+        accepted++;
+        for (const path of ["snapshot", "snapshot/export"]) {
+          const read = await fetch(new URL(`/v2/streams/${name}/${path}`, api.url), {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body: JSON.stringify({ table: "regions" }),
+          });
+          assert.equal(read.status, 200, path);
+          assert.match(await read.text(), /^(\[\]|)$/, `${path} with ${evil}`);
+        }
+        const deleted = await fetch(new URL(`/v2/streams/${name}`, api.url), { method: "DELETE" });
+        assert.equal(deleted.status, 204);
+      }
+      assert.equal(accepted, INJECTIONS.length);
+      const huge = [
+        {
+          name: "h",
+          tables: [{
+            table: "regions",
+            where: [[
+              "n",
+              "in",
+              Array.from({ length: 1001 }, (_, i) => i),
+            ]],
+          }],
+        },
+        {
+          name: "h",
+          tables: [{ table: "regions", where: Array.from({ length: 33 }, () => ["n", "=", 1]) }],
+        },
+        {
+          name: "h",
+          tables: [{ table: "regions", where: [["region", "=", "x".repeat(MAX_REQUEST_BYTES)]] }],
+        },
+        { name: "h", tables: Array.from({ length: 1001 }, () => "regions") },
+      ];
+      for (const body of huge) {
+        await expect4xx(await create(body), JSON.stringify(body).slice(0, 80));
+      }
+      // In the statement log, request input appears only as a bound parameter (never in a statement's
+      // text) or as a literal PostgreSQL quoted itself (COPY, which takes no parameters).
+      const statements = log.slice(before).filter((line) =>
+        /LOG:\s+(statement|execute [^:]*):/.test(line)
+      );
+      let literals = 0;
+      for (const evil of INJECTIONS.filter((e) => e !== "$1")) {
+        const quoted = evil.includes("\\")
+          ? `E'${evil.replaceAll("\\", "\\\\").replaceAll("'", "''")}'`
+          : `'${evil.replaceAll("'", "''")}'`;
+        const leaked = statements.filter((line) => line.replaceAll(quoted, "").includes(evil));
+        assert.deepEqual(leaked, [], `request input in SQL text: ${evil}`);
+        if (statements.some((line) => line.includes(quoted))) literals++;
+      }
+      assert.ok(literals > 0, "the exports' COPY carried their values as quoted literals");
+      const [{ ids }] = await sql<{ ids: number[] }>(
+        db,
+        "SELECT array_agg(id ORDER BY id) AS ids FROM canary",
+      );
+      assert.deepEqual(ids, [1, 2, 3], "the canary table is intact");
+    },
+  );
+
   await t.step("the server still serves, and no request got a 5xx", async () => {
     const health = await fetch(new URL("/healthz", api.url));
     assert.equal(health.status, 200);
