@@ -86,14 +86,30 @@ function percentile(sorted: number[], p: number): number {
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** CPU seconds (user + system) process `pid` has used, from /proc. */
+async function cpuSeconds(pid: number): Promise<number> {
+  const fields = (await Deno.readTextFile(`/proc/${pid}/stat`)).split(") ")[1].split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
+}
+
 /** A websocket reader that parses every frame and acks each transaction's last frame. */
-async function drain(
+function drain(
   base: URL,
   slotName: string,
   rows: number,
   onChange?: (change: { columnvalues?: unknown[] }) => void,
 ): Promise<number> {
-  const url = new URL(`/v1/lr/stream?slotName=${slotName}`, base);
+  return drainPath(base, `/v1/lr/stream?slotName=${slotName}`, rows, onChange);
+}
+
+/** {@link drain} of the websocket at `path` (a v2 stream's changes), counting row changes only. */
+async function drainPath(
+  base: URL,
+  path: string,
+  rows: number,
+  onChange?: (change: { columnvalues?: unknown[] }) => void,
+): Promise<number> {
+  const url = new URL(path, base);
   url.protocol = "ws:";
   const started = performance.now();
   const socket = new WebSocket(url);
@@ -101,7 +117,7 @@ async function drain(
   await new Promise<void>((resolve, reject) => {
     socket.onmessage = (event) => {
       const frame = JSON.parse(event.data);
-      seen += frame.change.length;
+      for (const change of frame.change) if (change.kind !== "schema") seen++;
       if (onChange) { for (const change of frame.change) onChange(change); }
       if (!frame.partial) socket.send(JSON.stringify({ lsn: frame.nextlsn }));
       if (seen >= rows) resolve();
@@ -294,6 +310,73 @@ async function main(): Promise<void> {
       );
       report("P4 peak server RSS during P1", `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`);
       await sql.query("SELECT pg_drop_replication_slot('lim_pgo')");
+    }
+    if (want("P1S")) {
+      // P1 with v2 streams: 1, 4 and 8 streams on the same write load, and one whose filter passes
+      // 10% of the rows; the server's CPU per change beside the rate.
+      console.error("P1S v2 streams ...");
+      await sql.query(
+        "CREATE TABLE IF NOT EXISTS bench_t(id bigserial primary key, a int, b text, c timestamptz default now())",
+      );
+      const transactions = P1_ROWS / 100;
+      const backlog = async () => {
+        await sql.query(`DO $$ BEGIN FOR i IN 1..${transactions} LOOP
+        INSERT INTO bench_t(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
+      };
+      const create = async (name: string, where?: unknown[]) => {
+        const response = await fetch(new URL("/v2/streams", server.url), {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ name, tables: [where ? { table: "bench_t", where } : "bench_t"] }),
+        });
+        if (response.status !== 201) throw new Error(`create ${name}: ${await response.text()}`);
+        await response.body?.cancel();
+      };
+      const remove = async (name: string) => {
+        await (await fetch(new URL(`/v2/streams/${name}`, server.url), { method: "DELETE" })).body
+          ?.cancel();
+      };
+      let perChangeOne = 0;
+      for (const count of [1, 4, 8]) {
+        const names = Array.from({ length: count }, (_, i) => `p1s-${count}-${i}`);
+        for (const name of names) await create(name);
+        await backlog();
+        const cpu = await cpuSeconds(server.pid);
+        const started = performance.now();
+        await Promise.all(
+          names.map((name) => drainPath(server.url, `/v2/streams/${name}/changes`, P1_ROWS)),
+        );
+        const seconds = (performance.now() - started) / 1000;
+        const used = await cpuSeconds(server.pid) - cpu;
+        const perChange = used / (count * P1_ROWS / 100_000);
+        if (count === 1) perChangeOne = perChange;
+        report(
+          `P1S ${count} v2 stream${count > 1 ? "s" : ""}, ${P1_ROWS} rows each`,
+          `${Math.round(P1_ROWS / seconds)} rows/s per stream`,
+          "",
+          `server CPU ${perChange.toFixed(3)} s per 100k delivered changes (${
+            Math.round(count * P1_ROWS / seconds)
+          } changes/s in all)`,
+        );
+        for (const name of names) await remove(name);
+      }
+      // A filter that passes 10% of the rows (a is 1..100 in every transaction).
+      await create("p1s-filtered", [["a", "<=", 10]]);
+      await backlog();
+      const cpu = await cpuSeconds(server.pid);
+      const started = performance.now();
+      await drainPath(server.url, "/v2/streams/p1s-filtered/changes", P1_ROWS / 10);
+      const seconds = (performance.now() - started) / 1000;
+      const perExamined = (await cpuSeconds(server.pid) - cpu) / (P1_ROWS / 100_000);
+      report(
+        `P1S filter passing 10% of ${P1_ROWS} rows`,
+        `${Math.round(P1_ROWS / seconds)} rows/s examined`,
+        "",
+        `server CPU ${perExamined.toFixed(3)} s per 100k examined (${
+          (perExamined / perChangeOne).toFixed(2)
+        }x unfiltered)`,
+      );
+      await remove("p1s-filtered");
     }
     if (want("P2")) {
       // P2: live latency at a steady rate; then the highest rate it keeps up with.
