@@ -37,6 +37,32 @@ export interface Config {
   frameChunkBytes: number;
   /** Connections that read one table export in parallel. */
   exportReaders: number;
+  /** Who may do what: tokens, JWT keys, protected mode, allowed origins. */
+  auth: AuthConfig;
+}
+
+/** How clients authenticate, and which browsers' origins may call. */
+export interface AuthConfig {
+  /**
+   * `on`: credentials are required (admin tokens or JWTs are configured).
+   * `protected`: nothing is configured, so only loopback clients are served.
+   * `none`: `AUTH=none`, every client may do everything (private networks only).
+   */
+  mode: "on" | "protected" | "none";
+  /** Bearer tokens of admins (`ADMIN_TOKENS`, comma-separated, and `ADMIN_TOKEN`). */
+  adminTokens: string[];
+  /** Secret of HS256 consumer JWTs (`JWT_SECRET`); also what minted tokens are signed with. */
+  jwtSecret?: string;
+  /** Where the JWKS of RS256, ES256 and EdDSA consumer JWTs is (`JWKS_URL`). */
+  jwksUrl?: string;
+  /** What a JWT's `aud` must contain (`JWT_AUDIENCE`). */
+  audience: string;
+  /** What a JWT's `iss` must be, when set (`JWT_ISSUER`). */
+  issuer?: string;
+  /** Origins allowed cross-origin HTTP (`CORS_ORIGINS`, comma-separated). */
+  corsOrigins: string[];
+  /** A JWKS is fetched again for an unknown key at most this often, in ms. */
+  jwksCooldownMs: number;
 }
 
 /** Every environment variable the server or `npm:pg` reads: the `--allow-env` list. */
@@ -68,6 +94,14 @@ export const ENV_VARS = [
   "PUBLICATION_PREFIX",
   "FRAME_CHUNK_BYTES",
   "EXPORT_READERS",
+  "AUTH",
+  "ADMIN_TOKENS",
+  "ADMIN_TOKEN",
+  "JWT_SECRET",
+  "JWKS_URL",
+  "JWT_AUDIENCE",
+  "JWT_ISSUER",
+  "CORS_ORIGINS",
   "NODE_PG_FORCE_NATIVE",
 ] as const;
 
@@ -109,6 +143,51 @@ function password(env: EnvReader): string | undefined {
   const value = nonEmpty(env, "PGPASS", "PGPASSWORD");
   if (value === "''" || value === '""') return "";
   return value;
+}
+
+function list(env: EnvReader, ...names: string[]): string[] {
+  return names.flatMap((name) => (env(name) ?? "").split(",")).map((s) => s.trim()).filter(Boolean);
+}
+
+/** The authentication settings; a `RangeError` naming the variable that is wrong. */
+function loadAuth(env: EnvReader): AuthConfig {
+  const adminTokens = list(env, "ADMIN_TOKENS", "ADMIN_TOKEN");
+  if (adminTokens.some((t) => t.length < 16)) {
+    throw new RangeError("ADMIN_TOKENS is invalid: each token must be at least 16 characters");
+  }
+  const jwtSecret = nonEmpty(env, "JWT_SECRET");
+  if (jwtSecret !== undefined && new TextEncoder().encode(jwtSecret).length < 32) {
+    throw new RangeError("JWT_SECRET is invalid: it must be at least 32 bytes (HS256)");
+  }
+  const jwksUrl = nonEmpty(env, "JWKS_URL");
+  if (jwksUrl !== undefined && !/^https?:\/\//.test(jwksUrl)) {
+    throw new RangeError("JWKS_URL is invalid: expected an http(s) URL");
+  }
+  const auth = nonEmpty(env, "AUTH");
+  if (auth !== undefined && auth !== "none") {
+    throw new RangeError(`AUTH=${JSON.stringify(auth)} is invalid: the only value is "none"`);
+  }
+  const corsOrigins = list(env, "CORS_ORIGINS");
+  for (const origin of corsOrigins) {
+    if (URL.parse(origin)?.origin !== origin) {
+      throw new RangeError(
+        `CORS_ORIGINS is invalid: ${
+          JSON.stringify(origin)
+        } is not an origin (scheme://host[:port])`,
+      );
+    }
+  }
+  const configured = adminTokens.length > 0 || jwtSecret !== undefined || jwksUrl !== undefined;
+  return {
+    mode: auth === "none" ? "none" : configured ? "on" : "protected",
+    adminTokens,
+    jwtSecret,
+    jwksUrl,
+    audience: nonEmpty(env, "JWT_AUDIENCE") ?? "pgdeltastream",
+    issuer: nonEmpty(env, "JWT_ISSUER"),
+    corsOrigins,
+    jwksCooldownMs: 30_000,
+  };
 }
 
 /** Builds the configuration from the environment; throws a `RangeError` naming the bad variable. */
@@ -158,6 +237,7 @@ export function loadConfig(env: EnvReader): Config {
     publicationPrefix: prefix,
     frameChunkBytes: integer(env, ["FRAME_CHUNK_BYTES"], 1 << 20, 1024, 64 << 20),
     exportReaders: integer(env, ["EXPORT_READERS"], 2, 1, 16),
+    auth: loadAuth(env),
   };
 }
 

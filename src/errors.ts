@@ -15,7 +15,16 @@ export class InvalidRequestError extends Error {
   }
 }
 
-/** The server's database role may not do what the request needs (403). */
+/** The request carries no credential, or one that is not valid: expired, forged, for another audience (401). */
+export class UnauthorizedError extends Error {
+  /** Creates the error; `message` says which, and never contains the credential. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "UnauthorizedError";
+  }
+}
+
+/** The credential is valid but not for this (403); or the server's role may not do what the request needs. */
 export class ForbiddenError extends Error {
   /** Creates the error. */
   constructor(message: string, options?: ErrorOptions) {

@@ -142,6 +142,8 @@ export const CloseCode = {
   SlotDropped: 4000,
   /** The client sent an invalid acknowledgement; the reason says which rule it broke. */
   InvalidAck: 4400,
+  /** The client's credential expired; reconnect with a fresh one to resume after the last ack. */
+  TokenExpired: 4401,
   /**
    * v2: the stream's definition no longer fits its table (its filter names a
    * column that was dropped or renamed); the reason names it. Final: delete

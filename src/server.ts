@@ -6,6 +6,7 @@
  */
 
 import type pg from "pg";
+import { Authenticator } from "./auth/authenticator.ts";
 import type { Config } from "./config.ts";
 import { UnavailableError } from "./errors.ts";
 import { createHttpApp } from "./http/app.ts";
@@ -56,6 +57,8 @@ export class Server implements AsyncDisposable {
   readonly tails: TailHub;
   /** v2's named streams. */
   readonly streams: StreamManager;
+  /** Checks credentials, mints consumer tokens. */
+  readonly authenticator: Authenticator;
   #closing = false;
 
   private constructor(config: Config, pool: pg.Pool) {
@@ -68,6 +71,7 @@ export class Server implements AsyncDisposable {
     this.typeNames = new TypeNames(pool);
     this.tails = new TailHub();
     this.streams = new StreamManager(this);
+    this.authenticator = new Authenticator(config.auth);
   }
 
   /** Connects to the database and sets up the server's schema and publications. */

@@ -79,7 +79,10 @@ Deno.test("at least once through server crashes, database restarts and killed wa
           await postgres.stop("fast");
           const down = await fetch(new URL("/healthz", api.url));
           assert.equal(down.status, 503);
-          assert.equal((await down.json()).database.reachable, false);
+          assert.deepEqual(await down.json(), { status: "unavailable" });
+          const status = await fetch(new URL("/v2/status", api.url));
+          assert.equal(status.status, 503);
+          assert.equal((await status.json()).database.reachable, false);
           const refused = await fetch(new URL("/v1/init", api.url));
           assert.equal(refused.status, 503);
           assert.match((await refused.json()).error, /Database unavailable/);

@@ -7,7 +7,8 @@
 import { Hono } from "hono";
 import type { Server } from "../server.ts";
 import { errorBody, errorResponse } from "./error_mapper.ts";
-import { json, Routes } from "./routes.ts";
+import { AccessControl } from "./access.ts";
+import { json, open, Routes } from "./routes.ts";
 import { v1Routes } from "./v1_routes.ts";
 import { v2Routes } from "./v2_routes.ts";
 
@@ -16,12 +17,15 @@ export function createHttpApp(server: Server): Hono {
   const app = new Hono();
   app.onError((error) => errorResponse(error));
   app.notFound((c) => errorBody(404, `Not found: ${new URL(c.req.url).pathname}`));
-  const routes = new Routes(app);
+  const access = new AccessControl(server.config.auth, server.authenticator);
+  app.use("*", access.cors());
+  const routes = new Routes(app, access);
+  // For load balancers: up or not, nothing more (the detailed report is /v2/status, for admins).
   routes.add("/healthz", {
-    GET: async () => {
-      const report = await server.health();
-      return json(report, report.status === "ok" ? 200 : 503);
-    },
+    GET: open(async () => {
+      const { status } = await server.health();
+      return json({ status: status === "ok" ? "ok" : "unavailable" }, status === "ok" ? 200 : 503);
+    }),
   });
   v1Routes(server, routes);
   v2Routes(server, routes);

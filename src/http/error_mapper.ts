@@ -12,6 +12,7 @@ import {
   GoneError,
   InvalidRequestError,
   NotFoundError,
+  UnauthorizedError,
   UnavailableError,
 } from "../errors.ts";
 import { isConnectionError } from "../postgres/database.ts";
@@ -43,6 +44,16 @@ export function errorBody(status: number, message: string, headers: HeadersInit 
 /** The response for `error`; logs what the client is not told. */
 export function errorResponse(error: unknown): Response {
   if (error instanceof HttpError) return errorBody(error.status, error.message, error.headers);
+  if (error instanceof UnauthorizedError) {
+    // RFC 6750: the challenge, with the reason for a credential that was sent and refused.
+    const refused = !/^Missing credential/.test(error.message);
+    const challenge = refused
+      ? `Bearer realm="pgdeltastream", error="invalid_token", error_description=${
+        JSON.stringify(error.message.replace(/["\\]/g, "'"))
+      }`
+      : `Bearer realm="pgdeltastream"`;
+    return errorBody(401, error.message, { "www-authenticate": challenge });
+  }
   for (const [type, status] of STATUSES) {
     if (error instanceof type) return errorBody(status, error.message);
   }

@@ -258,3 +258,13 @@ export const V2_EXPORT: RequestSchema<PageRequestBody> = {
   messages: SNAPSHOT_MESSAGES,
   unknownField: EXPORT_UNKNOWN(false),
 };
+
+/** Longest life of a minted token: a week. */
+export const MAX_TOKEN_TTL_SECONDS = 7 * 24 * 3600;
+
+/** `POST /v2/streams/{name}/tokens`. */
+export const V2_TOKEN: RequestSchema<{ ttlSeconds: number }> = {
+  zod: z.strictObject({ ttlSeconds: optional(z.number().int().min(1).max(MAX_TOKEN_TTL_SECONDS)) })
+    .transform((body) => ({ ttlSeconds: body.ttlSeconds ?? 3600 })),
+  messages: { ttlSeconds: `"ttlSeconds" must be an integer from 1 to ${MAX_TOKEN_TTL_SECONDS}` },
+};

@@ -29,6 +29,8 @@ export interface StreamTarget {
   busyTimeoutSeconds: number;
   /** Watches the session (tails, metrics). */
   observer?: SessionObserver;
+  /** When the client's credential expires (ms since the epoch): the socket closes with 4401 then. */
+  expiresAt?: number;
 }
 
 /** Upgrades `request` to a websocket streaming `target`'s slot, registered in `sessions`. */
@@ -44,7 +46,7 @@ export async function acceptStream(
     await target.prepare();
     service = await startReplication(target.options, target.busyTimeoutSeconds);
     const { socket, response } = Deno.upgradeWebSocket(request);
-    claim.attach(new StreamSession(socket, service, target.observer));
+    claim.attach(new StreamSession(socket, service, target.observer, target.expiresAt));
     return response;
   } catch (error) {
     await service?.close();

@@ -14,7 +14,7 @@ import { exportRows } from "../snapshots/snapshot_export.ts";
 import { readPage, type SnapshotSource } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
 import { V1_EXPORT, V1_PAGE } from "./request_schemas.ts";
-import { json, ndjson, type Routes } from "./routes.ts";
+import { admin, json, ndjson, type Routes } from "./routes.ts";
 import { acceptStream } from "./stream_upgrade.ts";
 
 /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
@@ -39,28 +39,29 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
     );
     return json({ slotName } satisfies InitResponse);
   };
-  routes.add(`${API_PREFIX}/init`, { GET: init, POST: init });
+  // v1 is admin's: init drops slots. (In protected mode, clients on this machine are admins.)
+  routes.add(`${API_PREFIX}/init`, { GET: admin(init, true), POST: admin(init) });
 
   routes.add(`${API_PREFIX}/snapshot/data`, {
-    POST: async (c) => {
+    POST: admin(async (c) => {
       server.assertOpen();
       const page = await readBody(c.req.raw, V1_PAGE);
       return json(await readPage(await snapshotSource(server, page.slotName), page), 200, true);
-    },
+    }),
   });
 
   routes.add(`${API_PREFIX}/snapshot/export`, {
-    POST: async (c) => {
+    POST: admin(async (c) => {
       server.assertOpen();
       const page = await readBody(c.req.raw, V1_EXPORT);
       const source = await snapshotSource(server, page.slotName);
       const options = { database: server.config.database, readers: server.config.exportReaders };
       return ndjson(await exportRows(source, options, page));
-    },
+    }),
   });
 
   routes.add(`${API_PREFIX}/lr/stream`, {
-    GET: (c) => {
+    GET: admin((c, principal) => {
       server.assertOpen();
       const slotName = c.req.query("slotName");
       if (!isValidSlotName(slotName)) {
@@ -85,7 +86,8 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
           }
           await server.slots.syncPublication();
         },
+        expiresAt: principal.kind === "admin" ? principal.expiresAt : undefined,
       });
-    },
+    }),
   });
 }

@@ -1,19 +1,23 @@
 /**
  * API v2: named streams, each with its own slot, snapshot, definition and
  * position; its snapshot seen through its definition; its changes to one
- * consumer, and a read-only tail to any number of viewers.
+ * consumer, and a read-only tail to any number of viewers. Creating,
+ * listing and deleting streams, and minting tokens, are for admins; a
+ * stream's state, snapshot, changes and tail for whoever may read it.
  * @module
  */
 
 import type { Context, Hono } from "hono";
-import { InvalidRequestError } from "../errors.ts";
+import type { Principal } from "../auth/principal.ts";
+import { mayRead } from "../auth/principal.ts";
+import { ConflictError, InvalidRequestError } from "../errors.ts";
 import { V2_PREFIX } from "../protocol.ts";
 import type { Server } from "../server.ts";
 import { exportRows } from "../snapshots/snapshot_export.ts";
 import { readPage } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
-import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE } from "./request_schemas.ts";
-import { json, ndjson, type Routes } from "./routes.ts";
+import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
+import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
 import { acceptStream } from "./stream_upgrade.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 
@@ -30,53 +34,76 @@ export function streamName(c: Context): string {
   return name!;
 }
 
+/** When the credential of `principal` expires (its open websockets close then), if it does. */
+function expiry(principal: Principal): number | undefined {
+  return principal.kind === "anonymous" ? undefined : principal.expiresAt;
+}
+
 /** Adds the v2 routes of `server` to `routes`. */
 export function v2Routes(server: Server, routes: Routes<Hono>): void {
   const streams = server.streams;
   const base = `${V2_PREFIX}/streams`;
 
   routes.add(base, {
-    GET: async () => json({ streams: await streams.list() }),
-    POST: async (c) => {
+    // Every stream for an admin; a consumer sees the ones it may read.
+    GET: signedIn(async (_c, principal) =>
+      json({ streams: (await streams.list()).filter((s) => mayRead(principal, s.name)) })
+    ),
+    POST: admin(async (c) => {
       server.assertOpen();
       return json(await streams.create(await readBody(c.req.raw, V2_CREATE)), 201);
-    },
+    }),
   });
 
   routes.add(`${base}/:name`, {
-    GET: async (c) => json(await streams.get(streamName(c))),
-    DELETE: async (c) => {
+    GET: reader(async (c) => json(await streams.get(streamName(c)))),
+    DELETE: admin(async (c) => {
       await streams.delete(streamName(c));
       return new Response(null, { status: 204 });
-    },
+    }),
+  });
+
+  routes.add(`${base}/:name/tokens`, {
+    POST: admin(async (c) => {
+      const name = streamName(c);
+      const { ttlSeconds } = await readBody(c.req.raw, V2_TOKEN);
+      if (!server.authenticator.canMint) {
+        throw new ConflictError(
+          "Cannot mint tokens: the server has no JWT_SECRET to sign them with",
+        );
+      }
+      await streams.require(name, "Cannot mint a token");
+      const { token, expiresAt } = await server.authenticator.mint(name, ttlSeconds);
+      return json({ token, expiresAt: expiresAt.toISOString() }, 201);
+    }),
   });
 
   routes.add(`${base}/:name/snapshot`, {
-    POST: async (c) => {
+    POST: reader(async (c) => {
       server.assertOpen();
       const name = streamName(c);
       const page = await readBody(c.req.raw, V2_PAGE);
       return json(await readPage(await streams.snapshotSource(name), page), 200, true);
-    },
-    DELETE: async (c) => {
+    }),
+    DELETE: reader(async (c) => {
       await streams.releaseSnapshot(streamName(c));
       return new Response(null, { status: 204 });
-    },
+    }),
   });
 
   routes.add(`${base}/:name/snapshot/export`, {
-    POST: async (c) => {
+    POST: reader(async (c) => {
       server.assertOpen();
       const name = streamName(c);
       const page = await readBody(c.req.raw, V2_EXPORT);
       const source = await streams.snapshotSource(name);
       const options = { database: server.config.database, readers: server.config.exportReaders };
       return ndjson(await exportRows(source, options, page));
-    },
+    }),
   });
 
   routes.add(`${base}/:name/changes`, {
-    GET: async (c) => {
+    GET: reader(async (c, principal) => {
       server.assertOpen();
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
@@ -88,19 +115,27 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
         options: streams.replicationOptions(stream),
         prepare: () => server.slots.syncPublication(),
         observer: { sent: (frame) => server.tails.publish(name, frame.text) },
+        expiresAt: expiry(principal),
       });
-    },
+    }),
   });
 
   routes.add(`${base}/:name/tail`, {
-    GET: async (c) => {
+    GET: reader(async (c, principal) => {
       server.assertOpen();
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot tail");
       await streams.require(name, "Cannot tail");
       const { socket, response } = Deno.upgradeWebSocket(c.req.raw);
-      server.tails.add(name, socket);
+      server.tails.add(name, socket, expiry(principal));
       return response;
-    },
+    }),
+  });
+
+  routes.add(`${V2_PREFIX}/status`, {
+    GET: admin(async () => {
+      const report = await server.health();
+      return json(report, report.status === "ok" ? 200 : 503);
+    }),
   });
 }

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { atTime } from "../deadline_timer.ts";
 import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
 import { type Frame, StreamScopeError } from "../replication/pgoutput_decoder.ts";
 import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "../protocol.ts";
@@ -53,11 +54,24 @@ export class StreamSession {
   readonly done: Promise<void>;
 
   /** Binds `socket` (from `Deno.upgradeWebSocket`) to `service`. */
-  constructor(socket: WebSocket, service: ReplicationService, observer: SessionObserver = {}) {
+  constructor(
+    socket: WebSocket,
+    service: ReplicationService,
+    observer: SessionObserver = {},
+    expiresAt?: number,
+  ) {
     this.slotName = service.slotName;
     this.#socket = socket;
     this.#service = service;
     this.#observer = observer;
+    if (expiresAt !== undefined) {
+      // The credential's end closes the socket; the client reconnects with a fresh one and resumes.
+      const cancel = atTime(
+        expiresAt,
+        () => this.close(CloseCode.TokenExpired, "token expired; reconnect with a fresh token"),
+      );
+      this.#abort.signal.addEventListener("abort", cancel, { once: true });
+    }
     socket.addEventListener("message", (event) => this.#onMessage(event));
     const closed = new Promise<void>((resolve) =>
       socket.addEventListener("close", () => resolve(), { once: true })

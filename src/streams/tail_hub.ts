@@ -7,6 +7,7 @@
  * @module
  */
 
+import { atTime } from "../deadline_timer.ts";
 import { CloseCode, type CloseCodeValue } from "../protocol.ts";
 
 /** A tail's buffered bytes beyond which it is closed as too slow. */
@@ -16,12 +17,21 @@ export const TAIL_MAX_BUFFERED_BYTES = 8 << 20;
 export class TailHub {
   readonly #tails = new Map<string, Set<WebSocket>>();
 
-  /** Adds `socket` (just upgraded) as a tail of `stream`, until it closes. */
-  add(stream: string, socket: WebSocket): void {
+  /**
+   * Adds `socket` (just upgraded) as a tail of `stream`, until it closes, or
+   * (4401) until `expiresAt`, when its credential expires.
+   */
+  add(stream: string, socket: WebSocket, expiresAt?: number): void {
     let tails = this.#tails.get(stream);
     if (tails === undefined) this.#tails.set(stream, tails = new Set());
     tails.add(socket);
+    const cancel = expiresAt === undefined ? undefined : atTime(expiresAt, () => {
+      if (socket.readyState === WebSocket.OPEN) {
+        socket.close(CloseCode.TokenExpired, "token expired; reconnect with a fresh token");
+      }
+    });
     socket.addEventListener("close", () => {
+      cancel?.();
       tails.delete(socket);
       if (tails.size === 0 && this.#tails.get(stream) === tails) this.#tails.delete(stream);
     });
