@@ -4,7 +4,7 @@
  * @module
  */
 
-import { describeDatabase, loadConfig } from "./config.ts";
+import { type AuthConfig, describeDatabase, loadConfig } from "./config.ts";
 import { preflight } from "./postgres/preflight.ts";
 import { startServer } from "./server.ts";
 
@@ -12,6 +12,31 @@ import { startServer } from "./server.ts";
 export const EXIT_CONFIG = 2;
 /** The database is unreachable or not set up for logical replication. */
 export const EXIT_DATABASE = 1;
+
+/** The authentication mode in force, for the start-up log (never a secret). */
+export function describeAuth(auth: AuthConfig): string {
+  switch (auth.mode) {
+    case "none":
+      return "none (AUTH=none): every client may do everything; for private networks only";
+    case "protected":
+      return "protected mode: no credentials are configured, so only clients on this machine are " +
+        "served; set ADMIN_TOKENS, JWT_SECRET or JWKS_URL to serve others";
+    case "on": {
+      const kinds = [
+        auth.adminTokens.length > 0 ? `${auth.adminTokens.length} admin token(s)` : undefined,
+        auth.jwtSecret !== undefined ? "HS256 JWTs (JWT_SECRET)" : undefined,
+        auth.jwksUrl !== undefined
+          ? `JWTs from ${new URL(auth.jwksUrl).host} (JWKS_URL)`
+          : undefined,
+      ].filter(Boolean);
+      return `on: ${kinds.join(", ")}; audience ${JSON.stringify(auth.audience)}${
+        auth.issuer ? `, issuer ${JSON.stringify(auth.issuer)}` : ""
+      }; cross-origin calls from ${
+        auth.corsOrigins.length > 0 ? auth.corsOrigins.join(", ") : "no other origin"
+      }`;
+    }
+  }
+}
 
 /** Runs the server until a signal asks it to stop; returns the exit code. */
 export async function main(): Promise<number> {
@@ -47,6 +72,7 @@ export async function main(): Promise<number> {
       `pgdeltastream: slots created earlier, resumable with /v1/lr/stream: ${leftovers.join(", ")}`,
     );
   }
+  console.log(`pgdeltastream: authentication: ${describeAuth(config.auth)}`);
   console.log(
     `pgdeltastream listening on ${server.url.href} (database ${describeDatabase(config.database)})`,
   );
