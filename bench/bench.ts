@@ -9,6 +9,8 @@
  */
 
 import pg from "pg";
+import { exportJWK, generateKeyPair, SignJWT } from "jose";
+import { Authenticator } from "../src/auth/authenticator.ts";
 import { EmbeddedPostgres } from "../src/dev/embedded_postgres.ts";
 import { init, ServerProcess } from "../tests/support/harness.ts";
 
@@ -377,6 +379,102 @@ async function main(): Promise<void> {
         }x unfiltered)`,
       );
       await remove("p1s-filtered");
+    }
+    if (want("A1")) {
+      // A1: what checking a credential costs: requests/s of one cheap authenticated request with an
+      // HS256 JWT, an ES256 JWT (JWKS, cached) and an admin token, against AUTH=none; and the
+      // verifications per second of the checker alone.
+      console.error("A1 authentication cost ...");
+      const secret = "bench-secret-".padEnd(40, "x");
+      const adminToken = "bench-admin-token-0123456789";
+      const key = await generateKeyPair("ES256", { extractable: true });
+      const jwk = { ...(await exportJWK(key.publicKey)), kid: "bench", alg: "ES256" };
+      const jwksServer = Deno.serve(
+        { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+        () => Response.json({ keys: [jwk] }),
+      );
+      const exp = Math.floor(Date.now() / 1000) + 3600;
+      const hsToken = await new SignJWT({ aud: "pgdeltastream", exp, streams: ["*"] })
+        .setProtectedHeader({ alg: "HS256" }).sign(new TextEncoder().encode(secret));
+      const esToken = await new SignJWT({ aud: "pgdeltastream", exp, streams: ["*"] })
+        .setProtectedHeader({ alg: "ES256", kid: "bench" }).sign(key.privateKey);
+      const requests = QUICK ? 500 : 3000;
+      const rate = async (base: URL, token?: string) => {
+        const headers: Record<string, string> = token ? { authorization: `Bearer ${token}` } : {};
+        const run = async () => {
+          for (let i = 0; i < requests / 4; i++) {
+            const response = await fetch(new URL("/v2/streams/nope", base), { headers });
+            if (response.status !== 404) throw new Error(`status ${response.status}`);
+            await response.body?.cancel();
+          }
+        };
+        const started = performance.now();
+        await Promise.all([run(), run(), run(), run()]);
+        return requests / ((performance.now() - started) / 1000);
+      };
+      await using secured = await ServerProcess.spawn(db, {
+        JWT_SECRET: secret,
+        ADMIN_TOKENS: adminToken,
+        JWKS_URL: `http://127.0.0.1:${jwksServer.addr.port}/`,
+      });
+      await using open = await ServerProcess.spawn(db, { AUTH: "none" });
+      await rate(open.url); // warm up both
+      await rate(secured.url, esToken);
+      const none = await rate(open.url);
+      const hs = await rate(secured.url, hsToken);
+      const es = await rate(secured.url, esToken);
+      const adm = await rate(secured.url, adminToken);
+      report(
+        "A1 requests/s of GET /v2/streams/<name> (404), 4 clients",
+        `HS256 JWT ${Math.round(hs)}, ES256 JWT (JWKS) ${Math.round(es)}, admin token ${
+          Math.round(adm)
+        }`,
+        `AUTH=none ${Math.round(none)}`,
+        `(${((1 - hs / none) * 100).toFixed(0)}% / ${((1 - es / none) * 100).toFixed(0)}% / ${
+          ((1 - adm / none) * 100).toFixed(0)
+        }% fewer)`,
+      );
+      const authenticator = new Authenticator({
+        mode: "on",
+        adminTokens: [adminToken],
+        jwtSecret: secret,
+        jwksUrl: `http://127.0.0.1:${jwksServer.addr.port}/`,
+        audience: "pgdeltastream",
+        corsOrigins: [],
+        jwksCooldownMs: 30_000,
+      });
+      const perSecond = async (token: string) => {
+        await authenticator.authenticate(token);
+        const started = performance.now();
+        for (let i = 0; i < requests; i++) await authenticator.authenticate(token);
+        return requests / ((performance.now() - started) / 1000);
+      };
+      report(
+        "A1 verifications/s of a token seen before (cached), one core",
+        `HS256 ${Math.round(await perSecond(hsToken))}, ES256 ${
+          Math.round(await perSecond(esToken))
+        }, admin token ${Math.round(await perSecond(adminToken))}`,
+      );
+      // First sight of a token: every one different, so each is verified for real.
+      const fresh = async (alg: "HS256" | "ES256") => {
+        const tokens = await Promise.all(
+          Array.from(
+            { length: requests / 3 },
+            (_, i) =>
+              new SignJWT({ aud: "pgdeltastream", exp, streams: ["*"], n: i })
+                .setProtectedHeader(alg === "HS256" ? { alg } : { alg, kid: "bench" })
+                .sign(alg === "HS256" ? new TextEncoder().encode(secret) : key.privateKey),
+          ),
+        );
+        const started = performance.now();
+        for (const token of tokens) await authenticator.authenticate(token);
+        return tokens.length / ((performance.now() - started) / 1000);
+      };
+      report(
+        "A1 verifications/s of new tokens, one core",
+        `HS256 ${Math.round(await fresh("HS256"))}, ES256 ${Math.round(await fresh("ES256"))}`,
+      );
+      await jwksServer.shutdown();
     }
     if (want("P2")) {
       // P2: live latency at a steady rate; then the highest rate it keeps up with.

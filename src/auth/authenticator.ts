@@ -63,18 +63,37 @@ function reason(error: unknown): string {
   return "Token is malformed";
 }
 
+/** Verified JWTs kept, at most, and for at most how long (never past their own expiry). */
+const CACHE_ENTRIES = 10_000;
+const CACHE_MS = 60_000;
+
 /** Checks credentials against the configuration; see the module's documentation. */
 export class Authenticator {
   readonly #config: AuthConfig;
   readonly #adminDigests: Promise<Uint8Array[]>;
   readonly #secret: Uint8Array | undefined;
+  /** The secret imported once (jose imports a raw secret again on every call). */
+  readonly #hmacKey: Promise<CryptoKey> | undefined;
   readonly #jwks: ReturnType<typeof createRemoteJWKSet> | undefined;
+  /**
+   * JWTs verified lately, by their text: a client sends the same token with
+   * every request. Kept until the token's expiry or a minute, whichever
+   * comes first, oldest dropped first beyond {@link CACHE_ENTRIES}.
+   */
+  readonly #verified = new Map<string, { principal: Principal; until: number }>();
 
   /** Uses `config`'s tokens, secret and JWKS. */
   constructor(config: AuthConfig) {
     this.#config = config;
     this.#adminDigests = Promise.all(config.adminTokens.map(digest));
     this.#secret = config.jwtSecret === undefined ? undefined : encoder.encode(config.jwtSecret);
+    this.#hmacKey = this.#secret === undefined ? undefined : crypto.subtle.importKey(
+      "raw",
+      this.#secret as Uint8Array<ArrayBuffer>,
+      { name: "HMAC", hash: "SHA-256" },
+      false,
+      ["sign", "verify"],
+    );
     this.#jwks = config.jwksUrl === undefined ? undefined : createRemoteJWKSet(
       new URL(config.jwksUrl),
       { cooldownDuration: config.jwksCooldownMs, cacheMaxAge: 10 * 60_000 },
@@ -90,6 +109,25 @@ export class Authenticator {
     if (token.split(".").length !== 3) {
       throw new UnauthorizedError("Unknown token: neither an admin token nor a JWT");
     }
+    const cached = this.#verified.get(token);
+    if (cached !== undefined) {
+      if (Date.now() < cached.until) return cached.principal;
+      this.#verified.delete(token);
+    }
+    const principal = await this.#verify(token);
+    if (principal.kind !== "anonymous" && principal.expiresAt !== undefined) {
+      if (this.#verified.size >= CACHE_ENTRIES) {
+        this.#verified.delete(this.#verified.keys().next().value!);
+      }
+      this.#verified.set(token, {
+        principal,
+        until: Math.min(principal.expiresAt, Date.now() + CACHE_MS),
+      });
+    }
+    return principal;
+  }
+
+  async #verify(token: string): Promise<Principal> {
     let algorithm: string | undefined;
     try {
       algorithm = decodeProtectedHeader(token).alg;
@@ -103,8 +141,11 @@ export class Authenticator {
     };
     let payload: JWTPayload;
     try {
-      if (algorithm === "HS256" && this.#secret !== undefined) {
-        ({ payload } = await jwtVerify(token, this.#secret, { ...options, algorithms: ["HS256"] }));
+      if (algorithm === "HS256" && this.#hmacKey !== undefined) {
+        ({ payload } = await jwtVerify(token, await this.#hmacKey, {
+          ...options,
+          algorithms: ["HS256"],
+        }));
       } else if (algorithm !== undefined && JWKS_ALGORITHMS.includes(algorithm) && this.#jwks) {
         ({ payload } = await jwtVerify(token, this.#jwks, {
           ...options,
@@ -150,6 +191,6 @@ export class Authenticator {
       .setIssuedAt()
       .setExpirationTime(exp);
     if (this.#config.issuer !== undefined) jwt.setIssuer(this.#config.issuer);
-    return { token: await jwt.sign(this.#secret!), expiresAt: new Date(exp * 1000) };
+    return { token: await jwt.sign(await this.#hmacKey!), expiresAt: new Date(exp * 1000) };
   }
 }
