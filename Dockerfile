@@ -18,6 +18,8 @@ RUN deno cache --frozen src/main.ts
 USER deno
 
 # Listen on every interface inside the container, on PORT if the platform sets one, else 12312.
+# Clients from outside the container are not on its loopback: protected mode refuses them until
+# ADMIN_TOKENS, JWT_SECRET or JWKS_URL is set (or AUTH=none, for private networks only).
 ENV SERVERHOST=0.0.0.0
 EXPOSE 12312
 

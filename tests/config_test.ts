@@ -83,3 +83,25 @@ Deno.test("the operator's PGOPTIONS and DATABASE_URL options are kept beside the
   const settled = withValueSettings(fromUrl);
   assert.match(settled.options!, /^-c work_mem=64MB -c bytea_output=hex -c DateStyle=ISO,MDY /);
 });
+
+Deno.test("loadConfig() derives the authentication mode and rejects weak or malformed settings", () => {
+  assert.equal(loadConfig(env({})).auth.mode, "protected");
+  assert.equal(loadConfig(env({ AUTH: "none" })).auth.mode, "none");
+  const on = loadConfig(env({
+    ADMIN_TOKENS: "a".repeat(16) + ", " + "b".repeat(20),
+    ADMIN_TOKEN: "c".repeat(16),
+    CORS_ORIGINS: "https://app.example, http://localhost:5173",
+  })).auth;
+  assert.equal(on.mode, "on");
+  assert.deepEqual(on.adminTokens, ["a".repeat(16), "b".repeat(20), "c".repeat(16)]);
+  assert.deepEqual(on.corsOrigins, ["https://app.example", "http://localhost:5173"]);
+  assert.equal(loadConfig(env({ JWT_SECRET: "s".repeat(32) })).auth.mode, "on");
+  assert.throws(() => loadConfig(env({ ADMIN_TOKENS: "short" })), /ADMIN_TOKENS.*16 characters/);
+  assert.throws(() => loadConfig(env({ JWT_SECRET: "short" })), /JWT_SECRET.*32 bytes/);
+  assert.throws(() => loadConfig(env({ AUTH: "off" })), /AUTH="off" is invalid/);
+  assert.throws(() => loadConfig(env({ JWKS_URL: "ftp://x" })), /JWKS_URL/);
+  assert.throws(
+    () => loadConfig(env({ CORS_ORIGINS: "https://app.example/path" })),
+    /CORS_ORIGINS/,
+  );
+});
