@@ -24,6 +24,10 @@ const decoder = new TextDecoder();
 const PROTOCOL_VERSION = 196608;
 /** The SSLRequest code. */
 const SSL_REQUEST = 80877103;
+/** A read smaller than this, mid-transaction, is followed by a pause of {@link LINGER_MS}. */
+const LINGER_BELOW_BYTES = 32 << 10;
+/** How long to let PostgreSQL's output pile up before reading more of a transaction. */
+const LINGER_MS = 1;
 /** Initial size of the receive buffer; it grows to hold the largest message. */
 const INITIAL_BUFFER = 256 << 10;
 
@@ -108,6 +112,8 @@ export class WireConnection {
   #start = 0;
   #end = 0;
   #closed = false;
+  /** The chain of writes in order. */
+  #writes: Promise<void> = Promise.resolve();
   /** Server parameters reported at startup (server_version, …). */
   readonly parameters = new Map<string, string>();
 
@@ -269,21 +275,81 @@ export class WireConnection {
     }
   }
 
-  /** Ends the session (Terminate) and closes the socket; never throws. */
-  close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    try {
-      void this.#conn.write(new Uint8Array([0x58, 0, 0, 0, 4])).catch(() => {});
-    } catch { /* closed */ }
-    try {
-      this.#conn.close();
-    } catch { /* closed */ }
+  /**
+   * Starts a CopyBoth exchange (`START_REPLICATION …` on a replication
+   * connection): resolves once PostgreSQL answers CopyBothResponse, rejects
+   * with its error (a slot that does not exist, one in use) otherwise.
+   */
+  async startCopyBoth(sql: string): Promise<void> {
+    await this.#send(0x51, cString(sql));
+    let failure: PostgresError | undefined;
+    for (;;) {
+      const m = await this.#next();
+      if (m.tag === 0x57) return; // W: CopyBothResponse
+      if (m.tag === 0x45) failure = this.#error(m); // E: ErrorResponse; ReadyForQuery follows
+      if (m.tag === 0x5a) throw failure ?? new Error(`PostgreSQL did not start copying: ${sql}`);
+    }
   }
 
-  /** Same as {@link close}. */
+  /**
+   * Reads the CopyBoth exchange: hands each CopyData payload to `onData` as
+   * `bytes[start, end)` (valid only during the call; `view` over the same
+   * bytes), without awaiting between messages unless `onData` returns a
+   * promise, and reading nothing from PostgreSQL meanwhile (backpressure).
+   * Resolves when PostgreSQL ends the copy; rejects if the connection fails.
+   */
+  async readCopyData(
+    onData: (bytes: Uint8Array, view: DataView, start: number, end: number) => void | Promise<void>,
+    options: { linger?: () => boolean } = {},
+  ): Promise<void> {
+    let failure: PostgresError | undefined;
+    for (let lastRead = Infinity;;) {
+      let m = this.#take();
+      while (m !== undefined) {
+        if (m.tag === 0x64) { // d: CopyData
+          const pending = onData(this.#buffer, this.#view, m.start, m.end);
+          if (pending !== undefined) await pending;
+        } else if (m.tag === 0x45) { // E: ErrorResponse
+          failure = this.#error(m);
+        } else if (m.tag === 0x5a) { // Z: ReadyForQuery: the copy is over
+          if (failure) throw failure;
+          return;
+        } // c: CopyDone, C: CommandComplete, N: NoticeResponse
+        m = this.#take();
+      }
+      // A consumer faster than PostgreSQL would read its output a message or two at a time, paying a
+      // read per message; where the caller says nothing is awaited soon (a backlog, a large
+      // transaction), let a small read's successors pile up for a moment instead.
+      if (lastRead < LINGER_BELOW_BYTES && options.linger?.()) {
+        await new Promise((resolve) => setTimeout(resolve, LINGER_MS));
+      }
+      lastRead = await this.#fill();
+    }
+  }
+
+  /** Sends one CopyData message (a standby status update, say), after any sent before it. */
+  sendCopyData(payload: Uint8Array): Promise<void> {
+    return this.#send(0x64, payload);
+  }
+
+  /** Ends the session (Terminate) once everything sent before is written, and closes the socket; never throws. */
+  close(): Promise<void> {
+    if (this.#closed) return this.#writes;
+    this.#closed = true;
+    const done = this.#writes.then(() => this.#conn.write(new Uint8Array([0x58, 0, 0, 0, 4])))
+      .catch(() => {})
+      .finally(() => {
+        try {
+          this.#conn.close();
+        } catch { /* closed */ }
+      });
+    this.#writes = done.then(() => {});
+    return this.#writes;
+  }
+
+  /** Same as {@link close}, without waiting. */
   [Symbol.dispose](): void {
-    this.close();
+    void this.close();
   }
 
   #fieldNames(m: Message): string[] {
@@ -350,8 +416,8 @@ export class WireConnection {
     }
   }
 
-  /** Reads more bytes: compacts the buffer, grows it for a message larger than it, then reads. */
-  async #fill(): Promise<void> {
+  /** Reads more bytes: compacts the buffer, grows it for a message larger than it, then reads; returns how many. */
+  async #fill(): Promise<number> {
     if (this.#start > 0) {
       this.#buffer.copyWithin(0, this.#start, this.#end);
       this.#end -= this.#start;
@@ -365,23 +431,26 @@ export class WireConnection {
       this.#view = new DataView(grown.buffer);
     }
     const read = await this.#conn.read(this.#buffer.subarray(this.#end));
-    if (read === null) {
-      this.#closed = true;
-      throw new Error("Connection terminated: PostgreSQL closed the connection");
-    }
+    if (read === null) throw new Error("Connection terminated: PostgreSQL closed the connection");
     this.#end += read;
+    return read;
   }
 
-  async #send(tag: number, body: Uint8Array): Promise<void> {
+  #send(tag: number, body: Uint8Array): Promise<void> {
     const message = new Uint8Array(5 + body.length);
     message[0] = tag;
     new DataView(message.buffer).setInt32(1, body.length + 4);
     message.set(body, 5);
-    await this.#write(message);
+    return this.#write(message);
   }
 
-  async #write(bytes: Uint8Array): Promise<void> {
-    for (let at = 0; at < bytes.length;) at += await this.#conn.write(bytes.subarray(at));
+  /** Writes `bytes` after every earlier write: writes never interleave. */
+  #write(bytes: Uint8Array): Promise<void> {
+    const write = this.#writes.then(async () => {
+      for (let at = 0; at < bytes.length;) at += await this.#conn.write(bytes.subarray(at));
+    });
+    this.#writes = write.catch(() => {});
+    return write;
   }
 }
 

@@ -155,6 +155,11 @@ const TAG_UPDATE = 0x55; // U
 const TAG_DELETE = 0x44; // D
 const TAG_TRUNCATE = 0x54; // T
 
+/** A transaction that committed this long ago is being replayed from a backlog. */
+const BACKLOG_MS = 100;
+/** A transaction with this many messages so far is a large one. */
+const LARGE_TRANSACTION_MESSAGES = 64;
+
 /** Microseconds from the Unix epoch to PostgreSQL's (2000-01-01). */
 const POSTGRES_EPOCH_US = 946_684_800_000_000n;
 
@@ -169,6 +174,8 @@ export class PgoutputDecoder {
   #chunked = false;
   #inTransaction = false;
   #commitTime = 0;
+  /** Messages of the open transaction so far. */
+  #messages = 0;
   /** nextlsn of the last complete transaction sent: what a partial frame carries. */
   #lastEnd: Lsn = 0n;
   #lastEndText = "0/0";
@@ -177,36 +184,42 @@ export class PgoutputDecoder {
   #oldValues: RawValue[] = [];
 
   /**
-   * Message tag → handler. A handler returns a `Frame` when a transaction
-   * (or a chunk of it) is complete, a promise when it must look something up
-   * first (a new relation). Tags not listed are ignored: Origin, Type and
-   * Message carry nothing wal2json format-version 1 prints.
+   * Message tag → handler, each given the message in place: `buf` and
+   * `view` over the bytes it lies in, `at` the offset of its tag. A handler
+   * returns a `Frame` when a transaction (or a chunk of it) is complete, a
+   * promise when it must look something up first (a new relation). Tags not
+   * listed are ignored: Origin, Type and Message carry nothing wal2json
+   * format-version 1 prints.
    */
   readonly #handlers: Record<
     number,
-    (buf: Buffer, view: DataView) => Frame | Promise<void> | void
+    (buf: Buffer, view: DataView, at: number) => Frame | Promise<void> | void
   > = {
     // Begin: final_lsn(8) commit timestamp(8) xid(4); a transaction's changes follow, up to its Commit.
-    [TAG_BEGIN]: (_buf, view) => {
+    [TAG_BEGIN]: (_buf, view, at) => {
       this.#changes = [];
       this.#bytes = 0;
       this.#chunked = false;
       this.#inTransaction = true;
-      this.#commitTime = Number((view.getBigInt64(9) + POSTGRES_EPOCH_US) / 1000n);
+      this.#messages = 0;
+      this.#commitTime = Number((view.getBigInt64(at + 9) + POSTGRES_EPOCH_US) / 1000n);
     },
     // Commit: flags(1) commit_lsn(8) end_lsn(8) timestamp(8). end_lsn is wal2json's nextlsn.
-    [TAG_COMMIT]: (_buf, view) => this.#commit(view),
+    [TAG_COMMIT]: (_buf, view, at) => this.#commit(view, at),
     // Relation: describes a table before its first change in this session, and after DDL.
-    [TAG_RELATION]: (buf, view) => this.#relation(buf, view),
+    [TAG_RELATION]: (buf, view, at) => this.#relation(buf, view, at),
     // Insert: relid(4) 'N' tuple.
-    [TAG_INSERT]: (buf, view) => this.#insert(buf, view),
+    [TAG_INSERT]: (buf, view, at) => this.#insert(buf, view, at),
     // Update: relid(4) ['K'|'O' old tuple] 'N' new tuple.
-    [TAG_UPDATE]: (buf, view) => this.#update(buf, view),
+    [TAG_UPDATE]: (buf, view, at) => this.#update(buf, view, at),
     // Delete: relid(4) 'K'|'O' old tuple.
-    [TAG_DELETE]: (buf, view) => this.#delete(buf, view),
+    [TAG_DELETE]: (buf, view, at) => this.#delete(buf, view, at),
     // Truncate: nrelations(4) options(1) relid(4)…; each relation was described before.
-    [TAG_TRUNCATE]: (_buf, view) => this.#truncate(view),
+    [TAG_TRUNCATE]: (_buf, view, at) => this.#truncate(view, at),
   };
+
+  /** A Buffer over the bytes messages arrive in (for UTF-8 decoding), made again when they move. */
+  #buf: Buffer = Buffer.alloc(0);
 
   /**
    * Creates a decoder that names types with `resolveTypes`, writes what
@@ -228,14 +241,33 @@ export class PgoutputDecoder {
     return this.#inTransaction;
   }
 
-  /** Decodes one pgoutput message: a `Frame` when one is ready, a promise to await before the next message, or nothing. */
-  decode(buf: Buffer): Frame | Promise<void> | void {
-    const handler = this.#handlers[buf[0]];
-    if (handler === undefined) return;
-    return handler(buf, new DataView(buf.buffer, buf.byteOffset, buf.byteLength));
+  /**
+   * Whether nothing the consumer waits for can come before a while: inside a
+   * transaction that committed long ago (a backlog being replayed), or deep
+   * inside a large one. Then a reader may let messages pile up before reading.
+   */
+  get betweenFrames(): boolean {
+    return this.#inTransaction &&
+      (this.#messages >= LARGE_TRANSACTION_MESSAGES || Date.now() - this.#commitTime > BACKLOG_MS);
   }
 
-  #commit(view: DataView): Frame | undefined {
+  /**
+   * Decodes one pgoutput message, `bytes[at, end)` (`view` over the same
+   * bytes): a `Frame` when one is ready, a promise to await before the next
+   * message, or nothing. Nothing of `bytes` is kept past the call, so they
+   * may be the connection's own buffer.
+   */
+  decode(bytes: Uint8Array, view: DataView, at: number): Frame | Promise<void> | void {
+    const handler = this.#handlers[bytes[at]];
+    this.#messages++;
+    if (handler === undefined) return;
+    if (this.#buf.buffer !== bytes.buffer || this.#buf.byteOffset !== bytes.byteOffset) {
+      this.#buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    }
+    return handler(this.#buf, view, at);
+  }
+
+  #commit(view: DataView, at: number): Frame | undefined {
     this.#inTransaction = false;
     const changes = this.#changes;
     this.#changes = [];
@@ -243,8 +275,8 @@ export class PgoutputDecoder {
     // A transaction whose every change was filtered out is not sent; the last chunk of a chunked
     // one always is, even empty: it carries the nextlsn to acknowledge.
     if (changes.length === 0 && !this.#chunked) return undefined;
-    this.#lastEnd = readLsn(view, 10);
-    this.#lastEndText = formatLsnAt(view, 10);
+    this.#lastEnd = readLsn(view, at + 10);
+    this.#lastEndText = formatLsnAt(view, at + 10);
     const text = `{"nextlsn":"${this.#lastEndText}","change":[${changes.join(",")}]}`;
     return {
       text,
@@ -286,8 +318,8 @@ export class PgoutputDecoder {
     };
   }
 
-  async #relation(buf: Buffer, view: DataView): Promise<void> {
-    let pos = 1;
+  async #relation(buf: Buffer, view: DataView, at: number): Promise<void> {
+    let pos = at + 1;
     const relid = view.getUint32(pos);
     pos += 4;
     const [namespace, afterNs] = readCString(buf, pos);
@@ -370,30 +402,30 @@ export class PgoutputDecoder {
     };
   }
 
-  #relationOf(view: DataView): Relation | undefined {
-    const relation = this.#relations.get(view.getUint32(1));
+  #relationOf(view: DataView, at: number): Relation | undefined {
+    const relation = this.#relations.get(view.getUint32(at + 1));
     if (relation === undefined) {
       throw new RangeError(
-        `pgoutput sent a change for relation ${view.getUint32(1)} before describing it`,
+        `pgoutput sent a change for relation ${view.getUint32(at + 1)} before describing it`,
       );
     }
     return relation.skip ? undefined : relation;
   }
 
-  #insert(buf: Buffer, view: DataView): Frame | undefined {
-    const relation = this.#relationOf(view);
+  #insert(buf: Buffer, view: DataView, at: number): Frame | undefined {
+    const relation = this.#relationOf(view, at);
     if (relation === undefined || !this.#scope.operations.insert) return;
     const values = this.#newValues;
-    readTuple(buf, view, 6, relation, values);
+    readTuple(buf, view, at + 6, relation, values);
     if (relation.filter !== undefined && !passes(relation.filter, values)) return;
     return this.#pushFor(relation, relation.insertHead + columns(relation, values) + "}");
   }
 
-  #update(buf: Buffer, view: DataView): Frame | undefined {
-    const relation = this.#relationOf(view);
+  #update(buf: Buffer, view: DataView, at: number): Frame | undefined {
+    const relation = this.#relationOf(view, at);
     if (relation === undefined) return;
     const operations = this.#scope.operations;
-    let pos = 5;
+    let pos = at + 5;
     let old: RawValue[] | undefined;
     let oldIsWholeRow = false;
     if (buf[pos] === 0x4b /* K */ || buf[pos] === 0x4f /* O */) {
@@ -417,23 +449,23 @@ export class PgoutputDecoder {
     return this.#pushFor(relation, relation.deleteHead + oldKeys(relation, old ?? values) + "}");
   }
 
-  #delete(buf: Buffer, view: DataView): Frame | undefined {
-    const relation = this.#relationOf(view);
+  #delete(buf: Buffer, view: DataView, at: number): Frame | undefined {
+    const relation = this.#relationOf(view, at);
     if (relation === undefined || !this.#scope.operations.delete) return;
-    const wholeRow = buf[5] === 0x4f; // O: REPLICA IDENTITY FULL; else K, the key alone
+    const wholeRow = buf[at + 5] === 0x4f; // O: REPLICA IDENTITY FULL; else K, the key alone
     const old = this.#oldValues;
-    readTuple(buf, view, 6, relation, old, !wholeRow);
+    readTuple(buf, view, at + 6, relation, old, !wholeRow);
     // A key-only row lacks the filter's other columns: those conditions pass (the delete is sent).
     if (relation.filter !== undefined && !passes(relation.filter, old)) return;
     return this.#pushFor(relation, relation.deleteHead + oldKeys(relation, old) + "}");
   }
 
-  #truncate(view: DataView): Frame | undefined {
+  #truncate(view: DataView, at: number): Frame | undefined {
     if (!this.#scope.operations.truncate) return;
-    const count = view.getInt32(1);
+    const count = view.getInt32(at + 1);
     let frame: Frame | undefined;
     for (let i = 0; i < count; i++) {
-      const relation = this.#relations.get(view.getUint32(6 + 4 * i));
+      const relation = this.#relations.get(view.getUint32(at + 6 + 4 * i));
       if (relation === undefined || relation.skip) continue;
       frame = this.#pushFor(relation, relation.truncateChange) ?? frame;
     }

@@ -1,25 +1,27 @@
 /**
  * One slot's replication connection as a `ReadableStream` of transaction
- * frames. Bridges `npm:pg-logical-replication` (connection, copy protocol,
- * keepalives) to the pgoutput decoder, and reports to PostgreSQL only what
- * the client acknowledged.
+ * frames. Speaks the streaming replication protocol itself, on our own wire
+ * connection: `START_REPLICATION`, then CopyData in both directions —
+ * XLogData and keepalives from PostgreSQL, handed to the pgoutput decoder in
+ * place (no copy, no object, no promise per message), and standby status
+ * updates back, which report only what the client acknowledged.
+ *
+ * Protocol: https://www.postgresql.org/docs/current/protocol-replication.html
  * @module
  */
 
-import type { Buffer } from "node:buffer";
-import type pg from "pg";
-import { LogicalReplicationService } from "pg-logical-replication";
 import type { DatabaseConfig } from "../config.ts";
 import { ConflictError, NotFoundError } from "../errors.ts";
-import { SqlState, sqlState, withValueSettings } from "../postgres/database.ts";
-import { type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
-import { standbyStatusUpdate } from "./standby_status.ts";
+import { type Lsn, ZERO_LSN } from "../lsn.ts";
+import { SqlState, sqlState } from "../postgres/database.ts";
+import { WireConnection } from "../postgres/wire_connection.ts";
 import {
   type Frame,
   PgoutputDecoder,
   type StreamScope,
   type TypeNameResolver,
 } from "./pgoutput_decoder.ts";
+import { standbyStatusUpdate } from "./standby_status.ts";
 
 /** Bytes (UTF-16 code units) of decoded frames buffered ahead of the socket by default. */
 export const DEFAULT_HIGH_WATER_BYTES = 2 << 20;
@@ -36,11 +38,6 @@ export interface ReplicationOptions {
   highWaterBytes?: number;
   /** Size at which a large transaction is sent as partial frames. */
   chunkBytes?: number;
-}
-
-/** The part of `npm:pg`'s connection that writes CopyData (not in its public types). */
-interface CopyConnection {
-  sendCopyFromChunk(chunk: Buffer): void;
 }
 
 /**
@@ -100,41 +97,9 @@ export class ReplicationLostError extends Error {
   }
 }
 
-/**
- * pgoutput without the library's parser: messages pass through as raw
- * buffers to {@link PgoutputDecoder}, which keeps values verbatim. Counts
- * arrivals, so the service knows when every received message was decoded.
- */
-class RawPgoutput {
-  received = 0;
-  /** The replication connection, once started: status updates are written to it directly. */
-  client: pg.Client | undefined;
-  // The library's AbstractPlugin is not exported; this class has its shape.
-  readonly options: { publications: string[] };
-
-  constructor(options: { publications: string[] }) {
-    this.options = options;
-  }
-
-  get name(): string {
-    return "pgoutput";
-  }
-
-  start(client: pg.Client, slotName: string): Promise<unknown> {
-    this.client = client;
-    // Start at 0/0: PostgreSQL resumes from the slot's confirmed_flush_lsn, the last acknowledged
-    // position. Names are [a-z0-9_] (checked by the caller and the config), safe to quote.
-    const publications = this.options.publications.join(",");
-    return client.query(
-      `START_REPLICATION SLOT "${slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${publications}')`,
-    );
-  }
-
-  parse(buffer: Buffer): Buffer {
-    this.received++;
-    return buffer;
-  }
-}
+/** CopyData payload tags of the streaming replication protocol. */
+const XLOG_DATA = 0x77; // w: start(8) end(8) send time(8), then a pgoutput message
+const KEEPALIVE = 0x6b; // k: WAL end(8) send time(8) reply requested(1)
 
 /**
  * Streams one slot. `readable` yields committed transactions in commit
@@ -146,12 +111,11 @@ export class ReplicationService implements AsyncDisposable {
   /** Committed transactions, in order. Errors with {@link ReplicationLostError} if the connection drops. */
   readonly readable: ReadableStream<Frame>;
 
-  readonly #lib: LogicalReplicationService;
-  readonly #plugin: RawPgoutput;
+  readonly #options: ReplicationOptions;
   readonly #decoder: PgoutputDecoder;
+  #connection: WireConnection | undefined;
   #controller!: ReadableStreamDefaultController<Frame>;
   #wake: (() => void) | undefined;
-  #processed = 0;
   #closing = false;
   #ended: Promise<void> = Promise.resolve();
   /** nextlsn of the last frame handed to `readable`. */
@@ -163,14 +127,8 @@ export class ReplicationService implements AsyncDisposable {
 
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
+    this.#options = options;
     this.#decoder = new PgoutputDecoder(options.resolveTypes, options.scope, options.chunkBytes);
-    this.#plugin = new RawPgoutput({ publications: options.publications });
-    this.#lib = new LogicalReplicationService(withValueSettings(options.database), {
-      // Never acknowledge on the library's own: it would confirm what was only received (data loss).
-      acknowledge: { auto: false, timeoutSeconds: 0 },
-      // Await our data handler before the next message: that is how backpressure reaches the socket.
-      flowControl: { enabled: true },
-    });
     this.readable = new ReadableStream<Frame>({
       start: (controller) => {
         this.#controller = controller;
@@ -195,22 +153,17 @@ export class ReplicationService implements AsyncDisposable {
   }
 
   async #start(): Promise<void> {
-    this.#lib.on("error", () => {}); // surfaced through subscribe()'s promise below
-    this.#lib.on("data", (_lsn: string, message: Buffer) => this.#onMessage(message));
-    this.#lib.on(
-      "heartbeat",
-      (lsn: string, _time: number, reply: boolean) => this.#onKeepalive(lsn, reply),
-    );
-    const started = new Promise<void>((resolve) => this.#lib.once("start", () => resolve()));
-    const running = this.#lib.subscribe(this.#plugin, this.slotName);
+    const connection = await WireConnection.connect(this.#options.database, true);
     try {
-      await Promise.race([
-        started,
-        running.then(() => Promise.reject(new Error("replication ended at once"))),
-      ]);
+      // From 0/0: PostgreSQL resumes at the slot's confirmed_flush_lsn, the last acknowledged
+      // position. Slot and publication names are [a-z0-9_] (checked by the callers), safe to quote.
+      await connection.startCopyBoth(
+        `START_REPLICATION SLOT "${this.slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${
+          this.#options.publications.join(",")
+        }')`,
+      );
     } catch (error) {
-      this.#closing = true;
-      await this.#lib.stop().catch(() => {});
+      void connection.close();
       switch (sqlState(error)) {
         case SqlState.UndefinedObject:
           throw new SlotNotFoundError(this.slotName, { cause: error });
@@ -219,10 +172,39 @@ export class ReplicationService implements AsyncDisposable {
       }
       throw error;
     }
-    this.#ended = running.then(
+    this.#connection = connection;
+    this.#ended = connection.readCopyData(
+      (bytes, view, start, end) => this.#onCopyData(bytes, view, start, end),
+      { linger: () => this.#decoder.betweenFrames },
+    ).then(
       () => this.#lost(undefined),
       (error) => this.#lost(error),
     );
+  }
+
+  /** One CopyData payload: XLogData (a pgoutput message) or a keepalive. */
+  #onCopyData(
+    bytes: Uint8Array,
+    view: DataView,
+    start: number,
+    end: number,
+  ): void | Promise<void> {
+    if (this.#closing) return;
+    const tag = bytes[start];
+    if (tag === XLOG_DATA) {
+      if (start + 25 >= end) return;
+      const result = this.#decoder.decode(bytes, view, start + 25);
+      if (result === undefined) return;
+      if (result instanceof Promise) return result;
+      this.#controller.enqueue(result);
+      this.#enqueued = result.nextLsn;
+      if ((this.#controller.desiredSize ?? 0) <= 0) {
+        // Backpressure: nothing more is read from PostgreSQL until the consumer catches up.
+        return new Promise<void>((resolve) => (this.#wake = resolve));
+      }
+    } else if (tag === KEEPALIVE) {
+      this.#onKeepalive(view.getBigUint64(start + 1), bytes[start + 17] === 1);
+    }
   }
 
   #lost(cause: unknown): void {
@@ -232,7 +214,7 @@ export class ReplicationService implements AsyncDisposable {
     try {
       this.#controller.error(new ReplicationLostError(this.slotName, { cause }));
     } catch { /* already closed */ }
-    void this.#lib.stop().catch(() => {});
+    void this.#connection?.close();
   }
 
   #resume(): void {
@@ -241,40 +223,17 @@ export class ReplicationService implements AsyncDisposable {
     wake?.();
   }
 
-  async #onMessage(message: Buffer): Promise<void> {
-    try {
-      if (this.#closing) return;
-      const result = this.#decoder.decode(message);
-      if (result instanceof Promise) {
-        await result;
-      } else if (result !== undefined) {
-        this.#controller.enqueue(result);
-        this.#enqueued = result.nextLsn;
-        if ((this.#controller.desiredSize ?? 0) <= 0) {
-          // Backpressure: the library reads no further message until this resolves.
-          await new Promise<void>((resolve) => (this.#wake = resolve));
-        }
-      }
-    } catch (error) {
-      this.#lost(error);
-    } finally {
-      this.#processed++;
-    }
-  }
-
   /**
    * A primary keepalive. Answer with the confirmed position when asked (or
    * `wal_sender_timeout` ends the stream); and when the client has
    * acknowledged everything decoded so far and nothing is in flight, move the
    * confirmed position up to the server's WAL end so an idle slot does not
    * hold WAL forever. Safe: every transaction that committed before that
-   * position has been sent ahead of this keepalive, decoded and acknowledged.
+   * position has been sent ahead of this keepalive (messages are decoded in
+   * order, so all of them have been decoded) and acknowledged.
    */
-  #onKeepalive(lsnText: string, reply: boolean): void {
-    if (this.#closing) return;
-    const walEnd = parseLsn(lsnText);
-    const idle = this.#plugin.received === this.#processed && !this.#decoder.inTransaction &&
-      this.#acked >= this.#enqueued;
+  #onKeepalive(walEnd: Lsn, reply: boolean): void {
+    const idle = !this.#decoder.inTransaction && this.#acked >= this.#enqueued;
     if (idle && walEnd > this.#confirmed) {
       this.#confirmed = walEnd;
       this.#sendStatus();
@@ -298,21 +257,17 @@ export class ReplicationService implements AsyncDisposable {
 
   #sendStatus(): void {
     if (this.#confirmed === ZERO_LSN || this.#closing) return;
-    // Not the library's acknowledge(): it reports lsn + 1 and dates the message from a wrong epoch
-    // (a week ahead), which shows as a bogus reply_time in pg_stat_replication.
-    const connection =
-      (this.#plugin.client as unknown as { connection?: CopyConnection } | undefined)?.connection;
-    connection?.sendCopyFromChunk(standbyStatusUpdate(this.#confirmed));
+    this.#connection?.sendCopyData(standbyStatusUpdate(this.#confirmed)).catch(() => {});
   }
 
-  /** Flushes the confirmed position, ends the replication connection and closes `readable`. */
+  /** Ends the replication connection (after the statuses already sent) and closes `readable`. */
   async close(): Promise<void> {
     this.#closing = true;
     this.#resume();
     try {
       this.#controller.close();
     } catch { /* already closed or errored */ }
-    await this.#lib.stop().catch(() => {});
+    await this.#connection?.close();
     await this.#ended;
   }
 
