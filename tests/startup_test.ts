@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import {
+  createStream,
   init,
   postJson,
   ServerProcess,
@@ -39,6 +40,19 @@ Deno.test("a role that is not superuser runs the server once a superuser ran den
   assert.deepEqual((await client.next()).change[0].columnvalues, [1]);
   const page = await postJson(new URL("/v1/snapshot/data", server.url), { slotName, table: "t" });
   assert.equal(page.status, 200, page.text);
+
+  // Not owning t, it may not publish it with a row filter: the server filters alone.
+  await createStream(server.url, {
+    name: "big",
+    tables: [{ table: "t", where: [["id", ">", 5]] }],
+  });
+  await using big = await StreamClient.changes(server.url, "big");
+  await sql(db, "INSERT INTO t VALUES (2); INSERT INTO t VALUES (7)");
+  const frame = await big.nextV2();
+  const inserts = frame.change.filter((c) => c.kind === "insert");
+  assert.deepEqual(inserts.map((c) => "columnvalues" in c && c.columnvalues), [[7]]);
+  await server.kill("SIGTERM");
+  assert.match(await server.output, /filters in the server only: the server's role may not create/);
 });
 
 Deno.test("with no replication slot free the server starts, warns, and init answers 503", async () => {

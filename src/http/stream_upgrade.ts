@@ -12,7 +12,11 @@ import {
   startReplication,
 } from "../replication/replication_service.ts";
 import type { SessionRegistry } from "../streams/session_registry.ts";
-import { type SessionObserver, StreamSession } from "../streams/stream_session.ts";
+import {
+  type SessionMonitor,
+  type SessionObserver,
+  StreamSession,
+} from "../streams/stream_session.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 
 /** What a stream request is for. */
@@ -31,6 +35,8 @@ export interface StreamTarget {
   observer?: SessionObserver;
   /** When the client's credential expires (ms since the epoch): the socket closes with 4401 then. */
   expiresAt?: number;
+  /** A check the session repeats (at once, then every `intervalMs`): a reason closes it with 4422. */
+  monitor?: SessionMonitor;
 }
 
 /** Upgrades `request` to a websocket streaming `target`'s slot, registered in `sessions`. */
@@ -46,7 +52,13 @@ export async function acceptStream(
     await target.prepare();
     service = await startReplication(target.options, target.busyTimeoutSeconds);
     const { socket, response } = Deno.upgradeWebSocket(request);
-    claim.attach(new StreamSession(socket, service, target.observer, target.expiresAt));
+    claim.attach(
+      new StreamSession(socket, service, {
+        observer: target.observer,
+        expiresAt: target.expiresAt,
+        monitor: target.monitor,
+      }),
+    );
     return response;
   } catch (error) {
     await service?.close();

@@ -19,6 +19,7 @@ import { readBody } from "./json_body.ts";
 import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
 import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
 import { acceptStream } from "./stream_upgrade.ts";
+import { CHECK_INTERVAL_MS } from "../streams/stream_publication.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 
 /** The stream name of the path; a 400 if it cannot be one. */
@@ -108,14 +109,16 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       const stream = await streams.require(name, "Cannot stream");
+      const plan = await streams.replicationPlan(stream);
       return acceptStream(c.req.raw, server.sessions, {
         slotName: stream.slotName,
         label: `stream "${name}"`,
         busyTimeoutSeconds: server.config.slotBusyTimeoutSeconds,
-        options: streams.replicationOptions(stream),
+        options: plan.options,
         prepare: () => server.slots.syncPublication(),
         observer: { sent: (frame) => server.tails.publish(name, frame.text) },
         expiresAt: expiry(principal),
+        monitor: { check: plan.check, intervalMs: CHECK_INTERVAL_MS },
       });
     }),
   });

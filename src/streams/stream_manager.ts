@@ -24,12 +24,14 @@ import type { SlotManager } from "../slots/slot_manager.ts";
 import type { SnapshotSource } from "../snapshots/snapshot_reader.ts";
 import type { SnapshotOwner, SnapshotStore } from "../snapshots/snapshot_store.ts";
 import type { SessionRegistry } from "./session_registry.ts";
+import { describeTables, type RequestTable, resolveDefinition } from "./stream_definition.ts";
 import {
-  describeTables,
-  type RequestTable,
-  resolveDefinition,
-  type StreamDefinition,
-} from "./stream_definition.ts";
+  createInsertPublication,
+  dropInsertPublication,
+  insertPublicationName,
+  missingTables,
+  streamPublications,
+} from "./stream_publication.ts";
 import { streamScope } from "./stream_scope.ts";
 import { type StoredStream, StreamStore } from "./stream_store.ts";
 import type { TailHub } from "./tail_hub.ts";
@@ -103,6 +105,7 @@ export class StreamManager {
     const stream = await this.#store.insert(request.name, slotNameFor(request.name), definition);
     try {
       await slots.syncPublication();
+      await createInsertPublication(pool, stream.slotName, definition);
       await slots.createSlot(stream.slotName, this.snapshotOwner(stream.name));
     } catch (error) {
       await this.#forget(stream);
@@ -125,6 +128,7 @@ export class StreamManager {
     try {
       await this.#deps.snapshots.release(stream.slotName, "the stream could not be created");
       await this.#deps.slots.dropSlot(stream.slotName);
+      await dropInsertPublication(this.#deps.pool, stream.slotName);
       await this.#store.delete(stream.name);
     } catch (error) {
       console.error(
@@ -186,6 +190,7 @@ export class StreamManager {
     await sessions.close(stream.slotName, CloseCode.SlotDropped, "stream deleted");
     await snapshots.release(stream.slotName, "the stream was deleted");
     await slots.dropSlot(stream.slotName);
+    await dropInsertPublication(this.#deps.pool, stream.slotName);
     await this.#store.delete(name);
   }
 
@@ -209,16 +214,37 @@ export class StreamManager {
     };
   }
 
-  /** How the replication of the stream's slot is started: its publications and scope. */
-  replicationOptions(stream: StoredStream): ReplicationOptions {
+  /**
+   * How the replication of the stream's slot is started (its publications
+   * and scope), and the check an open stream repeats: a reason to stop when
+   * its insert publication lost one of its tables (`DROP … CASCADE`).
+   */
+  async replicationPlan(
+    stream: StoredStream,
+  ): Promise<{ options: ReplicationOptions; check: () => Promise<string | undefined> }> {
     const { config, names, typeNames, pool } = this.#deps;
+    const name = insertPublicationName(stream.slotName);
+    const { rows } = await pool.query("SELECT 1 FROM pg_publication WHERE pubname = $1", [name]);
+    const own = rows.length > 0 ? name : undefined;
     return {
-      database: config.database,
-      slotName: stream.slotName,
-      publications: [names.inserts, names.keyed, names.truncates],
-      resolveTypes: (types) => typeNames.resolve(types),
-      scope: streamScope(stream.name, stream.definition as StreamDefinition, pool),
-      chunkBytes: config.frameChunkBytes,
+      options: {
+        database: config.database,
+        slotName: stream.slotName,
+        publications: streamPublications(names, stream.definition, own),
+        resolveTypes: (types) => typeNames.resolve(types),
+        scope: streamScope(stream.name, stream.definition, pool),
+        chunkBytes: config.frameChunkBytes,
+      },
+      check: async () => {
+        if (own === undefined) return undefined;
+        const missing = await missingTables(pool, own, stream.definition);
+        // Short: it is a close reason (at most 123 bytes).
+        return missing.length === 0
+          ? undefined
+          : `${
+            missing[0]
+          } left the stream's publication (CASCADE?); re-create stream ${stream.name}`;
+      },
     };
   }
 }

@@ -41,6 +41,20 @@ export interface SessionObserver {
   acknowledged?(lsn: Lsn): void;
 }
 
+/** A check a session repeats while it is open; a reason it returns closes it with 4422. */
+export interface SessionMonitor {
+  check(): Promise<string | undefined>;
+  intervalMs: number;
+}
+
+/** What a session is given besides its socket and replication. */
+export interface SessionOptions {
+  observer?: SessionObserver;
+  /** When the client's credential expires (ms since the epoch): the socket closes with 4401. */
+  expiresAt?: number;
+  monitor?: SessionMonitor;
+}
+
 /** A websocket bound to a {@link ReplicationService} until either side ends. */
 export class StreamSession {
   readonly slotName: string;
@@ -54,16 +68,13 @@ export class StreamSession {
   readonly done: Promise<void>;
 
   /** Binds `socket` (from `Deno.upgradeWebSocket`) to `service`. */
-  constructor(
-    socket: WebSocket,
-    service: ReplicationService,
-    observer: SessionObserver = {},
-    expiresAt?: number,
-  ) {
+  constructor(socket: WebSocket, service: ReplicationService, options: SessionOptions = {}) {
+    const { observer = {}, expiresAt, monitor } = options;
     this.slotName = service.slotName;
     this.#socket = socket;
     this.#service = service;
     this.#observer = observer;
+    if (monitor !== undefined) this.#watch(monitor);
     if (expiresAt !== undefined) {
       // The credential's end closes the socket; the client reconnects with a fresh one and resumes.
       const cancel = atTime(
@@ -85,6 +96,19 @@ export class StreamSession {
     });
     // The client leaving ends the pump at once.
     void closed.then(() => this.#abort.abort());
+  }
+
+  /** Runs `monitor`'s check now and then every interval until the session ends. */
+  #watch(monitor: SessionMonitor): void {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const run = async () => {
+      const reason = await monitor.check().catch(() => undefined);
+      if (this.#abort.signal.aborted) return;
+      if (reason !== undefined) return this.close(CloseCode.DefinitionBroken, reason);
+      timer = setTimeout(run, monitor.intervalMs);
+    };
+    this.#abort.signal.addEventListener("abort", () => clearTimeout(timer), { once: true });
+    void run();
   }
 
   /** True once the socket is closing or closed: the session only winds down from here. */
