@@ -256,11 +256,14 @@ async function timedWithCpu(
   return { ms, cpu };
 }
 
-/** `pg_recvlogical`'s arguments to drain `slot` (pgoutput, `publication`) up to `endLsn`. */
+/**
+ * `pg_recvlogical`'s arguments to drain `slot` (pgoutput, `publication`) up to `endLsn`, or to
+ * follow it live (reporting its position every second) without one.
+ */
 function recvlogicalArgs(
   db: { host: string; port: number },
   slot: string,
-  endLsn: string,
+  endLsn: string | undefined,
   publication: string,
 ) {
   return [
@@ -275,7 +278,7 @@ function recvlogicalArgs(
     "-S",
     slot,
     "--start",
-    `--endpos=${endLsn}`,
+    ...(endLsn === undefined ? ["-s", "1"] : [`--endpos=${endLsn}`]),
     "--no-loop",
     "-f",
     "/dev/null",
@@ -577,7 +580,32 @@ async function main(): Promise<void> {
           p99: percentile(latencies, 0.99),
         };
       };
+      // pg_recvlogical follows the same changes live, for the CPU it spends on them.
+      await sql.query("CREATE PUBLICATION lat_pub FOR TABLE lat_t");
+      await sql.query("SELECT pg_create_logical_replication_slot('lim_p2', 'pgoutput')");
+      const follower = new Deno.Command("pg_recvlogical", {
+        args: recvlogicalArgs(db, "lim_p2", undefined, "lat_pub"),
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      const serverCpu = await cpuSeconds(server.pid);
       const steady = await runRate(1000, P2_SECONDS);
+      const steadyCpu = await cpuSeconds(server.pid) - serverCpu;
+      const endLsn = (await sql.query("SELECT pg_current_wal_lsn()::text AS lsn")).rows[0].lsn;
+      const followed = Date.now() + 30_000;
+      while (
+        !(await sql.query(
+          "SELECT confirmed_flush_lsn >= $1::pg_lsn AS ok FROM pg_replication_slots WHERE slot_name = 'lim_p2'",
+          [endLsn],
+        )).rows[0].ok
+      ) {
+        if (Date.now() > followed) throw new Error("pg_recvlogical did not catch up in 30 s");
+        await sleep(100);
+      }
+      const followerCpu = await cpuSeconds(follower.pid);
+      follower.kill("SIGINT");
+      await follower.status;
+      await sql.query("SELECT pg_drop_replication_slot('lim_p2')");
       report(
         `P2 latency at 1000 tx/s for ${P2_SECONDS} s`,
         `p50 ${steady.p50.toFixed(2)} ms, p99 ${steady.p99.toFixed(2)} ms`,
@@ -587,6 +615,13 @@ async function main(): Promise<void> {
         `(insert sent -> frame parsed; achieved ${
           Math.round(steady.achieved)
         } tx/s; target p50 <= 2, p99 <= 5)`,
+      );
+      const perLive = (cpu: number) => cpu / (1000 * P2_SECONDS / 100_000);
+      report(
+        "P2 CPU per 100k live changes (user + sys)",
+        `server ${perLive(steadyCpu).toFixed(3)} s`,
+        `pg_recvlogical ${perLive(followerCpu).toFixed(3)} s`,
+        `ratio ${(steadyCpu / followerCpu).toFixed(2)}x (one change per transaction)`,
       );
       let best = 1000;
       for (const rate of [2000, 4000, 8000, 16000]) {

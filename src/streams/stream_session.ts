@@ -21,6 +21,8 @@ export const SOCKET_LOW_WATER_BYTES = 256 << 10;
 
 /** Longest run of sending before the event loop gets a turn to read acks. */
 const YIELD_EVERY_MS = 5;
+/** A gap between frames this long means the sink waited for the next one (a live stream). */
+const WAITED_MS = 1;
 
 /** Waits until the socket's outgoing buffer drains below the low-water mark (or the socket closes). */
 async function drained(socket: WebSocket, signal: AbortSignal): Promise<void> {
@@ -121,9 +123,13 @@ export class StreamSession {
     const signal = this.#abort.signal;
     if (socket.readyState !== WebSocket.OPEN) return;
     let lastYield = performance.now();
+    let lastWrite = lastYield;
     const sink = new WritableStream<Frame>({
       write: async (frame) => {
         if (socket.readyState !== WebSocket.OPEN) throw new Error("socket closed");
+        const now = performance.now();
+        // A frame that was waited for came through the event loop, which read the acks meanwhile.
+        if (now - lastWrite > WAITED_MS) lastYield = now;
         socket.send(frame.text);
         this.#delivered = frame.nextLsn;
         this.#observer.sent?.(frame);
@@ -136,6 +142,7 @@ export class StreamSession {
           await new Promise((resolve) => setTimeout(resolve, 0));
           lastYield = performance.now();
         }
+        lastWrite = performance.now();
       },
     });
     try {
