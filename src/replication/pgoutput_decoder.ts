@@ -14,6 +14,7 @@
  */
 
 import { Buffer } from "node:buffer";
+import { FrameBuilder } from "./frame_builder.ts";
 import type { Lsn } from "../lsn.ts";
 import { formatLsnAt, readLsn } from "../lsn.ts";
 import { type CompiledCondition, NOT_THERE, passes, type RawValue } from "./row_filter.ts";
@@ -169,8 +170,8 @@ export class PgoutputDecoder {
   readonly #resolveTypes: TypeNameResolver;
   readonly #scope: StreamScope;
   readonly #chunkBytes: number;
-  #changes: string[] = [];
-  #bytes = 0;
+  /** The open transaction's changes not sent yet. */
+  readonly #pending: FrameBuilder;
   #chunked = false;
   #inTransaction = false;
   #commitTime = 0;
@@ -197,8 +198,7 @@ export class PgoutputDecoder {
   > = {
     // Begin: final_lsn(8) commit timestamp(8) xid(4); a transaction's changes follow, up to its Commit.
     [TAG_BEGIN]: (_buf, view, at) => {
-      this.#changes = [];
-      this.#bytes = 0;
+      this.#pending.clear();
       this.#chunked = false;
       this.#inTransaction = true;
       this.#messages = 0;
@@ -234,6 +234,7 @@ export class PgoutputDecoder {
     this.#resolveTypes = resolveTypes;
     this.#scope = scope;
     this.#chunkBytes = chunkBytes;
+    this.#pending = new FrameBuilder(chunkBytes);
   }
 
   /** True between a Begin and its Commit. */
@@ -269,19 +270,17 @@ export class PgoutputDecoder {
 
   #commit(view: DataView, at: number): Frame | undefined {
     this.#inTransaction = false;
-    const changes = this.#changes;
-    this.#changes = [];
-    this.#bytes = 0;
+    const changes = this.#pending.count;
     // A transaction whose every change was filtered out is not sent; the last chunk of a chunked
     // one always is, even empty: it carries the nextlsn to acknowledge.
-    if (changes.length === 0 && !this.#chunked) return undefined;
+    if (changes === 0 && !this.#chunked) return undefined;
     this.#lastEnd = readLsn(view, at + 10);
     this.#lastEndText = formatLsnAt(view, at + 10);
-    const text = `{"nextlsn":"${this.#lastEndText}","change":[${changes.join(",")}]}`;
+    const text = this.#pending.take(`{"nextlsn":"${this.#lastEndText}","change":[`);
     return {
       text,
       nextLsn: this.#lastEnd,
-      changes: changes.length,
+      changes,
       partial: false,
       commitTime: this.#commitTime,
     };
@@ -291,28 +290,22 @@ export class PgoutputDecoder {
   #pushFor(relation: Relation, change: string): Frame | undefined {
     if (relation.announce) {
       relation.announce = false;
-      this.#changes.push(relation.schemaChange!);
-      this.#bytes += relation.schemaChange!.length;
+      this.#pending.add(relation.schemaChange!);
     }
     return this.#push(change);
   }
 
   /** Adds one encoded change; returns a partial frame once the pending changes reach the chunk size. */
   #push(change: string): Frame | undefined {
-    this.#changes.push(change);
-    this.#bytes += change.length;
-    if (this.#bytes < this.#chunkBytes) return undefined;
-    const changes = this.#changes;
-    this.#changes = [];
-    this.#bytes = 0;
+    this.#pending.add(change);
+    if (this.#pending.size < this.#chunkBytes) return undefined;
     this.#chunked = true;
-    const text = `{"nextlsn":"${this.#lastEndText}","partial":true,"change":[${
-      changes.join(",")
-    }]}`;
+    const changes = this.#pending.count;
+    const text = this.#pending.take(`{"nextlsn":"${this.#lastEndText}","partial":true,"change":[`);
     return {
       text,
       nextLsn: this.#lastEnd,
-      changes: changes.length,
+      changes,
       partial: true,
       commitTime: this.#commitTime,
     };
