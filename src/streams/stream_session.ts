@@ -122,17 +122,16 @@ export class StreamSession {
     const socket = this.#socket;
     const signal = this.#abort.signal;
     if (socket.readyState !== WebSocket.OPEN) return;
+    const reader = this.#service.readable.getReader();
+    const cancel = () => void reader.cancel().catch(() => {});
+    signal.addEventListener("abort", cancel, { once: true });
     let lastYield = performance.now();
-    let lastWrite = lastYield;
-    const sink = new WritableStream<Frame>({
-      write: async (frame) => {
-        if (socket.readyState !== WebSocket.OPEN) throw new Error("socket closed");
-        const now = performance.now();
-        // A frame that was waited for came through the event loop, which read the acks meanwhile.
-        if (now - lastWrite > WAITED_MS) lastYield = now;
-        socket.send(frame.text);
-        this.#delivered = frame.nextLsn;
-        this.#observer.sent?.(frame);
+    // Every wait comes before the next read, while no frame is held: a frame held across a wait
+    // lives through young-generation collections (the decoder keeps allocating) and is moved to
+    // the old generation, where a large transaction's frames piled up until a full collection.
+    let result: ReadableStreamReadResult<Frame> | undefined;
+    try {
+      for (;;) {
         if (socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) {
           await drained(socket, signal);
           lastYield = performance.now();
@@ -142,11 +141,19 @@ export class StreamSession {
           await new Promise((resolve) => setTimeout(resolve, 0));
           lastYield = performance.now();
         }
-        lastWrite = performance.now();
-      },
-    });
-    try {
-      await this.#service.readable.pipeTo(sink, { signal });
+        if (signal.aborted || socket.readyState !== WebSocket.OPEN) return;
+        const asked = performance.now();
+        result = await reader.read();
+        if (result.done) break;
+        const now = performance.now();
+        // A frame that was waited for came through the event loop, which read the acks meanwhile.
+        if (now - asked > WAITED_MS) lastYield = now;
+        if (socket.readyState !== WebSocket.OPEN) return;
+        socket.send(result.value.text);
+        this.#delivered = result.value.nextLsn;
+        this.#observer.sent?.(result.value);
+        result = undefined;
+      }
       this.close(CloseCode.Normal, "stream ended");
     } catch (error) {
       if (signal.aborted) return;
@@ -164,6 +171,9 @@ export class StreamSession {
           "internal error; reconnect to resume after your last ack",
         );
       }
+    } finally {
+      signal.removeEventListener("abort", cancel);
+      cancel();
     }
   }
 
