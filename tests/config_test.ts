@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { ENV_VARS, loadConfig } from "../src/config.ts";
 import { withValueSettings } from "../src/postgres/database.ts";
-import { runtimeFlags, taskWords } from "./support/harness.ts";
+import { runtimeFlags, taskEnv, taskWords } from "./support/harness.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];
 
@@ -68,6 +68,10 @@ Deno.test("the Dockerfile and the binary run with deno task start's permission a
   assert.deepEqual(cmd.filter((w) => /^--(allow-|v8-flags=)/.test(w)), startFlags);
   assert.equal(cmd.at(-1), "src/main.ts");
   assert.deepEqual(await runtimeFlags("compile"), startFlags);
+  // The environment deno task start sets (the allocator's settings) is the image's too.
+  for (const [name, value] of Object.entries(await taskEnv("start"))) {
+    assert.match(dockerfile, new RegExp(`^ENV ${name}=${value}$`, "m"));
+  }
 });
 
 Deno.test("the operator's PGOPTIONS and DATABASE_URL options are kept beside the pinned value settings", () => {

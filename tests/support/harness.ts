@@ -220,12 +220,28 @@ export class StreamClient implements AsyncDisposable {
   }
 }
 
-/** The words of a deno.json task, after `deno` (e.g. `run`, flags, `src/main.ts`). */
-export async function taskWords(task: "start" | "compile" | "dev"): Promise<string[]> {
+/** The words of a deno.json task's command line, environment assignments first. */
+async function taskCommand(task: "start" | "compile" | "dev"): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(new URL("../../deno.json", import.meta.url)));
   const definition = config.tasks[task];
   const command: string = typeof definition === "string" ? definition : definition.command;
-  return command.split(/\s+/).slice(1);
+  return command.split(/\s+/);
+}
+
+/** The words of a deno.json task, after `deno` (e.g. `run`, flags, `src/main.ts`). */
+export async function taskWords(task: "start" | "compile" | "dev"): Promise<string[]> {
+  const words = await taskCommand(task);
+  return words.slice(words.indexOf("deno") + 1);
+}
+
+/** The environment a deno.json task sets before `deno` (`NAME=value` words). */
+export async function taskEnv(task: "start" | "compile" | "dev"): Promise<Record<string, string>> {
+  const words = await taskCommand(task);
+  return Object.fromEntries(
+    words.slice(0, words.indexOf("deno")).map((
+      w,
+    ) => [w.slice(0, w.indexOf("=")), w.slice(w.indexOf("=") + 1)]),
+  );
 }
 
 /** The permission and V8 flags of a deno.json task: what the server runs with. */
@@ -355,6 +371,7 @@ export class ServerProcess implements AsyncDisposable {
           new URL("../../src/main.ts", import.meta.url).pathname,
         ],
         env: {
+          ...await taskEnv("start"),
           PGHOST: db.host,
           PGPORT: String(db.port),
           PGUSER: db.user,
