@@ -4,6 +4,8 @@
  * @module
  */
 
+import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observability/log.ts";
+
 /** Where and how to reach PostgreSQL; passed to `npm:pg` as is. */
 export interface DatabaseConfig {
   host: string;
@@ -39,6 +41,10 @@ export interface Config {
   exportReaders: number;
   /** Who may do what: tokens, JWT keys, protected mode, allowed origins. */
   auth: AuthConfig;
+  /** How the log is written (`LOG_FORMAT`) and from which level (`LOG_LEVEL`). */
+  log: { format: LogFormat; level: LogLevel };
+  /** Prometheus metrics (`METRICS=off` turns them off); `METRICS_TOKEN` may read them besides admins. */
+  metrics: { enabled: boolean; token?: string };
 }
 
 /** How clients authenticate, and which browsers' origins may call. */
@@ -103,6 +109,10 @@ export const ENV_VARS = [
   "JWT_ISSUER",
   "CORS_ORIGINS",
   "NODE_PG_FORCE_NATIVE",
+  "LOG_FORMAT",
+  "LOG_LEVEL",
+  "METRICS",
+  "METRICS_TOKEN",
 ] as const;
 
 /** Reads one environment variable; `Deno.env.get` in production, a map in tests. */
@@ -190,6 +200,32 @@ function loadAuth(env: EnvReader): AuthConfig {
   };
 }
 
+/** `name`'s value if it is one of `choices`, `fallback` when unset; a `RangeError` otherwise. */
+function choice<T extends string>(
+  env: EnvReader,
+  name: string,
+  choices: readonly T[],
+  fallback: T,
+): T {
+  const value = nonEmpty(env, name);
+  if (value === undefined) return fallback;
+  if (!(choices as readonly string[]).includes(value)) {
+    throw new RangeError(
+      `${name}=${JSON.stringify(value)} is invalid: expected one of ${choices.join(", ")}`,
+    );
+  }
+  return value as T;
+}
+
+/** The metrics settings. */
+function loadMetrics(env: EnvReader): Config["metrics"] {
+  const token = nonEmpty(env, "METRICS_TOKEN");
+  if (token !== undefined && token.length < 16) {
+    throw new RangeError("METRICS_TOKEN is invalid: it must be at least 16 characters");
+  }
+  return { enabled: choice(env, "METRICS", ["on", "off"], "on") === "on", token };
+}
+
 /** Builds the configuration from the environment; throws a `RangeError` naming the bad variable. */
 export function loadConfig(env: EnvReader): Config {
   const user = nonEmpty(env, "PGUSER", "USER") ?? "postgres";
@@ -238,6 +274,11 @@ export function loadConfig(env: EnvReader): Config {
     frameChunkBytes: integer(env, ["FRAME_CHUNK_BYTES"], 1 << 20, 1024, 64 << 20),
     exportReaders: integer(env, ["EXPORT_READERS"], 2, 1, 16),
     auth: loadAuth(env),
+    log: {
+      format: choice(env, "LOG_FORMAT", ["text", "json"], "text"),
+      level: choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
+    },
+    metrics: loadMetrics(env),
   };
 }
 

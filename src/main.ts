@@ -7,6 +7,7 @@
 import { type AuthConfig, describeDatabase, loadConfig } from "./config.ts";
 import { preflight } from "./postgres/preflight.ts";
 import { startServer } from "./server.ts";
+import { errorMessage, log } from "./observability/log.ts";
 
 /** Exit codes: configuration error, database not ready. */
 export const EXIT_CONFIG = 2;
@@ -52,32 +53,45 @@ export async function main(): Promise<number> {
     console.error(`pgdeltastream: ${(error as Error).message}`);
     return EXIT_CONFIG;
   }
+  log.configure(config.log);
   const { problems, warnings } = await preflight(config.database);
   if (problems.length > 0) {
-    console.error(`pgdeltastream cannot start:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
+    log.error(
+      "startup.failed",
+      `pgdeltastream cannot start:\n${problems.map((p) => `  - ${p}`).join("\n")}`,
+    );
     return EXIT_DATABASE;
   }
-  for (const warning of warnings) console.error(`pgdeltastream: warning: ${warning}`);
+  for (const warning of warnings) log.warn("startup.warning", `warning: ${warning}`);
   let server;
   try {
     server = await startServer(config);
   } catch (error) {
-    console.error(`pgdeltastream cannot start: ${(error as Error).message}`);
+    log.error("startup.failed", `pgdeltastream cannot start: ${errorMessage(error)}`);
     return EXIT_DATABASE;
   }
   // Slots outlive the process: say which of ours exist, so none holds WAL unnoticed.
   const leftovers = await server.app.leftoverSlots().catch(() => []);
   if (leftovers.length > 0) {
-    console.log(
-      `pgdeltastream: slots created earlier, resumable with /v1/lr/stream: ${leftovers.join(", ")}`,
+    log.info(
+      "startup.slots",
+      `slots created earlier, resumable with /v1/lr/stream: ${leftovers.join(", ")}`,
     );
   }
-  console.log(`pgdeltastream: authentication: ${describeAuth(config.auth)}`);
-  console.log(
+  log.info("startup.auth", `authentication: ${describeAuth(config.auth)}`);
+  log.info(
+    "startup.metrics",
+    config.metrics.enabled
+      ? `metrics at /metrics (admins${config.metrics.token ? " and METRICS_TOKEN" : ""})`
+      : "metrics are off (METRICS=off)",
+  );
+  log.info(
+    "startup.listening",
     `pgdeltastream listening on ${server.url.href} (database ${describeDatabase(config.database)})`,
+    { url: server.url.href },
   );
   const signal = await stop.promise;
-  console.log(`pgdeltastream: ${signal}, shutting down`);
+  log.info("shutdown", `${signal}, shutting down`);
   // A shutdown taking over 5 s exits anyway: slots are kept and acks were already sent, so nothing is lost.
   const deadline = setTimeout(() => Deno.exit(0), 5000);
   await server[Symbol.asyncDispose]();

@@ -17,9 +17,11 @@ import { CloseCode } from "./protocol.ts";
 import { v1Scope } from "./replication/pgoutput_decoder.ts";
 import type { ReplicationOptions } from "./replication/replication_service.ts";
 import { type SlotInfo, SlotManager } from "./slots/slot_manager.ts";
-import { SnapshotStore } from "./snapshots/snapshot_store.ts";
+import { type ReleaseDetail, SnapshotStore } from "./snapshots/snapshot_store.ts";
+import { log } from "./observability/log.ts";
 import { SessionRegistry } from "./streams/session_registry.ts";
 import { StreamManager } from "./streams/stream_manager.ts";
+import { Metrics, V1_STREAM_LABEL } from "./observability/metrics.ts";
 import { TailHub } from "./streams/tail_hub.ts";
 
 /** What `/healthz` reports. */
@@ -59,6 +61,8 @@ export class Server implements AsyncDisposable {
   readonly streams: StreamManager;
   /** Checks credentials, mints consumer tokens. */
   readonly authenticator: Authenticator;
+  /** The Prometheus metrics; none with `METRICS=off`. */
+  readonly metrics: Metrics | undefined;
   #closing = false;
 
   private constructor(config: Config, pool: pg.Pool) {
@@ -70,8 +74,17 @@ export class Server implements AsyncDisposable {
     this.sessions = new SessionRegistry(config.slotBusyTimeoutSeconds);
     this.typeNames = new TypeNames(pool);
     this.tails = new TailHub();
+    this.metrics = config.metrics.enabled
+      ? new Metrics({ lag: () => this.#lags(), tails: () => this.tails.counts() })
+      : undefined;
     this.streams = new StreamManager(this);
-    this.authenticator = new Authenticator(config.auth);
+    this.authenticator = new Authenticator(config.auth, config.metrics.token);
+    this.snapshots.addEventListener("release", (event) => {
+      const { slotName, reason } = (event as CustomEvent<ReleaseDetail>).detail;
+      log.info("snapshot.released", `the snapshot of slot "${slotName}" was released: ${reason}`, {
+        slot: slotName,
+      });
+    });
   }
 
   /** Connects to the database and sets up the server's schema and publications. */
@@ -101,6 +114,21 @@ export class Server implements AsyncDisposable {
       scope: v1Scope(this.names.schema),
       chunkBytes: this.config.frameChunkBytes,
     };
+  }
+
+  /** Each stream's slot lag in bytes, by metrics label (v1 slots together, the largest). */
+  async #lags(): Promise<Map<string, number | null>> {
+    const { rows } = await this.pool.query<{ stream: string; lag: number | null }>(
+      `SELECT coalesce(st.name, $1) AS stream,
+              max(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn))::float8 AS lag
+         FROM pg_replication_slots s
+         LEFT JOIN ${this.names.schema}.streams st ON st.slot_name = s.slot_name
+         LEFT JOIN ${this.names.schema}.slots v ON v.slot_name = s.slot_name
+        WHERE st.name IS NOT NULL OR v.slot_name IS NOT NULL
+        GROUP BY 1`,
+      [V1_STREAM_LABEL],
+    );
+    return new Map(rows.map((r: { stream: string; lag: number | null }) => [r.stream, r.lag]));
   }
 
   /** Slots this server's earlier runs created that still exist, with the WAL each holds back. */

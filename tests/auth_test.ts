@@ -193,6 +193,8 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     "public" | "signed-in" | "admin" | "alpha",
   ][] = [
     ["GET", "/healthz", undefined, {}, "public"],
+    ["GET", "/", undefined, {}, "public"],
+    ["GET", "/metrics", undefined, {}, "admin"],
     ["GET", "/v2/status", undefined, {}, "admin"],
     ["GET", "/v1/init", undefined, {}, "admin"],
     ["POST", "/v1/snapshot/data", { slotName: "delta_nosuch1", table: "alpha_t" }, {}, "admin"],

@@ -71,6 +71,7 @@ const CACHE_MS = 60_000;
 export class Authenticator {
   readonly #config: AuthConfig;
   readonly #adminDigests: Promise<Uint8Array[]>;
+  readonly #scraperDigest: Promise<Uint8Array> | undefined;
   readonly #secret: Uint8Array | undefined;
   /** The secret imported once (jose imports a raw secret again on every call). */
   readonly #hmacKey: Promise<CryptoKey> | undefined;
@@ -82,10 +83,11 @@ export class Authenticator {
    */
   readonly #verified = new Map<string, { principal: Principal; until: number }>();
 
-  /** Uses `config`'s tokens, secret and JWKS. */
-  constructor(config: AuthConfig) {
+  /** Uses `config`'s tokens, secret and JWKS, and `metricsToken` for scrapers. */
+  constructor(config: AuthConfig, metricsToken?: string) {
     this.#config = config;
     this.#adminDigests = Promise.all(config.adminTokens.map(digest));
+    this.#scraperDigest = metricsToken === undefined ? undefined : digest(metricsToken);
     this.#secret = config.jwtSecret === undefined ? undefined : encoder.encode(config.jwtSecret);
     this.#hmacKey = this.#secret === undefined ? undefined : crypto.subtle.importKey(
       "raw",
@@ -106,6 +108,9 @@ export class Authenticator {
     let admin = false;
     for (const known of await this.#adminDigests) admin = sameDigest(presented, known) || admin;
     if (admin) return { kind: "admin" };
+    if (this.#scraperDigest !== undefined && sameDigest(presented, await this.#scraperDigest)) {
+      return { kind: "scraper" };
+    }
     if (token.split(".").length !== 3) {
       throw new UnauthorizedError("Unknown token: neither an admin token nor a JWT");
     }

@@ -22,13 +22,20 @@ export interface Consumer {
   expiresAt: number;
 }
 
+/** A scraper with `METRICS_TOKEN`: may read `/metrics`, nothing else. */
+export interface Scraper {
+  kind: "scraper";
+  /** Never set: the token does not expire. */
+  expiresAt?: undefined;
+}
+
 /** A client that sent no credential. */
 export interface Anonymous {
   kind: "anonymous";
 }
 
 /** The principal a request acts as. */
-export type Principal = Admin | Consumer | Anonymous;
+export type Principal = Admin | Consumer | Scraper | Anonymous;
 
 /** Whether `principal` may read the stream `name` (its snapshot, changes, tail, state). */
 export function mayRead(principal: Principal, name: string): boolean {

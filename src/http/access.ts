@@ -24,12 +24,13 @@ import { mayRead, type Principal } from "../auth/principal.ts";
 import type { AuthConfig } from "../config.ts";
 import { ForbiddenError, UnauthorizedError } from "../errors.ts";
 import { errorBody } from "./error_mapper.ts";
+import { log } from "../observability/log.ts";
 
 /**
- * What a route needs: nothing; any valid credential; an admin; or the right
- * to read the stream named in its path.
+ * What a route needs: nothing; any valid credential; an admin; the right
+ * to read the stream named in its path; or an admin or `METRICS_TOKEN`.
  */
-export type Access = "public" | "authenticated" | "admin" | "stream";
+export type Access = "public" | "authenticated" | "admin" | "stream" | "metrics";
 
 /** How a route is guarded. */
 export interface Guard {
@@ -136,6 +137,23 @@ export class AccessControl {
    * not granted, 401 for a missing or invalid credential.
    */
   async check(c: Context, guard: Guard): Promise<Principal> {
+    try {
+      return await this.#check(c, guard);
+    } catch (error) {
+      if (error instanceof UnauthorizedError || error instanceof ForbiddenError) {
+        // Who was refused and why; never the credential (the query string may hold one).
+        log.warn("auth.refused", error.message, {
+          status: error instanceof UnauthorizedError ? 401 : 403,
+          method: c.req.method,
+          path: new URL(c.req.url).pathname,
+          remote: remoteHost(c),
+        });
+      }
+      throw error;
+    }
+  }
+
+  async #check(c: Context, guard: Guard): Promise<Principal> {
     const request = c.req.raw;
     const origin = request.headers.get("origin");
     const crossSite = origin !== null && !this.#allowedOrigin(origin, request);
@@ -176,6 +194,13 @@ export class AccessControl {
       throw new UnauthorizedError(
         "Missing credential: send Authorization: Bearer <token> (or ?access_token= on a websocket)",
       );
+    }
+    if (guard.access === "metrics") {
+      if (principal.kind === "admin" || principal.kind === "scraper") return principal;
+      throw new ForbiddenError("Forbidden: metrics need an admin credential or METRICS_TOKEN");
+    }
+    if (principal.kind === "scraper") {
+      throw new ForbiddenError("Forbidden: METRICS_TOKEN may read /metrics only");
     }
     if (guard.access === "admin" && principal.kind !== "admin") {
       throw new ForbiddenError("Forbidden: this needs an admin credential");

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { log } from "../observability/log.ts";
 import {
   ConflictError,
   ForbiddenError,
@@ -60,6 +61,8 @@ export function errorResponse(error: unknown): Response {
   if (isConnectionError(error)) {
     return errorBody(503, `Database unavailable (${(error as Error).message}); retry shortly`);
   }
-  console.error("request failed:", error);
+  log.error("request.failed", "a request failed", {
+    error: error instanceof Error ? (error.stack ?? error.message) : String(error),
+  });
   return errorBody(500, "Internal server error; see the server log");
 }

@@ -36,6 +36,11 @@ export function admin(handle: Handler, changesState = false): Route {
   return { access: "admin", handle, changesState };
 }
 
+/** A route for admins and scrapers with `METRICS_TOKEN`. */
+export function scraper(handle: Handler): Route {
+  return { access: "metrics", handle };
+}
+
 /** A route for whoever may read the stream named in the path (`:name`). */
 export function reader(handle: Handler): Route {
   return { access: "stream", handle };

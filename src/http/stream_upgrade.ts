@@ -18,11 +18,28 @@ import {
   StreamSession,
 } from "../streams/stream_session.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
+import type pg from "pg";
+import { formatLsn } from "../lsn.ts";
+import { log } from "../observability/log.ts";
+import { CloseCode } from "../protocol.ts";
+import type { Metrics } from "../observability/metrics.ts";
+
+/** What accepting a stream uses of the server. */
+export interface StreamHost {
+  sessions: SessionRegistry;
+  pool: pg.Pool;
+  metrics?: Metrics;
+}
+
+/** Labels of streams whose replication was lost, until a consumer resumes them. */
+const lost = new Set<string>();
 
 /** What a stream request is for. */
 export interface StreamTarget {
   /** The slot to stream. */
   slotName: string;
+  /** The stream's name in metrics and logs: a v2 stream's name, or `v1`. */
+  stream: string;
   /** Names it in messages, e.g. `slot "delta_x1"` or `stream "orders"`. */
   label: string;
   /** Checks before replication starts (the slot exists, its plugin is pgoutput, …). */
@@ -39,26 +56,69 @@ export interface StreamTarget {
   monitor?: SessionMonitor;
 }
 
-/** Upgrades `request` to a websocket streaming `target`'s slot, registered in `sessions`. */
+/** The slot's confirmed position: where a stream resumes. */
+async function resumePosition(pool: pg.Pool, slotName: string): Promise<string | null> {
+  const { rows } = await pool.query<{ lsn: string | null }>(
+    "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1",
+    [slotName],
+  ).catch(() => ({ rows: [] }));
+  return rows[0]?.lsn ?? null;
+}
+
+/** One observer of `a` and `b`, each optional. */
+function both(a: SessionObserver | undefined, b: SessionObserver | undefined): SessionObserver {
+  if (a === undefined || b === undefined) return a ?? b ?? {};
+  return {
+    sent: (frame) => {
+      a.sent?.(frame);
+      b.sent?.(frame);
+    },
+    acknowledged: (lsn) => {
+      a.acknowledged?.(lsn);
+      b.acknowledged?.(lsn);
+    },
+  };
+}
+
+/** Upgrades `request` to a websocket streaming `target`'s slot, registered in `host.sessions`. */
 export async function acceptStream(
   request: Request,
-  sessions: SessionRegistry,
+  host: StreamHost,
   target: StreamTarget,
 ): Promise<Response> {
   assertWebSocketHandshake(request, "Cannot stream");
-  const claim = await sessions.claim(target.slotName, target.label);
+  const claim = await host.sessions.claim(target.slotName, target.label);
   let service: ReplicationService | undefined;
   try {
     await target.prepare();
     service = await startReplication(target.options, target.busyTimeoutSeconds);
+    const resumeFrom = await resumePosition(host.pool, target.slotName);
     const { socket, response } = Deno.upgradeWebSocket(request);
-    claim.attach(
-      new StreamSession(socket, service, {
-        observer: target.observer,
-        expiresAt: target.expiresAt,
-        monitor: target.monitor,
-      }),
+    const metrics = host.metrics?.session(target.stream);
+    const session = new StreamSession(socket, service, {
+      observer: both(target.observer, metrics),
+      expiresAt: target.expiresAt,
+      monitor: target.monitor,
+    });
+    claim.attach(session);
+    const fields = { stream: target.stream, slot: target.slotName };
+    log.info(
+      lost.delete(target.label) ? "replication.resumed" : "consumer.connected",
+      `a consumer connected to ${target.label}`,
+      { ...fields, resumeAfter: resumeFrom },
     );
+    void session.done.finally(() => {
+      metrics?.ended();
+      const { code, reason, by, acked } = session.outcome;
+      if (code === CloseCode.TryAgainLater) lost.add(target.label);
+      log.info("consumer.disconnected", `the consumer of ${target.label} disconnected`, {
+        ...fields,
+        code,
+        reason,
+        closedBy: by,
+        lastAck: acked === 0n ? undefined : formatLsn(acked),
+      });
+    });
     return response;
   } catch (error) {
     await service?.close();

@@ -16,6 +16,7 @@ import { readBody } from "./json_body.ts";
 import { V1_EXPORT, V1_PAGE } from "./request_schemas.ts";
 import { admin, json, ndjson, type Routes } from "./routes.ts";
 import { acceptStream } from "./stream_upgrade.ts";
+import { V1_STREAM_LABEL } from "../observability/metrics.ts";
 
 /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
 async function snapshotSource(server: Server, slotName: string): Promise<SnapshotSource> {
@@ -27,6 +28,7 @@ async function snapshotSource(server: Server, slotName: string): Promise<Snapsho
     current: server.pool,
     ownSchema: server.names.schema,
     remedy: v1SnapshotOwner(slotName).remedy,
+    countRows: (rows) => server.metrics?.snapshotRows(V1_STREAM_LABEL, rows),
   };
 }
 
@@ -69,7 +71,8 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
           'Cannot stream: query parameter "slotName" is missing or not a slot name',
         );
       }
-      return acceptStream(c.req.raw, server.sessions, {
+      return acceptStream(c.req.raw, server, {
+        stream: V1_STREAM_LABEL,
         slotName,
         label: `slot "${slotName}"`,
         busyTimeoutSeconds: server.config.slotBusyTimeoutSeconds,

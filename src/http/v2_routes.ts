@@ -110,7 +110,8 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       const stream = await streams.require(name, "Cannot stream");
       const plan = await streams.replicationPlan(stream);
-      return acceptStream(c.req.raw, server.sessions, {
+      return acceptStream(c.req.raw, server, {
+        stream: name,
         slotName: stream.slotName,
         label: `stream "${name}"`,
         busyTimeoutSeconds: server.config.slotBusyTimeoutSeconds,

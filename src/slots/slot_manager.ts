@@ -4,6 +4,7 @@
  * @module
  */
 
+import { errorMessage, log } from "../observability/log.ts";
 import type pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
 import { connect, SqlState, sqlState } from "../postgres/database.ts";
@@ -169,10 +170,10 @@ export class SlotManager {
         slotName,
       ]);
     } catch (error) {
-      console.error(
-        `pgdeltastream: a failed init left slot "${slotName}"; the next init drops it:`,
-        (error as Error).message,
-      );
+      log.error("slot.left", `a failed init left slot "${slotName}"; the next init drops it`, {
+        slot: slotName,
+        error: errorMessage(error),
+      });
     }
   }
 

@@ -41,6 +41,13 @@ export interface ExportOptions {
   readers: number;
 }
 
+/** How many rows (NDJSON lines) `chunk` holds. */
+function lines(chunk: Uint8Array): number {
+  let count = 0;
+  for (let i = chunk.indexOf(10); i !== -1; i = chunk.indexOf(10, i + 1)) count++;
+  return count;
+}
+
 /** A table with storage: one unit a range of which one COPY reads. */
 interface Unit {
   qualified: string;
@@ -289,7 +296,10 @@ export function exportRows(
           resetStall();
           for (;;) {
             const chunk = queue.shift();
-            if (chunk !== undefined) return controller.enqueue(chunk);
+            if (chunk !== undefined) {
+              if (source.countRows !== undefined) source.countRows(lines(chunk));
+              return controller.enqueue(chunk);
+            }
             if (ended.signal.aborted) {
               clearTimeout(stall);
               const reason = ended.signal.reason as Error;

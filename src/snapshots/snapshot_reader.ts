@@ -27,6 +27,8 @@ export interface SnapshotSource {
   remedy: string;
   /** What the reader may see, for a stream's snapshot; none: every table whole (v1). */
   view?: SnapshotView;
+  /** Told how many rows each page or export chunk returned (for the metrics). */
+  countRows?: (rows: number) => void;
 }
 
 /** A validated page request (the export takes only `table` and `orderBy`). */
@@ -353,6 +355,7 @@ export async function readPage(source: SnapshotSource, request: PageRequest): Pr
         rowMode: "array",
         types: RAW_TEXT_TYPES,
       });
+      source.countRows?.(result.rows.length);
       return `[${(result.rows as string[][]).map((row) => row[0]).join(",")}]`;
     });
   } catch (error) {

@@ -35,6 +35,8 @@ import {
 import { streamScope } from "./stream_scope.ts";
 import { type StoredStream, StreamStore } from "./stream_store.ts";
 import type { TailHub } from "./tail_hub.ts";
+import type { Metrics } from "../observability/metrics.ts";
+import { errorMessage, log } from "../observability/log.ts";
 
 /** What creating a stream takes, validated. */
 export interface CreateStream {
@@ -53,6 +55,7 @@ export interface StreamDependencies {
   sessions: SessionRegistry;
   tails: TailHub;
   typeNames: TypeNames;
+  metrics?: Metrics;
 }
 
 /** The slot of a new stream: its name (`-` as `_`) and six random hex digits, in `[a-z0-9_]`. */
@@ -117,6 +120,11 @@ export class StreamManager {
       }
       throw error;
     }
+    log.info("stream.created", `stream "${stream.name}" was created`, {
+      stream: stream.name,
+      slot: stream.slotName,
+      tables: definition.tables.map((t) => `${t.schema}.${t.table}`).join(","),
+    });
     return {
       ...await this.#body(stream),
       snapshot: { expiresAt: snapshots.expiresAt(stream.slotName)!.toISOString() },
@@ -131,10 +139,11 @@ export class StreamManager {
       await dropInsertPublication(this.#deps.pool, stream.slotName);
       await this.#store.delete(stream.name);
     } catch (error) {
-      console.error(
-        `pgdeltastream: stream "${stream.name}" could not be created, nor its slot dropped; ` +
-          `DELETE /v2/streams/${stream.name} removes both:`,
-        (error as Error).message,
+      log.error(
+        "stream.left",
+        `stream "${stream.name}" could not be created, nor its slot dropped; ` +
+          `DELETE /v2/streams/${stream.name} removes both`,
+        { stream: stream.name, slot: stream.slotName, error: errorMessage(error) },
       );
     }
   }
@@ -192,6 +201,10 @@ export class StreamManager {
     await slots.dropSlot(stream.slotName);
     await dropInsertPublication(this.#deps.pool, stream.slotName);
     await this.#store.delete(name);
+    log.info("stream.dropped", `stream "${name}" was deleted and its slot dropped`, {
+      stream: name,
+      slot: stream.slotName,
+    });
   }
 
   /** Releases the stream's snapshot before its time-to-live (it holds back vacuum). */
@@ -211,6 +224,7 @@ export class StreamManager {
       ownSchema: this.#deps.names.schema,
       remedy: owner.remedy,
       view: { table: (oid) => tables.get(oid) },
+      countRows: (rows) => this.#deps.metrics?.snapshotRows(name, rows),
     };
   }
 

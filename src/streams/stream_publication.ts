@@ -26,6 +26,7 @@
  * @module
  */
 
+import { errorMessage, log } from "../observability/log.ts";
 import type pg from "pg";
 import { SqlState, sqlState } from "../postgres/database.ts";
 import type { SchemaNames } from "../postgres/server_schema.ts";
@@ -99,9 +100,11 @@ export async function createInsertPublication(
     return name;
   } catch (error) {
     if (sqlState(error) !== SqlState.InsufficientPrivilege) throw error;
-    console.error(
-      `pgdeltastream: stream of slot ${slotName} filters in the server only: the server's role may ` +
-        `not create a publication of its tables (${(error as Error).message})`,
+    log.warn(
+      "stream.filter_in_server",
+      `stream of slot ${slotName} filters in the server only: the server's role may ` +
+        `not create a publication of its tables (${errorMessage(error)})`,
+      { slot: slotName },
     );
     return undefined;
   }

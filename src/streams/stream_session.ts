@@ -13,6 +13,7 @@ import {
   ReplicationLostError,
   type ReplicationService,
 } from "../replication/replication_service.ts";
+import { errorMessage, log } from "../observability/log.ts";
 
 /** Socket buffer above which sending pauses, and below which it resumes. */
 export const SOCKET_HIGH_WATER_BYTES = 1 << 20;
@@ -66,6 +67,7 @@ export class StreamSession {
   readonly #observer: SessionObserver;
   #delivered: Lsn = ZERO_LSN;
   #acked: Lsn = ZERO_LSN;
+  #closed: { code: number; reason: string; by: "server" | "client" } | undefined;
   /** Settles when the socket is closed and the replication connection ended. */
   readonly done: Promise<void>;
 
@@ -87,7 +89,10 @@ export class StreamSession {
     }
     socket.addEventListener("message", (event) => this.#onMessage(event));
     const closed = new Promise<void>((resolve) =>
-      socket.addEventListener("close", () => resolve(), { once: true })
+      socket.addEventListener("close", (event) => {
+        this.#closed ??= { code: event.code, reason: event.reason, by: "client" };
+        resolve();
+      }, { once: true })
     );
     const opened = new Promise<void>((resolve) =>
       socket.addEventListener("open", () => resolve(), { once: true })
@@ -111,6 +116,11 @@ export class StreamSession {
     };
     this.#abort.signal.addEventListener("abort", () => clearTimeout(timer), { once: true });
     void run();
+  }
+
+  /** How the socket closed, who closed it, and the last position acknowledged on it. */
+  get outcome(): { code?: number; reason?: string; by?: string; acked: Lsn } {
+    return { ...this.#closed, acked: this.#acked };
   }
 
   /** True once the socket is closing or closed: the session only winds down from here. */
@@ -160,12 +170,19 @@ export class StreamSession {
       if (error instanceof ReplicationLostError && error.cause instanceof StreamScopeError) {
         this.close(CloseCode.DefinitionBroken, error.cause.message);
       } else if (error instanceof ReplicationLostError) {
+        log.warn("replication.lost", "the replication connection was lost", {
+          slot: this.slotName,
+          error: errorMessage(error.cause),
+        });
         this.close(
           CloseCode.TryAgainLater,
           "replication connection lost; reconnect to resume after your last ack",
         );
       } else {
-        console.error(`stream of slot "${this.slotName}" failed:`, error);
+        log.error("stream.failed", `the stream of slot "${this.slotName}" failed`, {
+          slot: this.slotName,
+          error: errorMessage(error),
+        });
         this.close(
           CloseCode.InternalError,
           "internal error; reconnect to resume after your last ack",
@@ -221,6 +238,7 @@ export class StreamSession {
 
   /** Closes the socket with `code` and `reason` (at most 123 bytes), ending the stream. */
   close(code: CloseCodeValue, reason: string): void {
+    this.#closed ??= { code, reason, by: "server" };
     this.#abort.abort();
     if (
       this.#socket.readyState === WebSocket.OPEN || this.#socket.readyState === WebSocket.CONNECTING

@@ -42,6 +42,11 @@ export class TailHub {
     return this.#tails.get(stream)?.size ?? 0;
   }
 
+  /** How many tails watch each stream that has some. */
+  counts(): Map<string, number> {
+    return new Map([...this.#tails].map(([stream, tails]) => [stream, tails.size]));
+  }
+
   /** Sends `text` (a frame the consumer was sent) to every open tail of `stream`. */
   publish(stream: string, text: string): void {
     const tails = this.#tails.get(stream);
