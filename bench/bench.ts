@@ -13,10 +13,11 @@ import { exportJWK, generateKeyPair, SignJWT } from "jose";
 import { Authenticator } from "../src/auth/authenticator.ts";
 import { EmbeddedPostgres } from "../src/dev/embedded_postgres.ts";
 import { init, ServerProcess } from "../tests/support/harness.ts";
+import { connectStream, type RowChange } from "../client/mod.ts";
 
 const args = new Set(Deno.args);
 const QUICK = args.has("--quick");
-/** `--only=P1,M2` runs just those phases (P1 P2 P3 M1 M2); default all. */
+/** `--only=P1,M2` runs just those phases (P1 P1M P1S P2 P3 M1 M2); default all. */
 const ONLY = Deno.args.find((a) => a.startsWith("--only="))?.slice(7).split(",");
 const want = (phase: string) => ONLY === undefined || ONLY.includes(phase);
 /** `--profile=DIR`: run the server under V8's CPU profiler and print where its time went. */
@@ -94,43 +95,41 @@ async function cpuSeconds(pid: number): Promise<number> {
   return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
 }
 
-/** A websocket reader that parses every frame and acks each transaction's last frame. */
+/** A consumer (the client library) that acks each transaction once it has counted its rows. */
 function drain(
   base: URL,
   slotName: string,
   rows: number,
   onChange?: (change: { columnvalues?: unknown[] }) => void,
 ): Promise<number> {
-  return drainPath(base, `/v1/lr/stream?slotName=${slotName}`, rows, onChange);
+  return drainStream(base, { slot: slotName }, rows, onChange);
 }
 
-/** {@link drain} of the websocket at `path` (a v2 stream's changes), counting row changes only. */
-async function drainPath(
+/** {@link drain} of a v1 slot or a v2 stream, counting row changes only. */
+async function drainStream(
   base: URL,
-  path: string,
+  target: { slot: string } | { stream: string },
   rows: number,
   onChange?: (change: { columnvalues?: unknown[] }) => void,
 ): Promise<number> {
-  const url = new URL(path, base);
-  url.protocol = "ws:";
   const started = performance.now();
-  const socket = new WebSocket(url);
+  // One reconnect would hide a failure here: a bench run stops at the first close instead.
+  const stream = connectStream({ url: base, ...target, reconnect: { maxAttempts: 0 } });
   let seen = 0;
-  await new Promise<void>((resolve, reject) => {
-    socket.onmessage = (event) => {
-      const frame = JSON.parse(event.data);
-      for (const change of frame.change) if (change.kind !== "schema") seen++;
-      if (onChange) { for (const change of frame.change) onChange(change); }
-      if (!frame.partial) socket.send(JSON.stringify({ lsn: frame.nextlsn }));
-      if (seen >= rows) resolve();
-    };
-    socket.onclose = (event) => reject(new Error(`stream closed: ${event.code} ${event.reason}`));
-  });
+  for await (const tx of stream) {
+    for (const change of tx.changes) {
+      if (change.kind !== "schema") seen++;
+      onChange?.(change as RowChange);
+    }
+    if (seen >= rows) {
+      stream.acknowledge(tx); // leaving with break: say it was handled, so close() acks it
+      break;
+    }
+  }
   const elapsed = performance.now() - started;
-  // Wait for the close handshake: the server refuses a second stream on a slot still open.
-  const closed = new Promise((resolve) => (socket.onclose = resolve));
-  socket.close();
-  await closed;
+  // Close (sending the last ack) and wait for the close handshake: the server refuses a second
+  // stream on a slot still open.
+  await stream.close();
   return elapsed;
 }
 
@@ -365,6 +364,57 @@ async function main(): Promise<void> {
       report("P4 peak server RSS during P1", `${(await peakRssMiB(server.pid)).toFixed(0)} MiB`);
       await sql.query("SELECT pg_drop_replication_slot('lim_pgo')");
     }
+    if (want("P1M")) {
+      // P1 with metrics on and off (METRICS=off), interleaved, several runs each: the metrics'
+      // cost on the hot path, by CPU per change (the steadier figure here) and by rate.
+      console.error("P1M metrics on vs off ...");
+      await sql.query(
+        "CREATE TABLE IF NOT EXISTS bench_m(id bigserial primary key, a int, b text)",
+      );
+      await using off = await ServerProcess.spawn(db, { METRICS: "off" }, serverFlags);
+      const runs: Record<"on" | "off", { cpu: number; rate: number }[]> = { on: [], off: [] };
+      for (let run = 0; run < (QUICK ? 2 : 4); run++) {
+        for (const [mode, target] of [["on", server], ["off", off]] as const) {
+          const slot = await init(target.url);
+          await sql.query(`DO $$ BEGIN FOR i IN 1..${P1_ROWS / 100} LOOP
+          INSERT INTO bench_m(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
+          const before = await cpuSeconds(target.pid);
+          const ms = await drain(target.url, slot, P1_ROWS);
+          runs[mode].push({
+            cpu: (await cpuSeconds(target.pid) - before) / (P1_ROWS / 100_000),
+            rate: P1_ROWS / (ms / 1000),
+          });
+        }
+      }
+      const median = (values: number[]) => values.sort((a, b) => a - b)[values.length >> 1];
+      const cpu = (mode: "on" | "off") => median(runs[mode].map((r) => r.cpu));
+      const rate = (mode: "on" | "off") => median(runs[mode].map((r) => r.rate));
+      report(
+        "P1M CPU per 100k changes, metrics on vs off (median)",
+        `on ${cpu("on").toFixed(3)} s`,
+        `off ${cpu("off").toFixed(3)} s`,
+        `${
+          ((cpu("on") / cpu("off") - 1) * 100).toFixed(1).replace(/^(?!-)/, "+")
+        }% (target <= 5%); ` +
+          `runs on ${runs.on.map((r) => r.cpu.toFixed(3)).join(" ")}, off ${
+            runs.off.map((r) => r.cpu.toFixed(3)).join(" ")
+          }`,
+      );
+      report(
+        "P1M drain rate, metrics on vs off (median)",
+        `on ${Math.round(rate("on"))} rows/s`,
+        `off ${Math.round(rate("off"))} rows/s`,
+        `ratio ${(rate("on") / rate("off")).toFixed(2)}x`,
+      );
+      const scrape = await fetch(new URL("/metrics", server.url));
+      const text = await scrape.text();
+      report(
+        "P1M /metrics after the runs",
+        `${
+          /pgdeltastream_changes_sent_total\{stream="v1"\} (\d+)/.exec(text)?.[1]
+        } changes sent (v1)`,
+      );
+    }
     if (want("P1S")) {
       // P1 with v2 streams: 1, 4 and 8 streams on the same write load, and one whose filter passes
       // 10% of the rows; the server's CPU per change beside the rate.
@@ -398,7 +448,7 @@ async function main(): Promise<void> {
         const cpu = await cpuSeconds(server.pid);
         const started = performance.now();
         await Promise.all(
-          names.map((name) => drainPath(server.url, `/v2/streams/${name}/changes`, P1_ROWS)),
+          names.map((name) => drainStream(server.url, { stream: name }, P1_ROWS)),
         );
         const seconds = (performance.now() - started) / 1000;
         const used = await cpuSeconds(server.pid) - cpu;
@@ -419,7 +469,7 @@ async function main(): Promise<void> {
       await backlog();
       const cpu = await cpuSeconds(server.pid);
       const started = performance.now();
-      await drainPath(server.url, "/v2/streams/p1s-filtered/changes", P1_ROWS / 10);
+      await drainStream(server.url, { stream: "p1s-filtered" }, P1_ROWS / 10);
       const seconds = (performance.now() - started) / 1000;
       const perExamined = (await cpuSeconds(server.pid) - cpu) / (P1_ROWS / 100_000);
       report(

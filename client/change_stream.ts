@@ -229,6 +229,16 @@ export class ChangeStream implements AsyncIterable<Transaction>, AsyncDisposable
     }
   }
 
+  /**
+   * Marks `tx`, the transaction in hand, handled now: before leaving a loop
+   * with `break`, say, which otherwise leaves it unacknowledged.
+   */
+  acknowledge(tx: Transaction): void {
+    if (this.#inHand !== tx.lsn) return;
+    this.#inHand = undefined;
+    this.#handledUpTo(tx.lsn);
+  }
+
   /** Sends the acknowledgements still batched, then closes the connection. */
   async close(): Promise<void> {
     this.#abort.abort();

@@ -243,6 +243,15 @@ var ChangeStream = class {
       await handler(tx);
     }
   }
+  /**
+   * Marks `tx`, the transaction in hand, handled now: before leaving a loop
+   * with `break`, say, which otherwise leaves it unacknowledged.
+   */
+  acknowledge(tx) {
+    if (this.#inHand !== tx.lsn) return;
+    this.#inHand = void 0;
+    this.#handledUpTo(tx.lsn);
+  }
   /** Sends the acknowledgements still batched, then closes the connection. */
   async close() {
     this.#abort.abort();
