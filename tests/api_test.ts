@@ -242,7 +242,7 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
   await t.step("unknown paths, wrong methods and bad stream requests get JSON errors", async () => {
     const checks: [string, RequestInit, number][] = [
       ["/v2/init", {}, 404],
-      ["/", {}, 404],
+      ["/nowhere", {}, 404],
       ["/v1/snapshot/data", { method: "GET" }, 405],
       ["/v1/init", { method: "DELETE" }, 405],
       ["/v1/lr/stream", {}, 400],

@@ -109,3 +109,16 @@ Deno.test("loadConfig() derives the authentication mode and rejects weak or malf
     /CORS_ORIGINS/,
   );
 });
+
+Deno.test("loadConfig() reads the log and metrics settings and names a bad value", () => {
+  const env = (vars: Record<string, string>) => (name: string) => vars[name];
+  const config = loadConfig(
+    env({ LOG_FORMAT: "json", LOG_LEVEL: "warn", METRICS: "off", METRICS_TOKEN: "m".repeat(16) }),
+  );
+  assert.deepEqual(config.log, { format: "json", level: "warn" });
+  assert.deepEqual(config.metrics, { enabled: false, token: "m".repeat(16) });
+  assert.deepEqual(loadConfig(env({})).metrics, { enabled: true, token: undefined });
+  assert.throws(() => loadConfig(env({ LOG_LEVEL: "verbose" })), /LOG_LEVEL="verbose" is invalid/);
+  assert.throws(() => loadConfig(env({ LOG_FORMAT: "xml" })), /LOG_FORMAT="xml" is invalid/);
+  assert.throws(() => loadConfig(env({ METRICS_TOKEN: "short" })), /METRICS_TOKEN is invalid/);
+});

@@ -36,7 +36,11 @@ Deno.test("metrics: /metrics shows per-stream delivery, lag, latency and request
   const db = postgres.database;
   await sql(db, "CREATE TABLE items(id int primary key, note text)");
   const lines: { level: LogLevel; line: string }[] = [];
-  log.configure({ format: "json", sink: (level, line) => lines.push({ level, line }) });
+  log.configure({
+    format: "json",
+    level: "info",
+    sink: (level, line) => lines.push({ level, line }),
+  });
   await using api = await startApi(db, { slotBusyTimeoutSeconds: 5 });
   const scrape = async () => {
     const response = await fetch(new URL("/metrics", api.url));

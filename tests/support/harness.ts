@@ -9,6 +9,7 @@ import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.t
 import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/dev/embedded_postgres.ts";
 import type { Change, TransactionFrame } from "../../src/protocol.ts";
 import { type RunningServer, startServer } from "../../src/server.ts";
+import { log, type LogLevel } from "../../src/observability/log.ts";
 import { deadline, poll } from "./deadline.ts";
 
 /** A PostgreSQL in a fresh temporary data directory, removed on dispose. */
@@ -35,6 +36,9 @@ export async function startPostgres(
 export function testConfig(db: DatabaseConfig, overrides: Partial<Config> = {}): Config {
   return { ...loadConfig(() => undefined), database: db, port: 0, ...overrides };
 }
+
+// In-process servers log warnings and errors only, unless TEST_LOG_LEVEL asks for more.
+log.configure({ level: (Deno.env.get("TEST_LOG_LEVEL") as LogLevel | undefined) ?? "warn" });
 
 /** The server, in this process, against `db`. */
 export function startApi(
