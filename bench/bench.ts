@@ -14,10 +14,11 @@ import { Authenticator } from "../src/auth/authenticator.ts";
 import { EmbeddedPostgres } from "../src/dev/embedded_postgres.ts";
 import { init, ServerProcess } from "../tests/support/harness.ts";
 import { connectStream, type RowChange } from "../client/mod.ts";
+import { NatsServer } from "../tests/support/nats.ts";
 
 const args = new Set(Deno.args);
 const QUICK = args.has("--quick");
-/** `--only=P1,M2` runs just those phases (P1 P1M P1S P2 P3 M1 M2); default all. */
+/** `--only=P1,M2` runs just those phases (P1 P1M P1S P2 P3 P5 M1 M2); default all. */
 const ONLY = Deno.args.find((a) => a.startsWith("--only="))?.slice(7).split(",");
 const want = (phase: string) => ONLY === undefined || ONLY.includes(phase);
 /** `--profile=DIR`: run the server under V8's CPU profiler and print where its time went. */
@@ -778,6 +779,148 @@ async function main(): Promise<void> {
           "",
           `ratio ${(copyMs / singleMs).toFixed(2)}x COPY`,
         );
+      }
+    }
+    if (want("P5")) {
+      // P5: relay mode. One stream at a steady rate, many websocket consumers over 2 instances,
+      // fed from the stream's JetStream log; then how far the same fan-out goes without relay
+      // mode, where each consumer needs a stream (a slot and a walsender) of its own.
+      console.error("P5 relay fan-out ...");
+      await using nats = await NatsServer.start();
+      const instances = [];
+      for (const name of ["p5a", "p5b"]) {
+        instances.push(
+          await ServerProcess.spawn(db, { NATS_URL: nats.url, RELAY_INSTANCE: name }, serverFlags),
+        );
+      }
+      try {
+        await sql.query("CREATE TABLE p5(id bigserial primary key, t float8)");
+        const create = await fetch(new URL("/v2/streams", instances[0].url), {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ name: "p5", tables: ["p5"] }),
+        });
+        if (create.status !== 201) throw new Error(`P5 create: ${await create.text()}`);
+        const consumers = QUICK ? 200 : 1000;
+        const rate = 1000;
+        const seconds = QUICK ? 3 : 5;
+        const total = rate * seconds;
+        let delivered = 0;
+        const latencies: number[] = [];
+        const sockets: WebSocket[] = [];
+        const finished: Promise<void>[] = [];
+        for (let i = 0; i < consumers; i++) {
+          const url = new URL(`/v2/streams/p5/changes?consumer=p5-${i}`, instances[i % 2].url);
+          url.protocol = "ws:";
+          const socket = new WebSocket(url);
+          sockets.push(socket);
+          // A light consumer (no JSON.parse): one process plays all of them on the same 2 cores.
+          let seen = 0;
+          const done = Promise.withResolvers<void>();
+          finished.push(done.promise);
+          socket.onmessage = (event) => {
+            const text = event.data as string;
+            const lsn = /"nextlsn":"([^"]+)"/.exec(text)![1];
+            if (i < 10) {
+              const t = /"columnvalues":\[\d+,([\d.e+]+)\]/.exec(text);
+              if (t) latencies.push(Date.now() - Number(t[1]));
+            }
+            delivered++;
+            if (++seen % 20 === 0 || seen === total) socket.send(JSON.stringify({ lsn }));
+            if (seen === total) done.resolve();
+          };
+          await new Promise((resolve, reject) => {
+            socket.onopen = resolve;
+            socket.onerror = () => reject(new Error(`P5 consumer ${i} could not connect`));
+          });
+        }
+        const cpu0 = await Promise.all(instances.map((s) => cpuSeconds(s.pid)));
+        const started = performance.now();
+        const writers = new pg.Pool({ ...db, max: 4 });
+        for (let tick = 0; tick < seconds * 100; tick++) {
+          const due = started + tick * 10;
+          const wait = due - performance.now();
+          if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+          await Promise.all(
+            Array.from(
+              { length: rate / 100 },
+              () =>
+                writers.query(
+                  "INSERT INTO p5(t) VALUES (extract(epoch FROM clock_timestamp()) * 1000)",
+                ),
+            ),
+          );
+        }
+        const written = performance.now();
+        await writers.end();
+        // Wait for every delivery, or 60 s: where it cannot keep up, that shows.
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          Promise.all(finished),
+          new Promise((resolve) => (timer = setTimeout(resolve, 60_000))),
+        ]);
+        clearTimeout(timer);
+        const elapsed = (performance.now() - started) / 1000;
+        const cpu = await Promise.all(
+          instances.map((s, i) => cpuSeconds(s.pid).then((c) => c - cpu0[i])),
+        );
+        const rss = await Promise.all(instances.map((s) => rssMiB(s.pid)));
+        latencies.sort((a, b) => a - b);
+        report(
+          `P5 relay: ${rate} tx/s for ${seconds} s to ${consumers} consumers over 2 instances`,
+          `${Math.round(delivered / elapsed)} deliveries/s`,
+          `${rate * consumers} offered/s`,
+          `${(delivered / (total * consumers) * 100).toFixed(1)}% delivered in ${
+            elapsed.toFixed(1)
+          } s ` +
+            `(writer took ${((written - started) / 1000).toFixed(1)} s)`,
+        );
+        report(
+          "P5 commit → consumer latency (10 sampled consumers)",
+          `p50 ${percentile(latencies, 50).toFixed(0)} ms, p99 ${
+            percentile(latencies, 99).toFixed(0)
+          } ms`,
+        );
+        report(
+          "P5 instances: CPU over the run, RSS at the end",
+          instances.map((_, i) => `${cpu[i].toFixed(1)} s / ${rss[i].toFixed(0)} MiB`).join(", "),
+        );
+        for (const socket of sockets) socket.close();
+        await Promise.all(
+          sockets.map((s) =>
+            s.readyState === WebSocket.CLOSED
+              ? undefined
+              : new Promise((resolve) => s.addEventListener("close", resolve))
+          ),
+        );
+      } finally {
+        for (const instance of instances) await instance.kill("SIGKILL");
+      }
+      // Without relay: each consumer needs its own stream; create them until PostgreSQL refuses.
+      const [{ max_replication_slots: slots, max_wal_senders: senders }] = (await sql.query(
+        "SELECT current_setting('max_replication_slots') AS max_replication_slots, current_setting('max_wal_senders') AS max_wal_senders",
+      )).rows;
+      let made = 0;
+      let refusal = "";
+      for (; made < 1000; made++) {
+        const response = await fetch(new URL("/v2/streams", server.url), {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ name: `direct-${made}`, tables: ["p5"] }),
+        });
+        if (response.status !== 201) {
+          refusal = `${response.status}: ${(await response.json()).error}`;
+          break;
+        }
+      }
+      report(
+        "P5 without relay: streams (one per consumer) before PostgreSQL refuses",
+        `${made} streams`,
+        `max_replication_slots ${slots}, max_wal_senders ${senders}`,
+        refusal.slice(0, 90),
+      );
+      for (let i = 0; i < made; i++) {
+        await fetch(new URL(`/v2/streams/direct-${i}`, server.url), { method: "DELETE" });
       }
     }
     if (want("M1")) {

@@ -25,12 +25,14 @@ export type TokenSource = string | (() => string | Promise<string>);
 
 /** Where a stream is and how to consume it. */
 export interface StreamOptions {
-  /** The server, e.g. `http://localhost:12312`. */
-  url: string | URL;
+  /** The server, e.g. `http://localhost:12312`; a function is asked again on every (re)connect. */
+  url: string | URL | (() => string | URL);
   /** A v2 stream's name. */
   stream?: string;
   /** A v1 slot's name (instead of `stream`). */
   slot?: string;
+  /** Relay mode: this consumer's id (its own position in the stream's log); default the token's `sub`. */
+  consumer?: string;
   /** Read a v2 stream's `tail`: a copy of what its consumer is sent; never acknowledges. */
   tail?: boolean;
   /** Bearer credential; sent as `access_token` (browsers cannot set websocket headers). */
@@ -64,7 +66,8 @@ export const FINAL_CLOSE_CODES: ReadonlySet<number> = new Set<number>([
   CloseCode.SlotDropped,
   CloseCode.InvalidAck,
   CloseCode.DefinitionBroken,
-  4410,
+  CloseCode.StreamInvalidated,
+  CloseCode.BeyondRetention,
 ]);
 
 /** The stream ended and will not resume: the server's close code and reason, or why it was refused. */
@@ -88,9 +91,14 @@ function after(a: string, b: string | undefined): boolean {
   return b === undefined || parseLsn(a) > parseLsn(b);
 }
 
+/** The server's address now (`url` may be a function choosing among instances). */
+export function serverUrl(options: Pick<StreamOptions, "url">): URL {
+  return new URL(typeof options.url === "function" ? options.url() : options.url);
+}
+
 /** The websocket URL of `options`' stream. */
 function socketUrl(options: StreamOptions, token: string | undefined): URL {
-  const url = new URL(options.url);
+  const url = serverUrl(options);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   if (options.stream !== undefined) {
     const which = options.tail ? "tail" : "changes";
@@ -101,6 +109,7 @@ function socketUrl(options: StreamOptions, token: string | undefined): URL {
   } else {
     throw new TypeError("Cannot stream: give a stream name (stream) or a v1 slot (slot)");
   }
+  if (options.consumer !== undefined) url.searchParams.set("consumer", options.consumer);
   if (token !== undefined) url.searchParams.set("access_token", token);
   return url;
 }
@@ -115,7 +124,7 @@ async function refusal(options: StreamOptions, token: string | undefined): Promi
   StreamClosedError | undefined
 > {
   if (options.stream === undefined) return undefined;
-  const url = new URL(`/v2/streams/${encodeURIComponent(options.stream)}`, options.url);
+  const url = new URL(`/v2/streams/${encodeURIComponent(options.stream)}`, serverUrl(options));
   try {
     const response = await fetch(url, {
       headers: token === undefined ? {} : { authorization: `Bearer ${token}` },

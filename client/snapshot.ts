@@ -6,7 +6,7 @@
  */
 
 import type { StreamStateBody, StreamTable } from "../src/protocol.ts";
-import { ChangeStream, StreamClosedError, type StreamOptions } from "./change_stream.ts";
+import { ChangeStream, serverUrl, StreamClosedError, type StreamOptions } from "./change_stream.ts";
 import { jsonParser } from "./exact_json.ts";
 
 /** A snapshot row: column name → value (numbers as the `numbers` option says). */
@@ -33,7 +33,7 @@ async function call(
   const token = typeof options.token === "function" ? await options.token() : options.token;
   const headers: Record<string, string> = { "content-type": "application/json" };
   if (token !== undefined) headers.authorization = `Bearer ${token}`;
-  const response = await fetch(new URL(path, options.url), {
+  const response = await fetch(new URL(path, serverUrl(options)), {
     method,
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),

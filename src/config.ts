@@ -5,6 +5,7 @@
  */
 
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observability/log.ts";
+import type { StreamLimits } from "./protocol.ts";
 
 /** Where and how to reach PostgreSQL; passed to `npm:pg` as is. */
 export interface DatabaseConfig {
@@ -43,8 +44,28 @@ export interface Config {
   auth: AuthConfig;
   /** How the log is written (`LOG_FORMAT`) and from which level (`LOG_LEVEL`). */
   log: { format: LogFormat; level: LogLevel };
+  /** Limits of streams created without their own, and of v1 slots (`STREAM_MAX_*`; 0: none). */
+  streamLimits: StreamLimits;
+  /** How often the WAL guard checks every stream's limits, in ms (`WAL_GUARD_INTERVAL_SECONDS`). */
+  walGuardIntervalMs: number;
+  /** Relay mode (`NATS_URL`): v2 streams go through NATS JetStream logs; none: direct. */
+  relay?: RelayConfig;
   /** Prometheus metrics (`METRICS=off` turns them off); `METRICS_TOKEN` may read them besides admins. */
   metrics: { enabled: boolean; token?: string };
+}
+
+/** Relay mode: where NATS is, how long the logs keep frames, and this instance's name. */
+export interface RelayConfig {
+  /** `NATS_URL`: `nats://host:port` (comma-separated for a cluster). */
+  servers: string[];
+  /** How long a stream's log keeps a frame (`RELAY_MAX_AGE_SECONDS`, default 7 days). */
+  maxAgeSeconds: number;
+  /** Largest size of a stream's log before the oldest frames go (`RELAY_MAX_BYTES`, default 1 GiB). */
+  maxBytes: number;
+  /** Most frames a stream's log keeps (`RELAY_MAX_MESSAGES`; 0: no count limit). */
+  maxMessages: number;
+  /** This instance's name in the API and the metrics (`RELAY_INSTANCE`, default random). */
+  instance: string;
 }
 
 /** How clients authenticate, and which browsers' origins may call. */
@@ -113,6 +134,14 @@ export const ENV_VARS = [
   "LOG_LEVEL",
   "METRICS",
   "METRICS_TOKEN",
+  "STREAM_MAX_LAG_BYTES",
+  "STREAM_MAX_IDLE_SECONDS",
+  "WAL_GUARD_INTERVAL_SECONDS",
+  "NATS_URL",
+  "RELAY_MAX_AGE_SECONDS",
+  "RELAY_MAX_BYTES",
+  "RELAY_MAX_MESSAGES",
+  "RELAY_INSTANCE",
 ] as const;
 
 /** Reads one environment variable; `Deno.env.get` in production, a map in tests. */
@@ -226,6 +255,32 @@ function loadMetrics(env: EnvReader): Config["metrics"] {
   return { enabled: choice(env, "METRICS", ["on", "off"], "on") === "on", token };
 }
 
+/** Relay mode's settings, when `NATS_URL` is set. */
+function loadRelay(env: EnvReader): RelayConfig | undefined {
+  const servers = list(env, "NATS_URL");
+  if (servers.length === 0) return undefined;
+  for (const server of servers) {
+    if (!/^(nats|tls):\/\/[^\s/]+$|^[^\s/:]+:\d+$/.test(server)) {
+      throw new RangeError(
+        `NATS_URL is invalid: ${JSON.stringify(server)} is not nats://host:port`,
+      );
+    }
+  }
+  const instance = nonEmpty(env, "RELAY_INSTANCE") ??
+    [...crypto.getRandomValues(new Uint8Array(4))].map((b) => b.toString(16).padStart(2, "0"))
+      .join("");
+  if (!/^[A-Za-z0-9_-]{1,32}$/.test(instance)) {
+    throw new RangeError("RELAY_INSTANCE is invalid: use 1 to 32 of A-Z, a-z, 0-9, _ and -");
+  }
+  return {
+    servers,
+    maxAgeSeconds: integer(env, ["RELAY_MAX_AGE_SECONDS"], 7 * 86400, 1, 10 * 365 * 86400),
+    maxBytes: integer(env, ["RELAY_MAX_BYTES"], 2 ** 30, 1 << 20, Number.MAX_SAFE_INTEGER),
+    maxMessages: integer(env, ["RELAY_MAX_MESSAGES"], 0, 0, Number.MAX_SAFE_INTEGER),
+    instance,
+  };
+}
+
 /** Builds the configuration from the environment; throws a `RangeError` naming the bad variable. */
 export function loadConfig(env: EnvReader): Config {
   const user = nonEmpty(env, "PGUSER", "USER") ?? "postgres";
@@ -279,6 +334,12 @@ export function loadConfig(env: EnvReader): Config {
       level: choice(env, "LOG_LEVEL", LOG_LEVELS, "info"),
     },
     metrics: loadMetrics(env),
+    streamLimits: {
+      maxLagBytes: integer(env, ["STREAM_MAX_LAG_BYTES"], 8 * 2 ** 30, 0, Number.MAX_SAFE_INTEGER),
+      maxIdleSeconds: integer(env, ["STREAM_MAX_IDLE_SECONDS"], 7 * 24 * 3600, 0, 10 * 365 * 86400),
+    },
+    walGuardIntervalMs: integer(env, ["WAL_GUARD_INTERVAL_SECONDS"], 10, 1, 3600) * 1000,
+    relay: loadRelay(env),
   };
 }
 

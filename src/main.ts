@@ -78,6 +78,21 @@ export async function main(): Promise<number> {
       `slots created earlier, resumable with /v1/lr/stream: ${leftovers.join(", ")}`,
     );
   }
+  const wal = await server.app.walReport().catch(() => undefined);
+  if (wal !== undefined) {
+    const held = wal.lines.length > 0 ? wal.lines.join("; ") : "no stream holds WAL";
+    log.info("startup.wal", `retained WAL: ${held}; max_slot_wal_keep_size = ${wal.keepSize}`, {
+      maxSlotWalKeepSize: wal.keepSize,
+    });
+    if (wal.keepSize === "-1") {
+      log.warn(
+        "startup.wal",
+        "max_slot_wal_keep_size is not set: if this server's WAL guard is not running, an " +
+          "abandoned slot can fill the disk. Set it (e.g. ALTER SYSTEM SET " +
+          "max_slot_wal_keep_size = '16GB') above the streams' STREAM_MAX_LAG_BYTES",
+      );
+    }
+  }
   log.info("startup.auth", `authentication: ${describeAuth(config.auth)}`);
   log.info(
     "startup.metrics",

@@ -150,6 +150,21 @@ export const CloseCode = {
    * the stream and create it again, from a fresh snapshot.
    */
   DefinitionBroken: 4422,
+  /**
+   * The stream (or v1 slot) was invalidated: it held more WAL or was idle
+   * longer than its limit, or PostgreSQL invalidated its slot
+   * (`max_slot_wal_keep_size`); its slot was dropped, and the changes since
+   * the last acknowledgement are lost. Final: `POST /v2/streams/{name}/reset`
+   * (v1: a new init), then read the fresh snapshot.
+   */
+  StreamInvalidated: 4410,
+  /**
+   * Relay mode: the consumer's position fell out of the stream's log (its
+   * retention by age, size or count dropped frames it had not acknowledged).
+   * Final: read a fresh snapshot (reset the stream, or create another), then
+   * stream with a new consumer id.
+   */
+  BeyondRetention: 4411,
 } as const;
 
 /** A close code from {@link CloseCode}. */
@@ -187,12 +202,25 @@ export type StreamTableRequest = string | {
   where?: WhereCondition[];
 };
 
+/** How much WAL a stream may hold and how long it may go without a consumer; 0: no limit. */
+export interface StreamLimits {
+  /** WAL not yet acknowledged (`lagBytes`) the stream may have, in bytes. */
+  maxLagBytes: number;
+  /** Seconds without a connected consumer. */
+  maxIdleSeconds: number;
+}
+
 /** `POST /v2/streams` request body. */
 export interface CreateStreamRequest {
   name: string;
   tables: StreamTableRequest[];
   operations?: StreamOperation[];
+  /** Default: the server's `STREAM_MAX_LAG_BYTES` and `STREAM_MAX_IDLE_SECONDS`. */
+  limits?: Partial<StreamLimits>;
 }
+
+/** A stream's standing against its limits: `warning` from half of either, `invalidated` past one. */
+export type StreamHealth = "ok" | "warning" | "invalidated";
 
 /** A table of a stream, normalized: schema-qualified, columns resolved. */
 export interface StreamTable {
@@ -214,6 +242,7 @@ export interface StreamDefinitionBody {
   slotName: string;
   tables: StreamTable[];
   operations: StreamOperation[];
+  limits: StreamLimits;
   createdAt: string;
 }
 
@@ -236,6 +265,20 @@ export interface StreamStateBody extends StreamDefinitionBody {
   snapshotExpiresAt?: string;
   /** Read-only tails connected. */
   tails: number;
+  /** Standing against the limits. */
+  health: StreamHealth;
+  /** WAL the slot holds back (its restart position to the database's), in bytes. */
+  retainedBytes: number | null;
+  /** When a consumer was last connected (the idle clock starts there). */
+  lastActivityAt: string;
+  /** Why and when the stream was invalidated, when it was. */
+  invalidated?: { at: string; reason: string };
+  /** Relay mode: the instance publishing it, its log, and each consumer's standing in it. */
+  relay?: {
+    publisher: string | null;
+    log: { messages: number; bytes: number; firstSeq: number; lastSeq: number } | null;
+    consumers: { id: string; pending: number; ackFloor: number }[];
+  };
 }
 
 /** `GET /v2/streams`. */

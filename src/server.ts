@@ -21,8 +21,13 @@ import { type ReleaseDetail, SnapshotStore } from "./snapshots/snapshot_store.ts
 import { log } from "./observability/log.ts";
 import { SessionRegistry } from "./streams/session_registry.ts";
 import { StreamManager } from "./streams/stream_manager.ts";
-import { Metrics, V1_STREAM_LABEL } from "./observability/metrics.ts";
+import { Metrics, type RelayReading, V1_STREAM_LABEL } from "./observability/metrics.ts";
 import { TailHub } from "./streams/tail_hub.ts";
+import { WalGuard } from "./streams/wal_guard.ts";
+import { Relay } from "./relay/relay.ts";
+
+/** Relay mode: an instance's database connections are named this, then the instance's name. */
+export const RELAY_APPLICATION_PREFIX = "pgdeltastream@";
 
 /** What `/healthz` reports. */
 export interface HealthReport {
@@ -61,6 +66,10 @@ export class Server implements AsyncDisposable {
   readonly streams: StreamManager;
   /** Checks credentials, mints consumer tokens. */
   readonly authenticator: Authenticator;
+  /** Relay mode's NATS side: publishers, consumers, tails; none without `NATS_URL`. */
+  relay: Relay | undefined;
+  /** Weighs every stream against its WAL limits, on a timer. */
+  readonly guard: WalGuard;
   /** The Prometheus metrics; none with `METRICS=off`. */
   readonly metrics: Metrics | undefined;
   #closing = false;
@@ -75,9 +84,17 @@ export class Server implements AsyncDisposable {
     this.typeNames = new TypeNames(pool);
     this.tails = new TailHub();
     this.metrics = config.metrics.enabled
-      ? new Metrics({ lag: () => this.#lags(), tails: () => this.tails.counts() })
+      ? new Metrics({
+        lag: () => this.#lags(),
+        tails: () => this.tails.counts(),
+        relay: config.relay === undefined ? undefined : () => this.#relayReadings(),
+      })
       : undefined;
     this.streams = new StreamManager(this);
+    this.guard = new WalGuard(
+      { ...this, streamLimits: config.streamLimits },
+      config.walGuardIntervalMs,
+    );
     this.authenticator = new Authenticator(config.auth, config.metrics.token);
     this.snapshots.addEventListener("release", (event) => {
       const { slotName, reason } = (event as CustomEvent<ReleaseDetail>).detail;
@@ -89,6 +106,16 @@ export class Server implements AsyncDisposable {
 
   /** Connects to the database and sets up the server's schema and publications. */
   static async create(config: Config): Promise<Server> {
+    if (config.relay !== undefined) {
+      // Each instance's connections carry its name: the publisher of a stream is its walsender's.
+      config = {
+        ...config,
+        database: {
+          ...config.database,
+          application_name: `${RELAY_APPLICATION_PREFIX}${config.relay.instance}`,
+        },
+      };
+    }
     const pool = createPool(config.database);
     try {
       await ensureSchema(pool, schemaNames(config.publicationPrefix));
@@ -96,7 +123,27 @@ export class Server implements AsyncDisposable {
       await pool.end();
       throw error;
     }
-    return new Server(config, pool);
+    const server = new Server(config, pool);
+    if (config.relay !== undefined) {
+      try {
+        server.relay = await Relay.connect(config.relay, {
+          database: config.database,
+          streams: server.streams,
+          metrics: server.metrics,
+          busyTimeoutSeconds: config.slotBusyTimeoutSeconds,
+        });
+      } catch (error) {
+        await server[Symbol.asyncDispose]();
+        throw new Error(
+          `Cannot connect to NATS at ${config.relay.servers.join(", ")}: ${
+            (error as Error).message
+          }`,
+        );
+      }
+      server.relay.start();
+    }
+    server.guard.start();
+    return server;
   }
 
   /** Throws an {@link UnavailableError} once shutdown has begun. */
@@ -116,6 +163,23 @@ export class Server implements AsyncDisposable {
     };
   }
 
+  /** Relay mode: each stream's log, and whether this instance publishes it. */
+  async #relayReadings(): Promise<RelayReading[]> {
+    const relay = this.relay;
+    if (relay === undefined) return [];
+    const readings: RelayReading[] = [];
+    for (const stream of await this.streams.listStored()) {
+      const state = await relay.log.state(stream.name);
+      if (state === undefined) continue;
+      readings.push({
+        stream: stream.name,
+        publishing: relay.publishers.publishes(stream.name),
+        ...state,
+      });
+    }
+    return readings;
+  }
+
   /** Each stream's slot lag in bytes, by metrics label (v1 slots together, the largest). */
   async #lags(): Promise<Map<string, number | null>> {
     const { rows } = await this.pool.query<{ stream: string; lag: number | null }>(
@@ -129,6 +193,27 @@ export class Server implements AsyncDisposable {
       [V1_STREAM_LABEL],
     );
     return new Map(rows.map((r: { stream: string; lag: number | null }) => [r.stream, r.lag]));
+  }
+
+  /**
+   * What the start-up log says about WAL: each stream's and v1 slot's retained WAL, and
+   * PostgreSQL's `max_slot_wal_keep_size` (a recommendation to set it when it is not).
+   */
+  async walReport(): Promise<{ lines: string[]; keepSize: string }> {
+    const { rows } = await this.pool.query<{ line: string; keep: string }>(
+      `SELECT format('%s (slot %s): %s of WAL', o.label, s.slot_name,
+                     pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn))) AS line,
+              current_setting('max_slot_wal_keep_size') AS keep
+         FROM pg_replication_slots s
+         JOIN (SELECT slot_name, format('stream %s', name) AS label FROM ${this.names.schema}.streams
+               UNION ALL SELECT slot_name, 'v1' FROM ${this.names.schema}.slots) o
+           ON o.slot_name = s.slot_name
+        ORDER BY 1`,
+    );
+    const keepSize = rows[0]?.keep ?? (await this.pool.query<{ keep: string }>(
+      "SELECT current_setting('max_slot_wal_keep_size') AS keep",
+    )).rows[0].keep;
+    return { lines: rows.map((r: { line: string }) => r.line), keepSize };
   }
 
   /** Slots this server's earlier runs created that still exist, with the WAL each holds back. */
@@ -177,6 +262,8 @@ export class Server implements AsyncDisposable {
   /** Closes every stream with 1001, releases snapshots and connections. Slots are kept. */
   async [Symbol.asyncDispose](): Promise<void> {
     this.#closing = true;
+    await this.guard[Symbol.asyncDispose]();
+    await this.relay?.[Symbol.asyncDispose]();
     this.tails.closeAll(CloseCode.GoingAway, "server shutting down");
     await this.sessions.closeAll(CloseCode.GoingAway, "server shutting down");
     await this.snapshots[Symbol.asyncDispose]();

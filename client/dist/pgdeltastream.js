@@ -26,7 +26,22 @@ var CloseCode = {
    * column that was dropped or renamed); the reason names it. Final: delete
    * the stream and create it again, from a fresh snapshot.
    */
-  DefinitionBroken: 4422
+  DefinitionBroken: 4422,
+  /**
+   * The stream (or v1 slot) was invalidated: it held more WAL or was idle
+   * longer than its limit, or PostgreSQL invalidated its slot
+   * (`max_slot_wal_keep_size`); its slot was dropped, and the changes since
+   * the last acknowledgement are lost. Final: `POST /v2/streams/{name}/reset`
+   * (v1: a new init), then read the fresh snapshot.
+   */
+  StreamInvalidated: 4410,
+  /**
+   * Relay mode: the consumer's position fell out of the stream's log (its
+   * retention by age, size or count dropped frames it had not acknowledged).
+   * Final: read a fresh snapshot (reset the stream, or create another), then
+   * stream with a new consumer id.
+   */
+  BeyondRetention: 4411
 };
 
 // src/lsn.ts
@@ -95,7 +110,8 @@ var FINAL_CLOSE_CODES = /* @__PURE__ */ new Set([
   CloseCode.SlotDropped,
   CloseCode.InvalidAck,
   CloseCode.DefinitionBroken,
-  4410
+  CloseCode.StreamInvalidated,
+  CloseCode.BeyondRetention
 ]);
 var StreamClosedError = class extends Error {
   /** The websocket close code, or the HTTP status of a refused connection. */
@@ -113,8 +129,11 @@ var StreamClosedError = class extends Error {
 function after(a, b) {
   return b === void 0 || parseLsn(a) > parseLsn(b);
 }
+function serverUrl(options) {
+  return new URL(typeof options.url === "function" ? options.url() : options.url);
+}
 function socketUrl(options, token) {
-  const url = new URL(options.url);
+  const url = serverUrl(options);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   if (options.stream !== void 0) {
     const which = options.tail ? "tail" : "changes";
@@ -125,6 +144,7 @@ function socketUrl(options, token) {
   } else {
     throw new TypeError("Cannot stream: give a stream name (stream) or a v1 slot (slot)");
   }
+  if (options.consumer !== void 0) url.searchParams.set("consumer", options.consumer);
   if (token !== void 0) url.searchParams.set("access_token", token);
   return url;
 }
@@ -133,7 +153,7 @@ async function currentToken(token) {
 }
 async function refusal(options, token) {
   if (options.stream === void 0) return void 0;
-  const url = new URL(`/v2/streams/${encodeURIComponent(options.stream)}`, options.url);
+  const url = new URL(`/v2/streams/${encodeURIComponent(options.stream)}`, serverUrl(options));
   try {
     const response = await fetch(url, {
       headers: token === void 0 ? {} : {
@@ -400,7 +420,7 @@ async function call(options, method, path, body) {
     "content-type": "application/json"
   };
   if (token !== void 0) headers.authorization = `Bearer ${token}`;
-  const response = await fetch(new URL(path, options.url), {
+  const response = await fetch(new URL(path, serverUrl(options)), {
     method,
     headers,
     body: body === void 0 ? void 0 : JSON.stringify(body)

@@ -225,9 +225,14 @@ export const V2_CREATE: RequestSchema<CreateStream> = {
     name: STREAM_NAME_SCHEMA,
     tables: z.array(STREAM_TABLE).min(1).max(1000),
     operations: optional(z.array(OPERATION).min(1)),
+    limits: optional(z.strictObject({
+      maxLagBytes: optional(z.number().int().min(0).max(Number.MAX_SAFE_INTEGER)),
+      maxIdleSeconds: optional(z.number().int().min(0).max(10 * 365 * 86400)),
+    })),
   }).transform((body) => ({
     name: body.name,
     tables: body.tables,
+    limits: body.limits ?? {},
     operations: body.operations === undefined
       ? ["insert", "update", "delete", "truncate"]
       : [...new Set(body.operations)],
@@ -242,6 +247,11 @@ export const V2_CREATE: RequestSchema<CreateStream> = {
       '[column, op, value], [column, "in", [values]] or [column, "is null" | "is not null"], ' +
       `op one of ${OPERATORS.join(", ")}`,
     operations: '"operations" must be a non-empty list of insert, update, delete, truncate',
+    limits:
+      '"limits" must be {"maxLagBytes"?, "maxIdleSeconds"?}, each a whole number >= 0 (0: no limit)',
+    "limits.maxLagBytes": '"maxLagBytes" must be a whole number of bytes >= 0 (0: no limit)',
+    "limits.maxIdleSeconds":
+      '"maxIdleSeconds" must be a whole number of seconds >= 0 (0: no limit)',
   },
 };
 

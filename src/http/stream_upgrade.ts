@@ -16,6 +16,7 @@ import {
   type SessionMonitor,
   type SessionObserver,
   StreamSession,
+  truncateReason,
 } from "../streams/stream_session.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 import type pg from "pg";
@@ -54,6 +55,15 @@ export interface StreamTarget {
   expiresAt?: number;
   /** A check the session repeats (at once, then every `intervalMs`): a reason closes it with 4422. */
   monitor?: SessionMonitor;
+  /** The close reason when the WAL guard invalidated the stream: the socket opens, then closes 4410. */
+  invalidated?: () => Promise<string | undefined>;
+}
+
+/** Upgrades `request` and closes the socket at once with `code` and `reason`: a final answer in websocket terms. */
+export function closeAtOnce(request: Request, code: number, reason: string): Response {
+  const { socket, response } = Deno.upgradeWebSocket(request);
+  socket.addEventListener("open", () => socket.close(code, truncateReason(reason)), { once: true });
+  return response;
 }
 
 /** The slot's confirmed position: where a stream resumes. */
@@ -87,6 +97,14 @@ export async function acceptStream(
   target: StreamTarget,
 ): Promise<Response> {
   assertWebSocketHandshake(request, "Cannot stream");
+  const invalidated = await target.invalidated?.();
+  if (invalidated !== undefined) {
+    log.info("consumer.refused", `a consumer of the invalidated ${target.label} was told 4410`, {
+      stream: target.stream,
+      slot: target.slotName,
+    });
+    return closeAtOnce(request, CloseCode.StreamInvalidated, invalidated);
+  }
   const claim = await host.sessions.claim(target.slotName, target.label);
   let service: ReplicationService | undefined;
   try {

@@ -16,6 +16,7 @@ import { readBody } from "./json_body.ts";
 import { V1_EXPORT, V1_PAGE } from "./request_schemas.ts";
 import { admin, json, ndjson, type Routes } from "./routes.ts";
 import { acceptStream } from "./stream_upgrade.ts";
+import { invalidatedReason } from "../streams/stream_manager.ts";
 import { V1_STREAM_LABEL } from "../observability/metrics.ts";
 
 /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
@@ -77,6 +78,10 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
         label: `slot "${slotName}"`,
         busyTimeoutSeconds: server.config.slotBusyTimeoutSeconds,
         options: server.replicationOptions(slotName),
+        invalidated: async () =>
+          await server.slots.invalidation(slotName) === undefined
+            ? undefined
+            : invalidatedReason(`slot ${slotName}`, "call /v1/init"),
         prepare: async () => {
           const slot = await server.slots.find(slotName);
           if (slot === undefined) {

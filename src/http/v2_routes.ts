@@ -11,14 +11,16 @@ import type { Context, Hono } from "hono";
 import type { Principal } from "../auth/principal.ts";
 import { mayRead } from "../auth/principal.ts";
 import { ConflictError, InvalidRequestError } from "../errors.ts";
-import { V2_PREFIX } from "../protocol.ts";
+import { CloseCode, V2_PREFIX } from "../protocol.ts";
 import type { Server } from "../server.ts";
 import { exportRows } from "../snapshots/snapshot_export.ts";
 import { readPage } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
 import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
 import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
-import { acceptStream } from "./stream_upgrade.ts";
+import { acceptStream, closeAtOnce } from "./stream_upgrade.ts";
+import { invalidatedReason } from "../streams/stream_manager.ts";
+import { CONSUMER_ID } from "../relay/relay_session.ts";
 import { CHECK_INTERVAL_MS } from "../streams/stream_publication.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 
@@ -61,6 +63,14 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
     DELETE: admin(async (c) => {
       await streams.delete(streamName(c));
       return new Response(null, { status: 204 });
+    }),
+  });
+
+  routes.add(`${base}/:name/reset`, {
+    // A new slot and snapshot for the same definition: how an invalidated stream comes back.
+    POST: admin(async (c) => {
+      server.assertOpen();
+      return json(await streams.reset(streamName(c)), 201);
     }),
   });
 
@@ -109,6 +119,30 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       const stream = await streams.require(name, "Cannot stream");
+      if (stream.invalidated !== null) {
+        return closeAtOnce(
+          c.req.raw,
+          CloseCode.StreamInvalidated,
+          invalidatedReason(`stream ${name}`, "POST .../reset"),
+        );
+      }
+      const relay = server.relay;
+      if (relay !== undefined) {
+        // Relay mode: any number of consumers, each with its own id and position in the log.
+        const consumer = c.req.query("consumer") ??
+          (principal.kind === "consumer" ? principal.subject : undefined);
+        if (consumer === undefined || !CONSUMER_ID.test(consumer)) {
+          throw new InvalidRequestError(
+            'Cannot stream: give ?consumer=<id> (1 to 64 of A-Z, a-z, 0-9, _ and -; a token\'s "sub" by default)',
+          );
+        }
+        return relay.acceptConsumer(c.req.raw, {
+          stream: name,
+          consumer,
+          startSeq: stream.relayStartSeq,
+          expiresAt: expiry(principal),
+        });
+      }
       const plan = await streams.replicationPlan(stream);
       return acceptStream(c.req.raw, server, {
         stream: name,
@@ -120,6 +154,12 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
         observer: { sent: (frame) => server.tails.publish(name, frame.text) },
         expiresAt: expiry(principal),
         monitor: { check: plan.check, intervalMs: CHECK_INTERVAL_MS },
+        invalidated: () =>
+          Promise.resolve(
+            stream.invalidated === null
+              ? undefined
+              : invalidatedReason(`stream ${name}`, "POST .../reset"),
+          ),
       });
     }),
   });
@@ -129,7 +169,17 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       server.assertOpen();
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot tail");
-      await streams.require(name, "Cannot tail");
+      const tailed = await streams.require(name, "Cannot tail");
+      if (tailed.invalidated !== null) {
+        return closeAtOnce(
+          c.req.raw,
+          CloseCode.StreamInvalidated,
+          invalidatedReason(`stream ${name}`, "POST .../reset"),
+        );
+      }
+      if (server.relay !== undefined) {
+        return server.relay.acceptTail(c.req.raw, name, expiry(principal));
+      }
       const { socket, response } = Deno.upgradeWebSocket(c.req.raw);
       server.tails.add(name, socket, expiry(principal));
       return response;

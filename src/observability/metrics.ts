@@ -10,6 +10,7 @@
  * @module
  */
 
+import process from "node:process";
 import client from "prom-client";
 import type { Lsn } from "../lsn.ts";
 import type { Frame } from "../replication/pgoutput_decoder.ts";
@@ -24,6 +25,19 @@ export interface MetricSources {
   lag(): Promise<Map<string, number | null>>;
   /** Read-only tails, by stream. */
   tails(): Map<string, number>;
+  /** Relay mode: each stream's log, whether this instance publishes it, its consumers' pending. */
+  relay?(): Promise<RelayReading[]>;
+}
+
+/** What the metrics show of one relayed stream. */
+export interface RelayReading {
+  stream: string;
+  publishing: boolean;
+  messages: number;
+  bytes: number;
+  firstSeq: number;
+  lastSeq: number;
+  consumers: { id: string; pending: number }[];
 }
 
 /** A session's view of the metrics: an observer of its frames and acks, and its end. */
@@ -52,14 +66,60 @@ const LATENCY_BUCKETS = [
   60,
 ];
 
-/** Default process metrics that read `/proc/self`, which Deno opens only with `--allow-all`. */
-const UNREADABLE_DEFAULTS = [
-  "process_resident_memory_bytes",
-  "process_virtual_memory_bytes",
-  "process_heap_bytes",
-  "process_open_fds",
-  "process_max_fds",
-];
+/**
+ * The process metrics Prometheus' clients share (`process_cpu_*`, resident memory, start time)
+ * and the runtime's heap, from Deno's own APIs. prom-client's `collectDefaultMetrics` is not
+ * used: under Deno its `/proc/self` readers need `--allow-all`, and with its event-loop and GC
+ * monitors running a graceful shutdown under a stalled export did not complete.
+ */
+function processMetrics(registers: client.Registry[]): void {
+  const started = Date.now() / 1000 - performance.now() / 1000;
+  const cpu = (name: string, help: string, seconds: () => number) =>
+    new client.Counter({
+      name,
+      help,
+      registers,
+      collect() {
+        this.reset();
+        this.inc(seconds());
+      },
+    });
+  cpu(
+    "process_cpu_user_seconds_total",
+    "Total user CPU time spent in seconds.",
+    () => process.cpuUsage().user / 1e6,
+  );
+  cpu(
+    "process_cpu_system_seconds_total",
+    "Total system CPU time spent in seconds.",
+    () => process.cpuUsage().system / 1e6,
+  );
+  cpu("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", () => {
+    const usage = process.cpuUsage();
+    return (usage.user + usage.system) / 1e6;
+  });
+  new client.Gauge({
+    name: "process_start_time_seconds",
+    help: "Start time of the process since unix epoch in seconds.",
+    registers,
+    collect() {
+      this.set(Math.round(started));
+    },
+  });
+  const memory = (name: string, help: string, field: keyof Deno.MemoryUsage) =>
+    new client.Gauge({
+      name,
+      help,
+      registers,
+      collect() {
+        this.set(Deno.memoryUsage()[field]);
+      },
+    });
+  memory("process_resident_memory_bytes", "Resident memory size in bytes.", "rss");
+  memory("nodejs_heap_size_total_bytes", "Runtime heap size in bytes.", "heapTotal");
+  memory("nodejs_heap_size_used_bytes", "Runtime heap size used in bytes.", "heapUsed");
+  memory("nodejs_external_memory_bytes", "Runtime external memory size in bytes.", "external");
+}
 
 /** Outside printable ASCII (JSON text has no raw control characters). */
 const NON_ASCII = /[^ -~]/;
@@ -83,6 +143,9 @@ export class Metrics {
   readonly #latency: client.Histogram<"stream">;
   readonly #snapshotRows: client.Counter<"stream">;
   readonly #http: client.Counter<"route" | "method" | "status">;
+  readonly #limitRatio: client.Gauge<"stream" | "limit">;
+  readonly #invalidated: client.Gauge<"stream">;
+  readonly #invalidations: client.Counter<"stream">;
   /** The highest nextlsn sent per stream in this process: a frame at or below it is sent again. */
   readonly #highest = new Map<string, Lsn>();
 
@@ -142,14 +205,59 @@ export class Metrics {
       labelNames: ["route", "method", "status"] as const,
       registers,
     });
-    client.collectDefaultMetrics({ register: this.registry });
-    for (const name of UNREADABLE_DEFAULTS) this.registry.removeSingleMetric(name);
-    new client.Gauge({
-      name: "process_resident_memory_bytes",
-      help: "Resident memory size in bytes.",
+    this.#limitRatio = new client.Gauge({
+      name: "pgdeltastream_stream_limit_ratio",
+      help: "Share of the stream's limit used: lag_bytes (WAL held) or idle_seconds; 1 invalidates",
+      labelNames: ["stream", "limit"] as const,
       registers,
-      collect() {
-        this.set(Deno.memoryUsage().rss);
+    });
+    this.#invalidated = new client.Gauge({
+      name: "pgdeltastream_stream_invalidated",
+      help: "1 while the stream is invalidated (its slot dropped; reset it)",
+      labelNames: stream,
+      registers,
+    });
+    this.#invalidations = counter(
+      "pgdeltastream_stream_invalidations_total",
+      "Streams (v1: slots) the WAL guard invalidated",
+    );
+    if (sources.relay !== undefined) this.#relayMetrics(sources.relay, registers);
+    processMetrics(registers);
+  }
+
+  /** Relay gauges, all read by the first one's collect (registered first, so collected first). */
+  #relayMetrics(read: () => Promise<RelayReading[]>, registers: client.Registry[]): void {
+    const gauge = (name: string, help: string, labelNames: string[] = ["stream"]) =>
+      new client.Gauge({ name, help, labelNames, registers });
+    const publisher = gauge(
+      "pgdeltastream_relay_publisher",
+      "1 while this instance publishes the stream to its log",
+    );
+    const bytes = gauge("pgdeltastream_relay_log_bytes", "Bytes in the stream's log");
+    const first = gauge("pgdeltastream_relay_log_first_seq", "First sequence in the stream's log");
+    const last = gauge("pgdeltastream_relay_log_last_seq", "Last sequence in the stream's log");
+    const pending = gauge(
+      "pgdeltastream_relay_consumer_pending",
+      "Frames of the log a consumer has not acknowledged",
+      ["stream", "consumer"],
+    );
+    new client.Gauge({
+      name: "pgdeltastream_relay_log_messages",
+      help: "Frames in the stream's log",
+      labelNames: ["stream"],
+      registers,
+      async collect() {
+        const readings = await read().catch(() => []);
+        for (const g of [this, publisher, bytes, first, last, pending]) g.reset();
+        for (const r of readings) {
+          const stream = { stream: r.stream };
+          this.set(stream, r.messages);
+          publisher.set(stream, r.publishing ? 1 : 0);
+          bytes.set(stream, r.bytes);
+          first.set(stream, r.firstSeq);
+          last.set(stream, r.lastSeq);
+          for (const c of r.consumers) pending.set({ stream: r.stream, consumer: c.id }, c.pending);
+        }
       },
     });
   }
@@ -184,6 +292,19 @@ export class Metrics {
         connected.dec();
       },
     };
+  }
+
+  /** The WAL guard's latest reading of `stream`. */
+  limits(stream: string, lagRatio: number, idleRatio: number, invalidated: boolean): void {
+    this.#limitRatio.set({ stream, limit: "lag_bytes" }, lagRatio);
+    this.#limitRatio.set({ stream, limit: "idle_seconds" }, idleRatio);
+    this.#invalidated.set({ stream }, invalidated ? 1 : 0);
+  }
+
+  /** The WAL guard invalidated `stream`. */
+  invalidated(stream: string): void {
+    this.#invalidations.inc({ stream });
+    this.#invalidated.set({ stream }, 1);
   }
 
   /** `rows` snapshot rows of `stream` were returned. */

@@ -56,6 +56,15 @@ CREATE TABLE IF NOT EXISTS ${n.schema}.streams (
   definition jsonb NOT NULL,
   created_at timestamptz NOT NULL DEFAULT now()
 );
+-- The WAL guard's state: limits, the idle clock, and why a stream or v1 slot was invalidated.
+ALTER TABLE ${n.schema}.streams ADD COLUMN IF NOT EXISTS limits jsonb,
+  ADD COLUMN IF NOT EXISTS last_activity timestamptz NOT NULL DEFAULT now(),
+  ADD COLUMN IF NOT EXISTS invalidated_at timestamptz,
+  ADD COLUMN IF NOT EXISTS invalidation_reason text,
+  ADD COLUMN IF NOT EXISTS relay_start_seq bigint NOT NULL DEFAULT 1;
+ALTER TABLE ${n.schema}.slots ADD COLUMN IF NOT EXISTS last_activity timestamptz NOT NULL DEFAULT now(),
+  ADD COLUMN IF NOT EXISTS invalidated_at timestamptz,
+  ADD COLUMN IF NOT EXISTS invalidation_reason text;
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.inserts}') THEN
     CREATE PUBLICATION ${n.inserts} FOR ALL TABLES WITH (publish = 'insert');
@@ -121,7 +130,9 @@ export async function ensureSchema(pool: pg.Pool, n: SchemaNames): Promise<void>
   const { rows } = await pool.query<{ superuser: boolean; ready: boolean }>(
     `SELECT rolsuper AS superuser,
             (SELECT count(*) = 3 FROM pg_publication WHERE pubname IN ($1, $2, $3))
-              AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NOT NULL AS ready
+              AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NOT NULL
+              AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($5)
+                             AND attname = 'relay_start_seq') AS ready
        FROM pg_roles WHERE rolname = current_user`,
     [n.inserts, n.keyed, n.truncates, `${n.schema}.slots`, `${n.schema}.streams`],
   );

@@ -87,6 +87,31 @@ export class SlotManager {
     return rows;
   }
 
+  /** Why the v1 slot `slotName` was invalidated by the WAL guard, if it was. */
+  async invalidation(slotName: string): Promise<string | undefined> {
+    const { rows } = await this.#pool.query<{ reason: string }>(
+      `SELECT coalesce(invalidation_reason, '') AS reason FROM ${this.#names.schema}.slots
+        WHERE slot_name = $1 AND invalidated_at IS NOT NULL`,
+      [slotName],
+    );
+    return rows[0]?.reason;
+  }
+
+  /**
+   * Invalidates the v1 slot `slotName` (the WAL guard): records why, calls
+   * `beforeDrop` (which closes its stream), releases its snapshot, drops it.
+   */
+  async invalidate(slotName: string, reason: string, beforeDrop: BeforeDrop): Promise<void> {
+    await this.#pool.query(
+      `UPDATE ${this.#names.schema}.slots SET invalidated_at = now(), invalidation_reason = $2
+        WHERE slot_name = $1 AND invalidated_at IS NULL`,
+      [slotName, reason],
+    );
+    await beforeDrop(slotName);
+    await this.#snapshots.release(slotName, `the slot was invalidated: ${reason}`);
+    await this.dropSlot(slotName);
+  }
+
   /** The slot named `slotName` in this database, or undefined. */
   async find(slotName: string): Promise<SlotInfo | undefined> {
     return (await this.list()).find((s) => s.slot_name === slotName && s.plugin !== null);

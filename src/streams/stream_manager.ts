@@ -16,6 +16,7 @@ import {
   CloseCode,
   type CreateStreamResponse,
   type StreamDefinitionBody,
+  type StreamLimits,
   type StreamOperation,
   type StreamStateBody,
 } from "../protocol.ts";
@@ -33,9 +34,11 @@ import {
   streamPublications,
 } from "./stream_publication.ts";
 import { streamScope } from "./stream_scope.ts";
+import { standing } from "./wal_limits.ts";
 import { type StoredStream, StreamStore } from "./stream_store.ts";
 import type { TailHub } from "./tail_hub.ts";
 import type { Metrics } from "../observability/metrics.ts";
+import type { Relay } from "../relay/relay.ts";
 import { errorMessage, log } from "../observability/log.ts";
 
 /** What creating a stream takes, validated. */
@@ -43,6 +46,8 @@ export interface CreateStream {
   name: string;
   tables: RequestTable[];
   operations: StreamOperation[];
+  /** Limits given; the others are the server's defaults. */
+  limits: Partial<StreamLimits>;
 }
 
 /** What the manager works with: the server's state. */
@@ -56,6 +61,19 @@ export interface StreamDependencies {
   tails: TailHub;
   typeNames: TypeNames;
   metrics?: Metrics;
+  /** Relay mode's NATS side, read when needed (it connects after the manager is made). */
+  readonly relay?: Relay;
+}
+
+/** The close reason of an invalidated stream or slot (at most 123 bytes): what was lost, what to do. */
+export function invalidatedReason(what: string, remedy: string): string {
+  return `${what} invalidated: changes lost; ${remedy} for a new snapshot`;
+}
+
+/** Relay mode: the instance whose walsender has `applicationName`, if it is one of ours. */
+function publisherOf(applicationName: string | null): string | null {
+  const prefix = "pgdeltastream@";
+  return applicationName?.startsWith(prefix) ? applicationName.slice(prefix.length) : null;
 }
 
 /** The slot of a new stream: its name (`-` as `_`) and six random hex digits, in `[a-z0-9_]`. */
@@ -98,32 +116,108 @@ export class StreamManager {
    * held), the slot is dropped and the record deleted.
    */
   async create(request: CreateStream): Promise<CreateStreamResponse> {
-    const { pool, names, slots, snapshots } = this.#deps;
+    const { pool, names, snapshots } = this.#deps;
     const definition = await resolveDefinition(
       pool,
       names.schema,
       request.tables,
       request.operations,
     );
-    const stream = await this.#store.insert(request.name, slotNameFor(request.name), definition);
+    const limits = { ...this.#deps.config.streamLimits, ...request.limits };
+    const stream = await this.#store.insert(
+      request.name,
+      slotNameFor(request.name),
+      definition,
+      limits,
+    );
     try {
-      await slots.syncPublication();
-      await createInsertPublication(pool, stream.slotName, definition);
-      await slots.createSlot(stream.slotName, this.snapshotOwner(stream.name));
+      await this.#makeSlot(stream);
     } catch (error) {
       await this.#forget(stream);
-      if (sqlState(error) === SqlState.ConfigurationLimitExceeded) {
-        throw new UnavailableError(
-          `Cannot create stream: all replication slots are in use (${(error as Error).message}); ` +
-            "delete unused streams or raise max_replication_slots",
-        );
-      }
-      throw error;
+      throw this.#slotError(error, "Cannot create stream");
     }
     log.info("stream.created", `stream "${stream.name}" was created`, {
       stream: stream.name,
       slot: stream.slotName,
       tables: definition.tables.map((t) => `${t.schema}.${t.table}`).join(","),
+    });
+    return {
+      ...await this.#body(stream),
+      snapshot: { expiresAt: snapshots.expiresAt(stream.slotName)!.toISOString() },
+    };
+  }
+
+  /** Creates the stream's insert publication and its slot, with an exported snapshot held. */
+  async #makeSlot(stream: StoredStream): Promise<void> {
+    const { pool, slots } = this.#deps;
+    await slots.syncPublication();
+    await createInsertPublication(pool, stream.slotName, stream.definition);
+    await slots.createSlot(stream.slotName, this.snapshotOwner(stream.name));
+  }
+
+  #slotError(error: unknown, action: string): unknown {
+    if (sqlState(error) !== SqlState.ConfigurationLimitExceeded) return error;
+    return new UnavailableError(
+      `${action}: all replication slots are in use (${(error as Error).message}); ` +
+        "delete unused streams or raise max_replication_slots",
+    );
+  }
+
+  /** The limits of `stream`: its own, or (stored before limits existed) the server's. */
+  limitsOf(stream: StoredStream): StreamLimits {
+    return stream.limits ?? this.#deps.config.streamLimits;
+  }
+
+  /**
+   * Invalidates the stream: records why (so every instance answers its
+   * consumers with 4410), closes its consumer and tails with 4410, releases
+   * its snapshot and drops its slot, so PostgreSQL releases the WAL.
+   */
+  async invalidate(stream: StoredStream, reason: string): Promise<void> {
+    const { pool, names, sessions, tails, snapshots, slots } = this.#deps;
+    await pool.query(
+      `UPDATE ${names.schema}.streams SET invalidated_at = now(), invalidation_reason = $2
+        WHERE name = $1 AND invalidated_at IS NULL`,
+      [stream.name, reason],
+    );
+    const close = invalidatedReason(`stream ${stream.name}`, "reset it");
+    tails.close(stream.name, CloseCode.StreamInvalidated, close);
+    this.#deps.relay?.close(stream.name, CloseCode.StreamInvalidated, close);
+    await sessions.close(stream.slotName, CloseCode.StreamInvalidated, close);
+    await snapshots.release(stream.slotName, `the stream was invalidated: ${reason}`);
+    await slots.dropSlot(stream.slotName);
+    await dropInsertPublication(pool, stream.slotName);
+  }
+
+  /**
+   * Re-creates the stream's slot and snapshot with the same definition and
+   * limits: what an invalidated stream needs, in one call. An open
+   * consumer is closed with 4000 (its position is gone).
+   */
+  async reset(name: string): Promise<CreateStreamResponse> {
+    const old = await this.require(name, "Cannot reset stream");
+    const { sessions, tails, snapshots, slots, pool } = this.#deps;
+    tails.close(name, CloseCode.SlotDropped, "stream reset");
+    await sessions.close(old.slotName, CloseCode.SlotDropped, "stream reset");
+    await snapshots.release(old.slotName, "the stream was reset");
+    await slots.dropSlot(old.slotName);
+    await dropInsertPublication(pool, old.slotName);
+    const stream = await this.#store.replaceSlot(name, slotNameFor(name));
+    try {
+      const relay = this.#deps.relay;
+      // The log's frames belong to the old slot: consumers positioned there are told (4411).
+      if (relay !== undefined) await this.#store.setRelayStart(name, await relay.reset(name));
+      await this.#makeSlot(stream);
+    } catch (error) {
+      await snapshots.release(stream.slotName, "the stream could not be reset");
+      await slots.dropSlot(stream.slotName).catch(() => {});
+      await this.invalidate(stream, "its reset failed; reset it again").catch(() => {});
+      throw this.#slotError(error, "Cannot reset stream");
+    }
+    log.info("stream.reset", `stream "${name}" has a new slot and snapshot`, {
+      stream: name,
+      slot: stream.slotName,
+      previousSlot: old.slotName,
     });
     return {
       ...await this.#body(stream),
@@ -154,8 +248,14 @@ export class StreamManager {
       slotName: stream.slotName,
       tables: await describeTables(this.#deps.pool, stream.definition),
       operations: stream.definition.operations,
+      limits: this.limitsOf(stream),
       createdAt: stream.createdAt.toISOString(),
     };
+  }
+
+  /** Each stream as stored (no state: no database round trip per stream). */
+  async listStored(): Promise<StoredStream[]> {
+    return await this.#store.list();
   }
 
   /** Each stream with its definition and state. */
@@ -171,23 +271,55 @@ export class StreamManager {
 
   async #state(stream: StoredStream): Promise<StreamStateBody> {
     const { rows } = await this.#deps.pool.query<
-      { active: boolean; confirmed: string | null; lag: string | null }
+      {
+        active: boolean | null;
+        confirmed: string | null;
+        lag: string | null;
+        retained: string | null;
+        idle: number;
+        app: string | null;
+      }
     >(
-      `SELECT active, confirmed_flush_lsn::text AS confirmed,
-              pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8::text AS lag
-         FROM pg_replication_slots WHERE slot_name = $1`,
-      [stream.slotName],
+      `SELECT s.active, s.confirmed_flush_lsn::text AS confirmed,
+              (SELECT application_name FROM pg_stat_activity WHERE pid = s.active_pid) AS app,
+              pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8::text AS lag,
+              pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::int8::text AS retained,
+              extract(epoch FROM now() - $2::timestamptz)::float8 AS idle
+         FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots s ON s.slot_name = $1`,
+      [stream.slotName, stream.lastActivity],
     );
     const slot = rows[0];
+    const active = this.#deps.sessions.has(stream.slotName) || slot.active === true;
+    const retained = slot.retained === null ? null : Number(slot.retained);
+    const { health } = standing(
+      this.limitsOf(stream),
+      slot.lag === null ? null : Number(slot.lag),
+      active ? 0 : slot.idle,
+      stream.invalidated !== null,
+    );
     const expires = this.#deps.snapshots.expiresAt(stream.slotName);
     return {
       ...await this.#body(stream),
-      active: this.#deps.sessions.has(stream.slotName) || slot?.active === true,
+      active,
       confirmedLsn: slot?.confirmed ?? null,
       lagBytes: slot?.lag === null || slot?.lag === undefined ? null : Number(slot.lag),
       snapshotHeld: expires !== undefined,
       ...(expires ? { snapshotExpiresAt: expires.toISOString() } : {}),
       tails: this.#deps.tails.count(stream.name),
+      health,
+      retainedBytes: retained,
+      ...(this.#deps.relay
+        ? { relay: await this.#deps.relay.state(stream.name, publisherOf(slot.app)) }
+        : {}),
+      lastActivityAt: (active ? new Date() : stream.lastActivity).toISOString(),
+      ...(stream.invalidated
+        ? {
+          invalidated: {
+            at: stream.invalidated.at.toISOString(),
+            reason: stream.invalidated.reason,
+          },
+        }
+        : {}),
     };
   }
 
@@ -201,6 +333,7 @@ export class StreamManager {
     await slots.dropSlot(stream.slotName);
     await dropInsertPublication(this.#deps.pool, stream.slotName);
     await this.#store.delete(name);
+    await this.#deps.relay?.deleted(name);
     log.info("stream.dropped", `stream "${name}" was deleted and its slot dropped`, {
       stream: name,
       slot: stream.slotName,

@@ -250,8 +250,8 @@ export class StreamSession {
   }
 }
 
-/** Close reasons are limited to 123 UTF-8 bytes. */
-function truncateReason(reason: string): string {
+/** Close reasons are limited to 123 UTF-8 bytes: `reason`, shortened to fit. */
+export function truncateReason(reason: string): string {
   const bytes = new TextEncoder().encode(reason);
   if (bytes.length <= 123) return reason;
   return new TextDecoder().decode(bytes.slice(0, 120)).replace(/\uFFFD$/, "") + "...";

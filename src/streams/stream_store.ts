@@ -9,6 +9,7 @@ import type pg from "pg";
 import { ConflictError } from "../errors.ts";
 import { SqlState, sqlState } from "../postgres/database.ts";
 import type { StreamDefinition } from "./stream_definition.ts";
+import type { StreamLimits } from "../protocol.ts";
 
 /** A stream as stored. */
 export interface StoredStream {
@@ -16,6 +17,14 @@ export interface StoredStream {
   slotName: string;
   definition: StreamDefinition;
   createdAt: Date;
+  /** Its own limits; none: the server's defaults (a stream stored before limits existed). */
+  limits: StreamLimits | null;
+  /** When a consumer was last connected. */
+  lastActivity: Date;
+  /** When and why the WAL guard invalidated it, if it did. */
+  invalidated: { at: Date; reason: string } | null;
+  /** Relay mode: the sequence in its log where its current slot's frames begin. */
+  relayStartSeq: number;
 }
 
 interface Row {
@@ -23,6 +32,11 @@ interface Row {
   slot_name: string;
   definition: StreamDefinition;
   created_at: Date;
+  limits: StreamLimits | null;
+  last_activity: Date;
+  invalidated_at: Date | null;
+  invalidation_reason: string | null;
+  relay_start_seq: string;
 }
 
 function fromRow(row: Row): StoredStream {
@@ -31,6 +45,12 @@ function fromRow(row: Row): StoredStream {
     slotName: row.slot_name,
     definition: row.definition,
     createdAt: row.created_at,
+    limits: row.limits,
+    lastActivity: row.last_activity,
+    invalidated: row.invalidated_at === null
+      ? null
+      : { at: row.invalidated_at, reason: row.invalidation_reason ?? "" },
+    relayStartSeq: Number(row.relay_start_seq),
   };
 }
 
@@ -50,11 +70,13 @@ export class StreamStore {
     name: string,
     slotName: string,
     definition: StreamDefinition,
+    limits: StreamLimits,
   ): Promise<StoredStream> {
     try {
       const { rows } = await this.#pool.query<Row>(
-        `INSERT INTO ${this.#table}(name, slot_name, definition) VALUES ($1, $2, $3) RETURNING *`,
-        [name, slotName, JSON.stringify(definition)],
+        `INSERT INTO ${this.#table}(name, slot_name, definition, limits) VALUES ($1, $2, $3, $4)
+         RETURNING *`,
+        [name, slotName, JSON.stringify(definition), JSON.stringify(limits)],
       );
       return fromRow(rows[0]);
     } catch (error) {
@@ -77,6 +99,25 @@ export class StreamStore {
       name,
     ]);
     return rows[0] && fromRow(rows[0]);
+  }
+
+  /** Gives the stream `name` a new slot: not invalidated any more, its idle clock restarted. */
+  async replaceSlot(name: string, slotName: string): Promise<StoredStream> {
+    const { rows } = await this.#pool.query<Row>(
+      `UPDATE ${this.#table} SET slot_name = $2, last_activity = now(), invalidated_at = NULL,
+              invalidation_reason = NULL
+        WHERE name = $1 RETURNING *`,
+      [name, slotName],
+    );
+    return fromRow(rows[0]);
+  }
+
+  /** Relay mode: the current slot's frames begin at `seq` of the stream's log. */
+  async setRelayStart(name: string, seq: number): Promise<void> {
+    await this.#pool.query(`UPDATE ${this.#table} SET relay_start_seq = $2 WHERE name = $1`, [
+      name,
+      seq,
+    ]);
   }
 
   /** Forgets the stream `name`. */

@@ -255,6 +255,8 @@ export async function runtimeFlags(task: "start" | "compile" | "dev"): Promise<s
 
 /** Options of {@link ChildProcess.spawn}. */
 export interface SpawnOptions {
+  /** The program; default this Deno. */
+  command?: string;
   args: string[];
   /** The whole environment (nothing is inherited). */
   env: Record<string, string>;
@@ -288,7 +290,7 @@ export class ChildProcess implements AsyncDisposable {
 
   /** Spawns it; resolves once it printed `ready`, rejects with its output if it exits first. */
   static async spawn(options: SpawnOptions): Promise<ChildProcess> {
-    const child = new Deno.Command(Deno.execPath(), {
+    const child = new Deno.Command(options.command ?? Deno.execPath(), {
       args: options.args,
       env: options.env,
       cwd: options.cwd,

@@ -1,0 +1,170 @@
+/**
+ * The streams' logs on NATS JetStream: one JetStream stream per v2 stream
+ * (`PGDS_<name>`, subject `pgds.<name>`, file storage, retention by age,
+ * size and count), each message one transaction frame, its message id the
+ * frame's position (`nextlsn`, or `<previous nextlsn>+<chunk>` for a
+ * partial chunk) so that a re-publish is de-duplicated. Also the leases
+ * that keep one connection per consumer id, in a key-value bucket whose
+ * entries expire unless renewed.
+ * @module
+ */
+
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import {
+  jetstream,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstreamManager,
+  RetentionPolicy,
+  StorageType,
+} from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import type { RelayConfig } from "../config.ts";
+
+/** The JetStream stream of the v2 stream `name`. */
+export function logName(name: string): string {
+  return `PGDS_${name}`;
+}
+
+/** The subject frames of the v2 stream `name` are published on. */
+export function logSubject(name: string): string {
+  return `pgds.${name}`;
+}
+
+/** A durable consumer's name for consumer id `id` (JetStream names allow no `.`, `*`, `>`). */
+export function consumerName(id: string): string {
+  return `c_${id}`;
+}
+
+/** How long a consumer's lease lives without renewal: a crashed instance's consumers wait this long. */
+export const LEASE_TTL_MS = 6_000;
+
+/** What the API and the metrics show of a log. */
+export interface LogState {
+  messages: number;
+  bytes: number;
+  firstSeq: number;
+  lastSeq: number;
+  consumers: { id: string; pending: number; ackFloor: number }[];
+}
+
+/** The connection to NATS and what the relay keeps there. */
+export class JetStreamLog implements AsyncDisposable {
+  readonly nc: NatsConnection;
+  readonly js: JetStreamClient;
+  readonly jsm: JetStreamManager;
+  readonly leases: KV;
+  readonly #config: RelayConfig;
+  readonly #ensured = new Set<string>();
+
+  private constructor(
+    config: RelayConfig,
+    nc: NatsConnection,
+    jsm: JetStreamManager,
+    leases: KV,
+  ) {
+    this.#config = config;
+    this.nc = nc;
+    this.jsm = jsm;
+    this.js = jetstream(nc, { timeout: 10_000 });
+    this.leases = leases;
+  }
+
+  /** Connects to `config.servers` (reconnecting for ever) and opens the lease bucket. */
+  static async connect(config: RelayConfig): Promise<JetStreamLog> {
+    const nc = await connect({
+      servers: config.servers,
+      name: `pgdeltastream-${config.instance}`,
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 500,
+    });
+    try {
+      const jsm = await jetstreamManager(nc, { timeout: 10_000 });
+      const leases = await new Kvm(nc).create("pgds_leases", { ttl: LEASE_TTL_MS, history: 1 });
+      return new JetStreamLog(config, nc, jsm, leases);
+    } catch (error) {
+      await nc.close();
+      throw error;
+    }
+  }
+
+  /** Creates the log of stream `name` if it does not exist. */
+  async ensure(name: string): Promise<void> {
+    if (this.#ensured.has(name)) return;
+    const config = {
+      name: logName(name),
+      subjects: [logSubject(name)],
+      storage: StorageType.File,
+      retention: RetentionPolicy.Limits,
+      max_age: this.#config.maxAgeSeconds * 1e9,
+      max_bytes: this.#config.maxBytes,
+      max_msgs: this.#config.maxMessages > 0 ? this.#config.maxMessages : -1,
+      duplicate_window: 120e9,
+    };
+    try {
+      await this.jsm.streams.info(config.name);
+      await this.jsm.streams.update(config.name, config);
+    } catch {
+      await this.jsm.streams.add(config);
+    }
+    this.#ensured.add(name);
+  }
+
+  /** Empties the log of `name` (after a reset: what it held belongs to the old slot). */
+  async purge(name: string): Promise<void> {
+    await this.jsm.streams.purge(logName(name)).catch(() => {});
+  }
+
+  /** Deletes the log of `name` and its consumers. */
+  async delete(name: string): Promise<void> {
+    this.#ensured.delete(name);
+    await this.jsm.streams.delete(logName(name)).catch(() => {});
+  }
+
+  /** The message id of the log's last frame (where a new publisher resumes), if any. */
+  async lastPosition(name: string): Promise<string | undefined> {
+    try {
+      const message = await this.jsm.streams.getMessage(logName(name), {
+        last_by_subj: logSubject(name),
+      });
+      return message?.header.get("Nats-Msg-Id") || undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** The sequence of the log's last message (0 for a log never written). */
+  async lastSequence(name: string): Promise<number> {
+    return (await this.jsm.streams.info(logName(name))).state.last_seq;
+  }
+
+  /** Size and positions of the log of `name`, and its consumers' standing; none if there is no log. */
+  async state(name: string): Promise<LogState | undefined> {
+    try {
+      const info = await this.jsm.streams.info(logName(name));
+      const consumers: LogState["consumers"] = [];
+      for await (const c of this.jsm.consumers.list(logName(name))) {
+        if (!c.name.startsWith("c_")) continue;
+        consumers.push({
+          id: c.name.slice(2),
+          pending: c.num_pending + c.num_ack_pending,
+          ackFloor: c.ack_floor.stream_seq,
+        });
+      }
+      return {
+        messages: info.state.messages,
+        bytes: info.state.bytes,
+        firstSeq: info.state.first_seq,
+        lastSeq: info.state.last_seq,
+        consumers,
+      };
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Closes the connection (after flushing what was published). */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.nc.drain().catch(() => this.nc.close());
+  }
+}

@@ -1,0 +1,150 @@
+/**
+ * Relay mode (`NATS_URL`), composed: the instance's connection to NATS, its
+ * publishers (one of the instances publishes each stream), and its
+ * consumers and tails, which any instance serves from the streams' logs.
+ * @module
+ */
+
+import { DeliverPolicy } from "@nats-io/jetstream";
+import type { DatabaseConfig, RelayConfig } from "../config.ts";
+import type { Metrics } from "../observability/metrics.ts";
+import { CloseCode, type CloseCodeValue } from "../protocol.ts";
+import type { StreamManager } from "../streams/stream_manager.ts";
+import { TAIL_MAX_BUFFERED_BYTES } from "../streams/tail_hub.ts";
+import { JetStreamLog, logName, type LogState } from "./jetstream_log.ts";
+import { RelaySession } from "./relay_session.ts";
+import { RelayPublishers } from "./stream_publisher.ts";
+
+/** What `GET /v2/streams/{name}` shows of a relayed stream. */
+export interface RelayStateBody {
+  /** The instance that publishes it (holds its slot), if any does. */
+  publisher: string | null;
+  log: Omit<LogState, "consumers"> | null;
+  consumers: LogState["consumers"];
+}
+
+/** The relay of one instance. */
+export class Relay implements AsyncDisposable {
+  readonly config: RelayConfig;
+  readonly log: JetStreamLog;
+  readonly publishers: RelayPublishers;
+  readonly #sessions = new Set<RelaySession>();
+  readonly #tails = new Set<
+    { stream: string; close: (code: CloseCodeValue, reason: string) => void }
+  >();
+
+  private constructor(config: RelayConfig, log: JetStreamLog, publishers: RelayPublishers) {
+    this.config = config;
+    this.log = log;
+    this.publishers = publishers;
+  }
+
+  /** Connects to NATS; the publishers start with {@link start}. */
+  static async connect(
+    config: RelayConfig,
+    deps: {
+      database: DatabaseConfig;
+      streams: StreamManager;
+      metrics?: Metrics;
+      busyTimeoutSeconds: number;
+    },
+  ): Promise<Relay> {
+    const log = await JetStreamLog.connect(config);
+    const publishers = new RelayPublishers({ ...deps, log, instance: config.instance });
+    return new Relay(config, log, publishers);
+  }
+
+  /** Starts trying to publish every stream. */
+  start(): void {
+    this.publishers.start();
+  }
+
+  /** Upgrades `request` to a consumer `consumer` of `stream`'s log. */
+  acceptConsumer(
+    request: Request,
+    target: { stream: string; consumer: string; startSeq: number; expiresAt?: number },
+  ): Promise<Response> {
+    return RelaySession.accept(
+      request,
+      this.log,
+      { ...target, instance: this.config.instance },
+      this.#sessions,
+    );
+  }
+
+  /** Upgrades `request` to a tail of `stream`: the log's new frames as they come, never acknowledged. */
+  async acceptTail(request: Request, stream: string, expiresAt?: number): Promise<Response> {
+    await this.log.ensure(stream);
+    const consumer = await this.log.js.consumers.get(logName(stream), {
+      deliver_policy: DeliverPolicy.New,
+    });
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    const entry = {
+      stream,
+      close: (code: CloseCodeValue, reason: string) => {
+        if (socket.readyState <= WebSocket.OPEN) socket.close(code, reason);
+      },
+    };
+    this.#tails.add(entry);
+    socket.addEventListener("open", async () => {
+      const messages = await consumer.consume({ expires: 5000 });
+      socket.addEventListener("close", () => void messages.close().catch(() => {}), { once: true });
+      for await (const message of messages) {
+        if (socket.readyState !== WebSocket.OPEN) break;
+        if (socket.bufferedAmount > TAIL_MAX_BUFFERED_BYTES) {
+          entry.close(CloseCode.TryAgainLater, "tail too slow to keep up; reconnect");
+          break;
+        }
+        socket.send(message.string());
+      }
+    }, { once: true });
+    const timer = expiresAt === undefined ? undefined : setTimeout(
+      () => entry.close(CloseCode.TokenExpired, "token expired; reconnect with a fresh token"),
+      Math.max(0, expiresAt - Date.now()),
+    );
+    socket.addEventListener("close", () => {
+      clearTimeout(timer);
+      this.#tails.delete(entry);
+    }, { once: true });
+    return response;
+  }
+
+  /** Closes the consumers and tails of `stream` (every one, for no stream). */
+  close(stream: string | undefined, code: CloseCodeValue, reason: string): void {
+    for (const session of this.#sessions) {
+      if (stream === undefined || session.stream === stream) session.close(code, reason);
+    }
+    for (const tail of this.#tails) {
+      if (stream === undefined || tail.stream === stream) tail.close(code, reason);
+    }
+  }
+
+  /** The stream was deleted: its consumers are told (4000), its log is deleted. */
+  async deleted(stream: string): Promise<void> {
+    this.close(stream, CloseCode.SlotDropped, "stream deleted");
+    await this.log.delete(stream);
+  }
+
+  /** The stream was reset: its log is emptied; returns where the new slot's frames begin. */
+  async reset(stream: string): Promise<number> {
+    this.close(stream, CloseCode.SlotDropped, "stream reset");
+    await this.log.ensure(stream);
+    await this.log.purge(stream);
+    return await this.log.lastSequence(stream) + 1;
+  }
+
+  /** Which instance publishes `stream`, and its log's state. */
+  async state(stream: string, publisher: string | null): Promise<RelayStateBody> {
+    const state = await this.log.state(stream);
+    if (state === undefined) return { publisher, log: null, consumers: [] };
+    const { consumers, ...rest } = state;
+    return { publisher, log: rest, consumers };
+  }
+
+  /** Stops publishing, closes consumers (1001) and the connection to NATS. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close(undefined, CloseCode.GoingAway, "server shutting down");
+    await this.publishers[Symbol.asyncDispose]();
+    await this.log[Symbol.asyncDispose]();
+  }
+}

@@ -1,0 +1,272 @@
+/**
+ * Relay mode's consumers: a websocket attached to a durable JetStream
+ * consumer of a stream's log, one connection per consumer id at a time
+ * (a lease in NATS, renewed while connected, so a crashed instance's lease
+ * lapses within seconds). Frames and acknowledgements are those of v1/v2:
+ * the log's messages are the frames, verbatim; `{"lsn"}` acknowledges every
+ * frame up to it (the consumer acknowledges "all"). Each connection starts
+ * exactly after the consumer's acknowledged position: the durable consumer
+ * is re-created from its acknowledgement floor, so nothing sent and not
+ * acknowledged waits for a redelivery timeout, and nothing comes out of order.
+ * @module
+ */
+
+import { AckPolicy, type ConsumerMessages, DeliverPolicy, type JsMsg } from "@nats-io/jetstream";
+import { atTime } from "../deadline_timer.ts";
+import { ConflictError } from "../errors.ts";
+import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
+import { errorMessage, log } from "../observability/log.ts";
+import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "../protocol.ts";
+import {
+  SOCKET_HIGH_WATER_BYTES,
+  SOCKET_LOW_WATER_BYTES,
+  truncateReason,
+} from "../streams/stream_session.ts";
+import { consumerName, type JetStreamLog, LEASE_TTL_MS, logName } from "./jetstream_log.ts";
+
+/** A consumer id: what `?consumer=` (or the token's `sub`) may be. */
+export const CONSUMER_ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+/** Messages delivered and not acknowledged, at most, before JetStream waits for acks. */
+const MAX_ACK_PENDING = 20_000;
+
+/** The reason a consumer is told when its position is older than the log. */
+export function beyondRetentionReason(stream: string): string {
+  return `consumer fell out of stream ${stream}'s log retention: read a fresh snapshot (reset), then a new consumer id`;
+}
+
+/** Everything a relay consumer needs to start. */
+export interface RelayConsumerTarget {
+  stream: string;
+  consumer: string;
+  /** Where the stream's current slot's frames begin in its log. */
+  startSeq: number;
+  /** When the credential expires (4401 then). */
+  expiresAt?: number;
+  instance: string;
+}
+
+/** One websocket consumer of a stream's log. */
+export class RelaySession {
+  readonly stream: string;
+  readonly consumer: string;
+  readonly #socket: WebSocket;
+  readonly #abort = new AbortController();
+  readonly #pending: { lsn: Lsn; message: JsMsg }[] = [];
+  #delivered: Lsn = ZERO_LSN;
+  #acked: Lsn = ZERO_LSN;
+  #messages: ConsumerMessages | undefined;
+  /** Settles once the socket closed and the lease was let go. */
+  readonly done: Promise<void>;
+
+  private constructor(socket: WebSocket, target: RelayConsumerTarget) {
+    this.stream = target.stream;
+    this.consumer = target.consumer;
+    this.#socket = socket;
+    socket.addEventListener("message", (event) => this.#onMessage(event));
+    const closed = new Promise<void>((resolve) =>
+      socket.addEventListener("close", () => resolve(), { once: true })
+    );
+    void closed.then(() => this.#abort.abort());
+    if (target.expiresAt !== undefined) {
+      const cancel = atTime(
+        target.expiresAt,
+        () => this.close(CloseCode.TokenExpired, "token expired; reconnect with a fresh token"),
+      );
+      this.#abort.signal.addEventListener("abort", cancel, { once: true });
+    }
+    this.done = closed;
+  }
+
+  /**
+   * Takes the consumer's lease (a {@link ConflictError} if it is connected
+   * elsewhere), positions its durable consumer after its last acknowledgement,
+   * and upgrades `request`; a position older than the log closes with 4411.
+   */
+  static async accept(
+    request: Request,
+    relay: JetStreamLog,
+    target: RelayConsumerTarget,
+    sessions: Set<RelaySession>,
+  ): Promise<Response> {
+    const leaseKey = `${target.stream}.${target.consumer}`;
+    try {
+      await relay.leases.create(leaseKey, target.instance);
+    } catch {
+      throw new ConflictError(
+        `Cannot stream: consumer "${target.consumer}" of stream "${target.stream}" is connected ` +
+          `elsewhere; one connection per consumer id (retry in ${
+            LEASE_TTL_MS / 1000
+          } s if it died)`,
+      );
+    }
+    const renew = setInterval(
+      () => void relay.leases.put(leaseKey, target.instance).catch(() => {}),
+      LEASE_TTL_MS / 3,
+    );
+    const release = () => {
+      clearInterval(renew);
+      void relay.leases.delete(leaseKey).catch(() => {});
+    };
+    try {
+      await relay.ensure(target.stream);
+      const start = await position(relay, target);
+      const { socket, response } = Deno.upgradeWebSocket(request);
+      const session = new RelaySession(socket, target);
+      sessions.add(session);
+      void session.done.finally(() => {
+        sessions.delete(session);
+        release();
+      });
+      socket.addEventListener("open", () => {
+        if (start === "beyond retention") {
+          log.info("consumer.refused", "a relay consumer's position is older than its log", {
+            stream: target.stream,
+            consumer: target.consumer,
+          });
+          return session.close(CloseCode.BeyondRetention, beyondRetentionReason(target.stream));
+        }
+        log.info(
+          "consumer.connected",
+          `consumer "${target.consumer}" of stream "${target.stream}" connected`,
+          {
+            stream: target.stream,
+            consumer: target.consumer,
+            fromSeq: start,
+          },
+        );
+        void session.#pump(relay, start);
+      }, { once: true });
+      return response;
+    } catch (error) {
+      release();
+      throw error;
+    }
+  }
+
+  async #pump(relay: JetStreamLog, startSeq: number): Promise<void> {
+    const signal = this.#abort.signal;
+    try {
+      const consumer = await relay.js.consumers.get(
+        logName(this.stream),
+        consumerName(this.consumer),
+      );
+      const messages = await consumer.consume({ max_messages: 512, expires: 5000 });
+      this.#messages = messages;
+      signal.addEventListener("abort", () => void messages.close().catch(() => {}), { once: true });
+      let expected = startSeq;
+      for await (const message of messages) {
+        if (signal.aborted) break;
+        // Sent on this socket already (JetStream redelivers after its own restart): not again.
+        if (message.seq < expected) continue;
+        if (message.seq > expected) {
+          // Retention dropped frames this consumer had not read: never skip them silently.
+          log.warn("relay.gap", "a relay consumer's next frame is gone from the log", {
+            stream: this.stream,
+            consumer: this.consumer,
+            expected,
+            got: message.seq,
+          });
+          return this.close(CloseCode.BeyondRetention, beyondRetentionReason(this.stream));
+        }
+        expected = message.seq + 1;
+        const id = message.headers?.get("Nats-Msg-Id") ?? "";
+        this.#socket.send(message.string());
+        if (!id.includes("+")) {
+          const lsn = parseLsn(id);
+          this.#delivered = lsn;
+          this.#pending.push({ lsn, message });
+        }
+        while (this.#socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES && !signal.aborted) {
+          await new Promise((resolve) => setTimeout(resolve, 5));
+          if (this.#socket.bufferedAmount <= SOCKET_LOW_WATER_BYTES) break;
+        }
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+      log.warn("relay.consumer_failed", `the log of stream "${this.stream}" could not be read`, {
+        stream: this.stream,
+        consumer: this.consumer,
+        error: errorMessage(error),
+      });
+      this.close(CloseCode.TryAgainLater, "the relay's log is unavailable; reconnect to resume");
+    }
+  }
+
+  #onMessage(event: MessageEvent): void {
+    if (typeof event.data !== "string" || event.data.length > MAX_CLIENT_MESSAGE_BYTES) {
+      return this.close(CloseCode.UnsupportedData, 'only text frames {"lsn":"X/Y"} are accepted');
+    }
+    let lsn: Lsn;
+    try {
+      const text = (JSON.parse(event.data) as { lsn?: unknown } | null)?.lsn;
+      if (typeof text !== "string") throw new TypeError('expected {"lsn":"X/Y"}');
+      lsn = parseLsn(text);
+    } catch (error) {
+      const detail = error instanceof SyntaxError
+        ? 'not JSON; expected {"lsn":"X/Y"}'
+        : (error as Error).message;
+      return this.close(CloseCode.InvalidAck, `invalid ack: ${detail}`);
+    }
+    if (lsn > this.#delivered) {
+      return this.close(
+        CloseCode.InvalidAck,
+        `invalid ack: ${formatLsn(lsn)} is beyond the last nextlsn sent on this socket (${
+          formatLsn(this.#delivered)
+        })`,
+      );
+    }
+    if (lsn <= this.#acked) return;
+    this.#acked = lsn;
+    // "All" acknowledgement: the latest whole frame at or before lsn confirms every one before it.
+    let last: JsMsg | undefined;
+    while (this.#pending.length > 0 && this.#pending[0].lsn <= lsn) {
+      last = this.#pending.shift()!.message;
+    }
+    last?.ack();
+  }
+
+  /** Closes the socket with `code` and `reason`. */
+  close(code: CloseCodeValue, reason: string): void {
+    this.#abort.abort();
+    void this.#messages?.close().catch(() => {});
+    if (this.#socket.readyState <= WebSocket.OPEN) {
+      try {
+        this.#socket.close(code, truncateReason(reason));
+      } catch { /* closing */ }
+    }
+  }
+}
+
+/**
+ * Where the consumer's connection starts in the log: after its acknowledged
+ * position (its durable consumer re-created from there), or at the current
+ * slot's first frame for a new consumer; "beyond retention" when the log no
+ * longer has that frame.
+ */
+async function position(
+  relay: JetStreamLog,
+  target: RelayConsumerTarget,
+): Promise<number | "beyond retention"> {
+  const stream = logName(target.stream);
+  const name = consumerName(target.consumer);
+  const existing = await relay.jsm.consumers.info(stream, name).catch(() => undefined);
+  const state = (await relay.jsm.streams.info(stream)).state;
+  const start = existing === undefined
+    ? target.startSeq
+    : Math.max(existing.ack_floor.stream_seq + 1, 1);
+  // The frames from `start` on must all be in the log (or not written yet).
+  const oldest = state.messages === 0 ? state.last_seq + 1 : state.first_seq;
+  if (start < target.startSeq || start < oldest) return "beyond retention";
+  if (existing !== undefined) await relay.jsm.consumers.delete(stream, name);
+  await relay.jsm.consumers.add(stream, {
+    durable_name: name,
+    ack_policy: AckPolicy.All,
+    deliver_policy: DeliverPolicy.StartSequence,
+    opt_start_seq: start,
+    max_ack_pending: MAX_ACK_PENDING,
+    // Each connection re-creates it from its floor: nothing is redelivered on a timer meanwhile.
+    ack_wait: 24 * 3600 * 1e9,
+  });
+  return start;
+}

@@ -1,0 +1,226 @@
+import assert from "node:assert/strict";
+import {
+  type ChangeStream,
+  connectStream,
+  type RowChange,
+  StreamClosedError,
+} from "../client/mod.ts";
+import type { DatabaseConfig } from "../src/config.ts";
+import { CloseCode, type StreamStateBody } from "../src/protocol.ts";
+import { deadline, poll } from "./support/deadline.ts";
+import { createStream, ServerProcess, sql, startPostgres } from "./support/harness.ts";
+import { hasNats, NatsServer } from "./support/nats.ts";
+
+const REQUIRE = Deno.env.get("REQUIRE_NATS") === "1";
+if (!hasNats && REQUIRE) throw new Error("REQUIRE_NATS=1 but nats-server is not installed");
+
+/** A relay-mode server process named `instance`. */
+function relayServer(db: DatabaseConfig, nats: NatsServer, instance: string, env = {}) {
+  return ServerProcess.spawn(db, {
+    NATS_URL: nats.url,
+    RELAY_INSTANCE: instance,
+    SLOT_BUSY_TIMEOUT_SECONDS: "5",
+    ...env,
+  });
+}
+
+async function state(base: URL, name: string): Promise<StreamStateBody> {
+  const response = await fetch(new URL(`/v2/streams/${name}`, base));
+  assert.equal(response.status, 200);
+  return await response.json();
+}
+
+/** Inserts rows 1..count into `feed`, one transaction each, pacing itself. */
+async function writer(db: DatabaseConfig, from: number, to: number, paceMs: number) {
+  for (let id = from; id <= to; id++) {
+    await sql(db, "INSERT INTO feed VALUES ($1)", [id]);
+    await new Promise((resolve) => setTimeout(resolve, paceMs));
+  }
+}
+
+Deno.test({
+  name:
+    "relay: 3 instances, 300 consumers; publisher, consumer's instance and NATS killed mid-load; nothing lost",
+  ignore: !hasNats,
+  async fn(t) {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await sql(db, "CREATE TABLE feed(id int primary key)");
+    await using nats = await NatsServer.start();
+    const names = ["i0", "i1", "i2"];
+    const servers = new Map<string, ServerProcess>();
+    for (const name of names) servers.set(name, await relayServer(db, nats, name));
+    try {
+      const alive = () => [...servers.values()];
+      const any = () => alive()[Math.floor(Math.random() * alive().length)].url;
+      await createStream(alive()[0].url, { name: "feed", tables: ["feed"] });
+      const publisher = await poll(
+        async () => (await state(any(), "feed")).relay?.publisher,
+        "a publisher",
+      );
+      assert.ok(names.includes(publisher), publisher);
+
+      const TOTAL = 150;
+      const CONSUMERS = 300;
+      const received = new Map<string, number[]>();
+      const readers: Promise<void>[] = [];
+      const failures: string[] = [];
+      const streams: ChangeStream[] = [];
+      for (let i = 0; i < CONSUMERS; i++) {
+        const id = `c${i}`;
+        const home = names[i % names.length];
+        // Each consumer starts on its own instance and moves to a live one when that one dies.
+        const url = () => servers.get(home)?.url ?? any();
+        const stream = connectStream({
+          url,
+          stream: "feed",
+          consumer: id,
+          reconnect: { initialDelayMs: 100, maxDelayMs: 1000 },
+        });
+        streams.push(stream);
+        const ids: number[] = [];
+        received.set(id, ids);
+        readers.push(
+          (async (): Promise<void> => {
+            for await (const tx of stream) {
+              for (const change of tx.changes) {
+                if (change.kind === "insert") {
+                  ids.push((change as RowChange).columnvalues![0] as number);
+                }
+              }
+              if (ids.at(-1) === TOTAL) {
+                stream.acknowledge(tx);
+                return;
+              }
+            }
+          })().catch((error) => {
+            failures.push(`${id}: ${error}`);
+          }),
+        );
+      }
+      await t.step("every consumer gets the first transactions", async () => {
+        await writer(db, 1, 30, 10);
+        await poll(
+          () => [...received.values()].every((ids) => ids.length >= 30),
+          "300 consumers to have 30 rows",
+        );
+      });
+
+      await t.step(
+        "kill -9 of the publisher: another instance takes over, nothing lost",
+        async () => {
+          const killedAt = performance.now();
+          await servers.get(publisher)!.kill("SIGKILL");
+          servers.delete(publisher);
+          const writing = writer(db, 31, 80, 10);
+          const next = await poll(
+            async () => {
+              const relay = (await state(any(), "feed")).relay;
+              return relay?.publisher && relay.publisher !== publisher
+                ? relay.publisher
+                : undefined;
+            },
+            "another instance to publish",
+            { intervalMs: 50 },
+          );
+          console.log(
+            `failover: ${next} publishes ${
+              ((performance.now() - killedAt) / 1000).toFixed(1)
+            } s after the kill`,
+          );
+          await writing;
+          await poll(
+            () => [...received.values()].every((ids) => ids.length >= 80),
+            "every consumer to have 80 rows",
+          );
+          // The killed instance comes back as a standby.
+          servers.set(publisher, await relayServer(db, nats, publisher));
+        },
+      );
+
+      await t.step("NATS killed and restarted mid-load (file storage): no loss", async () => {
+        const writing = writer(db, 81, 120, 10);
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        await nats.kill();
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        await nats.restart();
+        await writing;
+        await poll(
+          () => [...received.values()].every((ids) => ids.length >= 120),
+          "every consumer to have 120 rows",
+        );
+      });
+
+      await t.step(
+        "kill -9 of a consumer's instance: it resumes on another after its last ack",
+        async () => {
+          const current = (await state(any(), "feed")).relay!.publisher!;
+          const victim = names.find((n) => n !== current && servers.has(n))!;
+          await servers.get(victim)!.kill("SIGKILL");
+          servers.delete(victim);
+          await writer(db, 121, TOTAL, 10);
+          await deadline(Promise.all(readers), "every consumer to read every transaction");
+        },
+      );
+
+      await t.step(
+        "each of the 300 consumers got every transaction exactly once, in commit order",
+        () => {
+          const expected = Array.from({ length: TOTAL }, (_, i) => i + 1);
+          for (const [id, ids] of received) assert.deepEqual(ids, expected, `consumer ${id}`);
+        },
+      );
+
+      await t.step("the stream's state shows the log and each consumer's standing", async () => {
+        await Promise.all(streams.map((s) => s.close()));
+        const { relay } = await state(any(), "feed");
+        assert.ok(relay!.log!.messages >= TOTAL);
+        assert.equal(relay!.consumers.length, CONSUMERS);
+        const metrics = await (await fetch(new URL("/metrics", any()))).text();
+        assert.match(metrics, /pgdeltastream_relay_log_messages\{stream="feed"\} \d+/);
+      });
+    } finally {
+      await Promise.all([...servers.values()].map((s) => s.kill("SIGKILL")));
+    }
+  },
+});
+
+Deno.test({
+  name: "relay: one connection per consumer id; a consumer beyond the log's retention gets 4411",
+  ignore: !hasNats,
+  async fn() {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await sql(db, "CREATE TABLE feed(id int primary key)");
+    await using nats = await NatsServer.start();
+    await using server = await relayServer(db, nats, "solo", { RELAY_MAX_MESSAGES: "5" });
+    await createStream(server.url, { name: "feed", tables: ["feed"] });
+    const late = connectStream({ url: server.url, stream: "feed", consumer: "late" });
+    await sql(db, "INSERT INTO feed VALUES (1)");
+    const first = await deadline(late.next(), "the first transaction");
+    assert.ok(first);
+    // A second connection with the same id is refused while the first is open.
+    const conflict = await fetch(new URL("/v2/streams/feed/changes?consumer=late", server.url), {
+      headers: {
+        upgrade: "websocket",
+        connection: "Upgrade",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "sec-websocket-version": "13",
+      },
+    });
+    assert.equal(conflict.status, 409);
+    assert.match((await conflict.json()).error, /connected elsewhere/);
+    late.acknowledge(first);
+    await late.close();
+    await writer(db, 2, 20, 0);
+    await poll(
+      async () => ((await state(server.url, "feed")).relay?.log?.firstSeq ?? 0) > 2,
+      "retention to drop old frames",
+    );
+    const again = connectStream({ url: server.url, stream: "feed", consumer: "late" });
+    const error = await deadline(again.next().then(() => undefined, (e) => e), "the 4411");
+    assert.ok(error instanceof StreamClosedError, String(error));
+    assert.equal(error.code, CloseCode.BeyondRetention);
+    assert.match(error.reason, /fell out of stream feed's log retention/);
+  },
+});
