@@ -34,6 +34,11 @@ export class NatsServer implements AsyncDisposable {
     return server;
   }
 
+  /** The running nats-server's process id (for /proc readings in the benchmark). */
+  get pid(): number {
+    return this.#process!.pid;
+  }
+
   /** `nats://127.0.0.1:<port>`. */
   get url(): string {
     return `nats://127.0.0.1:${this.port}`;
