@@ -52,6 +52,12 @@ export interface LogState {
 export class JetStreamLog implements AsyncDisposable {
   readonly nc: NatsConnection;
   readonly js: JetStreamClient;
+  /**
+   * Publishing has a connection of its own: on the shared one, publish acknowledgements queued
+   * behind the deliveries to hundreds of consumers, and the log fell behind the database.
+   */
+  readonly publisher: JetStreamClient;
+  readonly #publishing: NatsConnection;
   readonly jsm: JetStreamManager;
   readonly leases: KV;
   readonly #config: RelayConfig;
@@ -60,11 +66,14 @@ export class JetStreamLog implements AsyncDisposable {
   private constructor(
     config: RelayConfig,
     nc: NatsConnection,
+    publishing: NatsConnection,
     jsm: JetStreamManager,
     leases: KV,
   ) {
     this.#config = config;
     this.nc = nc;
+    this.#publishing = publishing;
+    this.publisher = jetstream(publishing, { timeout: 10_000 });
     this.jsm = jsm;
     this.js = jetstream(nc, { timeout: 10_000 });
     this.leases = leases;
@@ -72,18 +81,22 @@ export class JetStreamLog implements AsyncDisposable {
 
   /** Connects to `config.servers` (reconnecting for ever) and opens the lease bucket. */
   static async connect(config: RelayConfig): Promise<JetStreamLog> {
-    const nc = await connect({
+    const options = (role: string) => ({
       servers: config.servers,
-      name: `pgdeltastream-${config.instance}`,
+      name: `pgdeltastream-${config.instance}-${role}`,
       maxReconnectAttempts: -1,
       reconnectTimeWait: 500,
     });
+    const nc = await connect(options("consumers"));
+    let publishing: NatsConnection | undefined;
     try {
+      publishing = await connect(options("publisher"));
       const jsm = await jetstreamManager(nc, { timeout: 10_000 });
       const leases = await new Kvm(nc).create("pgds_leases", { ttl: LEASE_TTL_MS, history: 1 });
-      return new JetStreamLog(config, nc, jsm, leases);
+      return new JetStreamLog(config, nc, publishing, jsm, leases);
     } catch (error) {
       await nc.close();
+      await publishing?.close();
       throw error;
     }
   }
@@ -165,6 +178,7 @@ export class JetStreamLog implements AsyncDisposable {
 
   /** Closes the connection (after flushing what was published). */
   async [Symbol.asyncDispose](): Promise<void> {
+    await this.#publishing.drain().catch(() => this.#publishing.close());
     await this.nc.drain().catch(() => this.nc.close());
   }
 }

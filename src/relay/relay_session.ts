@@ -146,50 +146,60 @@ export class RelaySession {
 
   async #pump(relay: JetStreamLog, startSeq: number): Promise<void> {
     const signal = this.#abort.signal;
-    try {
-      const consumer = await relay.js.consumers.get(
-        logName(this.stream),
-        consumerName(this.consumer),
-      );
-      const messages = await consumer.consume({ max_messages: 512, expires: 5000 });
-      this.#messages = messages;
-      signal.addEventListener("abort", () => void messages.close().catch(() => {}), { once: true });
-      let expected = startSeq;
-      for await (const message of messages) {
-        if (signal.aborted) break;
-        // Sent on this socket already (JetStream redelivers after its own restart): not again.
-        if (message.seq < expected) continue;
-        if (message.seq > expected) {
-          // Retention dropped frames this consumer had not read: never skip them silently.
-          log.warn("relay.gap", "a relay consumer's next frame is gone from the log", {
-            stream: this.stream,
-            consumer: this.consumer,
-            expected,
-            got: message.seq,
-          });
-          return this.close(CloseCode.BeyondRetention, beyondRetentionReason(this.stream));
+    const stream = logName(this.stream);
+    const name = consumerName(this.consumer);
+    let expected = startSeq;
+    while (!signal.aborted) {
+      try {
+        const consumer = await relay.js.consumers.get(stream, name);
+        // Batches pulled one after another, each yielding its frames as they arrive.
+        const messages = await consumer.fetch({ max_messages: 256, expires: 5000 });
+        this.#messages = messages;
+        for await (const message of messages) {
+          if (signal.aborted) break;
+          // Sent on this socket already (a redelivery): not again.
+          if (message.seq < expected) continue;
+          if (message.seq > expected) {
+            const { first_seq } = (await relay.jsm.streams.info(stream)).state;
+            if (expected < first_seq) {
+              // Retention dropped frames this consumer had not read: never skip them silently.
+              return this.close(CloseCode.BeyondRetention, beyondRetentionReason(this.stream));
+            }
+            // Frames lost on the way (a NATS reconnect): start the consumer again where we are.
+            log.warn("relay.reposition", "a relay consumer missed frames in transit; resuming", {
+              stream: this.stream,
+              consumer: this.consumer,
+              expected,
+              got: message.seq,
+            });
+            await reposition(relay, stream, name, expected);
+            this.#pending.length = 0;
+            break;
+          }
+          expected = message.seq + 1;
+          const id = message.headers?.get("Nats-Msg-Id") ?? "";
+          this.#socket.send(message.string());
+          if (!id.includes("+")) {
+            const lsn = parseLsn(id);
+            this.#delivered = lsn;
+            this.#pending.push({ lsn, message });
+          }
+          while (this.#socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES && !signal.aborted) {
+            await new Promise((resolve) => setTimeout(resolve, 5));
+            if (this.#socket.bufferedAmount <= SOCKET_LOW_WATER_BYTES) break;
+          }
         }
-        expected = message.seq + 1;
-        const id = message.headers?.get("Nats-Msg-Id") ?? "";
-        this.#socket.send(message.string());
-        if (!id.includes("+")) {
-          const lsn = parseLsn(id);
-          this.#delivered = lsn;
-          this.#pending.push({ lsn, message });
-        }
-        while (this.#socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES && !signal.aborted) {
-          await new Promise((resolve) => setTimeout(resolve, 5));
-          if (this.#socket.bufferedAmount <= SOCKET_LOW_WATER_BYTES) break;
-        }
+      } catch (error) {
+        if (signal.aborted) return;
+        // A pull that failed (missed heartbeats, a NATS reconnect): pull again; what it had in
+        // flight is redelivered after the ack wait, and what was sent already is skipped.
+        log.debug("relay.fetch_failed", "a relay consumer's pull failed; pulling again", {
+          stream: this.stream,
+          consumer: this.consumer,
+          error: errorMessage(error),
+        });
+        await new Promise((resolve) => setTimeout(resolve, 100));
       }
-    } catch (error) {
-      if (signal.aborted) return;
-      log.warn("relay.consumer_failed", `the log of stream "${this.stream}" could not be read`, {
-        stream: this.stream,
-        consumer: this.consumer,
-        error: errorMessage(error),
-      });
-      this.close(CloseCode.TryAgainLater, "the relay's log is unavailable; reconnect to resume");
     }
   }
 
@@ -258,15 +268,26 @@ async function position(
   // The frames from `start` on must all be in the log (or not written yet).
   const oldest = state.messages === 0 ? state.last_seq + 1 : state.first_seq;
   if (start < target.startSeq || start < oldest) return "beyond retention";
-  if (existing !== undefined) await relay.jsm.consumers.delete(stream, name);
+  await reposition(relay, stream, name, start, existing !== undefined);
+  return start;
+}
+
+/** (Re-)creates the durable consumer `name` of `stream`, delivering from `start`. */
+async function reposition(
+  relay: JetStreamLog,
+  stream: string,
+  name: string,
+  start: number,
+  exists = true,
+): Promise<void> {
+  if (exists) await relay.jsm.consumers.delete(stream, name).catch(() => {});
   await relay.jsm.consumers.add(stream, {
     durable_name: name,
     ack_policy: AckPolicy.All,
     deliver_policy: DeliverPolicy.StartSequence,
     opt_start_seq: start,
     max_ack_pending: MAX_ACK_PENDING,
-    // Each connection re-creates it from its floor: nothing is redelivered on a timer meanwhile.
-    ack_wait: 24 * 3600 * 1e9,
+    // A delivery lost in transit comes again after this; one sent already is skipped.
+    ack_wait: 10e9,
   });
-  return start;
 }

@@ -252,7 +252,7 @@ async function publish(
 ): Promise<void> {
   for (let attempt = 1;; attempt++) {
     try {
-      await log.js.publish(subject, text, { msgID: id, timeout: 5000, expect });
+      await log.publisher.publish(subject, text, { msgID: id, timeout: 5000, expect });
       return;
     } catch (error) {
       if (attempt >= PUBLISH_ATTEMPTS || /wrong last/i.test(errorMessage(error))) throw error;
