@@ -256,6 +256,11 @@ async function timedWithCpu(
   return { ms, cpu };
 }
 
+/** libpq client programs' arguments to reach the bench's database as `postgres`. */
+function connectionArgs(db: { host: string; port: number }): string[] {
+  return ["-h", db.host, "-p", String(db.port), "-U", "postgres", "-d", "postgres"];
+}
+
 /**
  * `pg_recvlogical`'s arguments to drain `slot` (pgoutput, `publication`) up to `endLsn`, or to
  * follow it live (reporting its position every second) without one.
@@ -267,14 +272,7 @@ function recvlogicalArgs(
   publication: string,
 ) {
   return [
-    "-h",
-    db.host,
-    "-p",
-    String(db.port),
-    "-U",
-    "postgres",
-    "-d",
-    "postgres",
+    ...connectionArgs(db),
     "-S",
     slot,
     "--start",
@@ -302,18 +300,7 @@ async function main(): Promise<void> {
   const sql = new pg.Client(db);
   sql.on("error", () => {}); // a failure surfaces through the query that meets it
   await sql.connect();
-  const psqlArgs = [
-    "-X",
-    "-q",
-    "-h",
-    db.host,
-    "-p",
-    String(db.port),
-    "-U",
-    "postgres",
-    "-d",
-    "postgres",
-  ];
+  const psqlArgs = ["-X", "-q", ...connectionArgs(db)];
   let server = await ServerProcess.spawn(db, {}, serverFlags);
   const machine = `${navigator.hardwareConcurrency} cores, ${
     Math.round(

@@ -24,10 +24,7 @@ import { StreamManager } from "./streams/stream_manager.ts";
 import { Metrics, type RelayReading, V1_STREAM_LABEL } from "./observability/metrics.ts";
 import { TailHub } from "./streams/tail_hub.ts";
 import { WalGuard } from "./streams/wal_guard.ts";
-import { Relay } from "./relay/relay.ts";
-
-/** Relay mode: an instance's database connections are named this, then the instance's name. */
-export const RELAY_APPLICATION_PREFIX = "pgdeltastream@";
+import { Relay, RELAY_APPLICATION_PREFIX } from "./relay/relay.ts";
 
 /** What `/healthz` reports. */
 export interface HealthReport {

@@ -1,7 +1,15 @@
 import assert from "node:assert/strict";
 import { CloseCode } from "../src/protocol.ts";
 import type { ReleaseDetail } from "../src/snapshots/snapshot_store.ts";
-import { init, postJson, sql, startApi, startPostgres, StreamClient } from "./support/harness.ts";
+import {
+  init,
+  postJson,
+  sql,
+  startApi,
+  startPostgres,
+  StreamClient,
+  WEBSOCKET_HANDSHAKE,
+} from "./support/harness.ts";
 
 const SETUP = `
 CREATE TABLE test_table(id serial primary key, name text);
@@ -166,12 +174,7 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
       const slotName = await init(api.url);
       await using first = await StreamClient.open(api.url, slotName);
       const refused = await fetch(url(`/v1/lr/stream?slotName=${slotName}`), {
-        headers: {
-          upgrade: "websocket",
-          connection: "upgrade",
-          "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-          "sec-websocket-version": "13",
-        },
+        headers: WEBSOCKET_HANDSHAKE,
       });
       assert.equal(refused.status, 409);
       assert.match((await refused.json()).error, /already being streamed/);
@@ -255,12 +258,7 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
       assert.equal(typeof (await response.json()).error, "string");
     }
     const missing = await fetch(url("/v1/lr/stream?slotName=delta_nosuch1"), {
-      headers: {
-        upgrade: "websocket",
-        connection: "upgrade",
-        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "sec-websocket-version": "13",
-      },
+      headers: WEBSOCKET_HANDSHAKE,
     });
     assert.equal(missing.status, 404);
     assert.match((await missing.json()).error, /slot "delta_nosuch1" does not exist/);

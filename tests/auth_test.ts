@@ -1,7 +1,14 @@
 import assert from "node:assert/strict";
 import { exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
 import { CloseCode } from "../src/protocol.ts";
-import { ServerProcess, sql, startApi, startPostgres, StreamClient } from "./support/harness.ts";
+import {
+  ServerProcess,
+  sql,
+  startApi,
+  startPostgres,
+  StreamClient,
+  WEBSOCKET_HANDSHAKE,
+} from "./support/harness.ts";
 
 const ADMIN_TOKEN = "admin-token-" + crypto.randomUUID();
 const JWT_SECRET = "jwt-secret-" + crypto.randomUUID() + crypto.randomUUID();
@@ -178,12 +185,7 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     ["admin JWT", `Bearer ${await hs256({ admin: true })}`, "admin"],
   ];
 
-  const ws = {
-    upgrade: "websocket",
-    connection: "upgrade",
-    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-    "sec-websocket-version": "13",
-  };
+  const ws = WEBSOCKET_HANDSHAKE;
   /** Each endpoint: method, path, body, headers, and who may call it. */
   const endpoints: [
     string,
@@ -411,10 +413,7 @@ Deno.test("protected mode serves this machine only, and origins are checked in e
       const upgrade = await fetch(`http://127.0.0.1:${port}/v1/lr/stream?slotName=delta_x1`, {
         headers: {
           ...evil,
-          upgrade: "websocket",
-          connection: "upgrade",
-          "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-          "sec-websocket-version": "13",
+          ...WEBSOCKET_HANDSHAKE,
         },
       });
       assert.equal(upgrade.status, 403);

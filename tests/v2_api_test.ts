@@ -9,6 +9,7 @@ import {
   startApi,
   startPostgres,
   StreamClient,
+  WEBSOCKET_HANDSHAKE,
 } from "./support/harness.ts";
 
 const SETUP = `
@@ -263,12 +264,7 @@ Deno.test("API v2: named streams, their snapshots, changes and tails", async (t)
         "a column the stream leaves out was sent",
       );
       const refused = await fetch(url("/v2/streams/orders-cache/changes"), {
-        headers: {
-          upgrade: "websocket",
-          connection: "upgrade",
-          "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-          "sec-websocket-version": "13",
-        },
+        headers: WEBSOCKET_HANDSHAKE,
       });
       assert.equal(refused.status, 409);
       assert.match((await refused.json()).error, /stream "orders-cache" is already being streamed/);

@@ -3,6 +3,7 @@ import { connectStream } from "../client/mod.ts";
 import type { DatabaseConfig } from "../src/config.ts";
 import { log, type LogLevel } from "../src/observability/log.ts";
 import { CloseCode, type StreamStateBody } from "../src/protocol.ts";
+import type { RunningServer } from "../src/server.ts";
 import { deadline, poll } from "./support/deadline.ts";
 import {
   createStream,
@@ -47,6 +48,11 @@ function captureLog(): { events: () => Record<string, unknown>[]; [Symbol.dispos
   };
 }
 
+/** Runs one WAL guard check to its end (waiting out one the timer is running). */
+async function guardChecked(api: RunningServer): Promise<void> {
+  await poll(() => api.app.guard.check(), "a WAL guard check to run", { intervalMs: 50 });
+}
+
 async function state(base: URL, name: string): Promise<StreamStateBody> {
   const response = await fetch(new URL(`/v2/streams/${name}`, base));
   assert.equal(response.status, 200);
@@ -89,10 +95,8 @@ Deno.test("WAL guard: lag and idle limits warn, then invalidate; reset brings a 
           );
         }
         if (health !== "ok" && health !== "warning") break;
-        if (seen.includes("warning")) {
-          // The guard acts on its timer: keep writing until it did.
-          await new Promise((resolve) => setTimeout(resolve, 50));
-        }
+        // Past the warning, keep writing and checking until the guard acted.
+        if (seen.includes("warning")) await guardChecked(api);
       }
       assert.deepEqual(seen, ["ok", "warning", "invalidated"]);
       const after = await state(api.url, "capped");
@@ -172,7 +176,7 @@ Deno.test("WAL guard: lag and idle limits warn, then invalidate; reset brings a 
       }
       await stream.close();
       await reading;
-      await new Promise((resolve) => setTimeout(resolve, GUARD.walGuardIntervalMs * 3));
+      await guardChecked(api); // a check after all of it
       const steady = await state(api.url, "steady");
       assert.notEqual(steady.health, "invalidated", steady.invalidated?.reason);
     },
@@ -299,7 +303,7 @@ Deno.test("WAL guard: a slot PostgreSQL invalidated (max_slot_wal_keep_size) tak
   await using client = await StreamClient.changes(api.url, "kept");
   assert.equal((await client.closedWithin()).code, CloseCode.StreamInvalidated);
   // A few more checks pass: the stream is reported once, and nothing fails in a loop.
-  await new Promise((resolve) => setTimeout(resolve, GUARD.walGuardIntervalMs * 5));
+  for (let i = 0; i < 3; i++) await guardChecked(api);
   const events = captured.events();
   assert.equal(events.filter((e) => e.event === "stream.invalidated").length, 1);
   assert.deepEqual(

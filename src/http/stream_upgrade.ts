@@ -55,8 +55,15 @@ export interface StreamTarget {
   expiresAt?: number;
   /** A check the session repeats (at once, then every `intervalMs`): a reason closes it with 4422. */
   monitor?: SessionMonitor;
-  /** The close reason when the WAL guard invalidated the stream: the socket opens, then closes 4410. */
-  invalidated?: () => Promise<string | undefined>;
+}
+
+/**
+ * The answer to a consumer of an invalidated stream (or v1 slot), in
+ * websocket terms: the socket opens, then closes with 4410 and `reason`.
+ */
+export function refuseInvalidated(request: Request, label: string, reason: string): Response {
+  log.info("consumer.refused", `a consumer of the invalidated ${label} was told 4410`, { label });
+  return closeAtOnce(request, CloseCode.StreamInvalidated, reason);
 }
 
 /** Upgrades `request` and closes the socket at once with `code` and `reason`: a final answer in websocket terms. */
@@ -97,14 +104,6 @@ export async function acceptStream(
   target: StreamTarget,
 ): Promise<Response> {
   assertWebSocketHandshake(request, "Cannot stream");
-  const invalidated = await target.invalidated?.();
-  if (invalidated !== undefined) {
-    log.info("consumer.refused", `a consumer of the invalidated ${target.label} was told 4410`, {
-      stream: target.stream,
-      slot: target.slotName,
-    });
-    return closeAtOnce(request, CloseCode.StreamInvalidated, invalidated);
-  }
   const claim = await host.sessions.claim(target.slotName, target.label);
   let service: ReplicationService | undefined;
   try {

@@ -15,7 +15,8 @@ import { readPage, type SnapshotSource } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
 import { V1_EXPORT, V1_PAGE } from "./request_schemas.ts";
 import { admin, json, ndjson, type Routes } from "./routes.ts";
-import { acceptStream } from "./stream_upgrade.ts";
+import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
+import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 import { invalidatedReason } from "../streams/stream_manager.ts";
 import { V1_STREAM_LABEL } from "../observability/metrics.ts";
 
@@ -64,7 +65,7 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
   });
 
   routes.add(`${API_PREFIX}/lr/stream`, {
-    GET: admin((c, principal) => {
+    GET: admin(async (c, principal) => {
       server.assertOpen();
       const slotName = c.req.query("slotName");
       if (!isValidSlotName(slotName)) {
@@ -72,16 +73,17 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
           'Cannot stream: query parameter "slotName" is missing or not a slot name',
         );
       }
-      return acceptStream(c.req.raw, server, {
+      assertWebSocketHandshake(c.req.raw, "Cannot stream");
+      if (await server.slots.invalidation(slotName) !== undefined) {
+        const reason = invalidatedReason(`slot ${slotName}`, "call /v1/init");
+        return refuseInvalidated(c.req.raw, `slot "${slotName}"`, reason);
+      }
+      return await acceptStream(c.req.raw, server, {
         stream: V1_STREAM_LABEL,
         slotName,
         label: `slot "${slotName}"`,
         busyTimeoutSeconds: server.config.slotBusyTimeoutSeconds,
         options: server.replicationOptions(slotName),
-        invalidated: async () =>
-          await server.slots.invalidation(slotName) === undefined
-            ? undefined
-            : invalidatedReason(`slot ${slotName}`, "call /v1/init"),
         prepare: async () => {
           const slot = await server.slots.find(slotName);
           if (slot === undefined) {

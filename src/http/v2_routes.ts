@@ -11,14 +11,14 @@ import type { Context, Hono } from "hono";
 import type { Principal } from "../auth/principal.ts";
 import { mayRead } from "../auth/principal.ts";
 import { ConflictError, InvalidRequestError } from "../errors.ts";
-import { CloseCode, V2_PREFIX } from "../protocol.ts";
+import { V2_PREFIX } from "../protocol.ts";
 import type { Server } from "../server.ts";
 import { exportRows } from "../snapshots/snapshot_export.ts";
 import { readPage } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
 import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
 import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
-import { acceptStream, closeAtOnce } from "./stream_upgrade.ts";
+import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
 import { invalidatedReason } from "../streams/stream_manager.ts";
 import { CONSUMER_ID } from "../relay/relay_session.ts";
 import { CHECK_INTERVAL_MS } from "../streams/stream_publication.ts";
@@ -120,11 +120,8 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       const stream = await streams.require(name, "Cannot stream");
       if (stream.invalidated !== null) {
-        return closeAtOnce(
-          c.req.raw,
-          CloseCode.StreamInvalidated,
-          invalidatedReason(`stream ${name}`, "POST .../reset"),
-        );
+        const reason = invalidatedReason(`stream ${name}`, "POST .../reset");
+        return refuseInvalidated(c.req.raw, `stream "${name}"`, reason);
       }
       const relay = server.relay;
       if (relay !== undefined) {
@@ -154,12 +151,6 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
         observer: { sent: (frame) => server.tails.publish(name, frame.text) },
         expiresAt: expiry(principal),
         monitor: { check: plan.check, intervalMs: CHECK_INTERVAL_MS },
-        invalidated: () =>
-          Promise.resolve(
-            stream.invalidated === null
-              ? undefined
-              : invalidatedReason(`stream ${name}`, "POST .../reset"),
-          ),
       });
     }),
   });
@@ -171,11 +162,8 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       assertWebSocketHandshake(c.req.raw, "Cannot tail");
       const tailed = await streams.require(name, "Cannot tail");
       if (tailed.invalidated !== null) {
-        return closeAtOnce(
-          c.req.raw,
-          CloseCode.StreamInvalidated,
-          invalidatedReason(`stream ${name}`, "POST .../reset"),
-        );
+        const reason = invalidatedReason(`stream ${name}`, "POST .../reset");
+        return refuseInvalidated(c.req.raw, `stream "${name}"`, reason);
       }
       if (server.relay !== undefined) {
         return server.relay.acceptTail(c.req.raw, name, expiry(principal));

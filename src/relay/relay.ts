@@ -6,6 +6,7 @@
  */
 
 import { DeliverPolicy } from "@nats-io/jetstream";
+import { atTime } from "../deadline_timer.ts";
 import type { DatabaseConfig, RelayConfig } from "../config.ts";
 import type { Metrics } from "../observability/metrics.ts";
 import { CloseCode, type CloseCodeValue } from "../protocol.ts";
@@ -14,6 +15,16 @@ import { TAIL_MAX_BUFFERED_BYTES } from "../streams/tail_hub.ts";
 import { JetStreamLog, logName, type LogState } from "./jetstream_log.ts";
 import { RelaySession } from "./relay_session.ts";
 import { RelayPublishers } from "./stream_publisher.ts";
+
+/** Relay mode: an instance's database connections are named this, then the instance's name. */
+export const RELAY_APPLICATION_PREFIX = "pgdeltastream@";
+
+/** The instance whose connection has `applicationName`, if it is one of ours. */
+export function instanceOf(applicationName: string | null): string | null {
+  return applicationName?.startsWith(RELAY_APPLICATION_PREFIX)
+    ? applicationName.slice(RELAY_APPLICATION_PREFIX.length)
+    : null;
+}
 
 /** What `GET /v2/streams/{name}` shows of a relayed stream. */
 export interface RelayStateBody {
@@ -98,12 +109,12 @@ export class Relay implements AsyncDisposable {
         socket.send(message.string());
       }
     }, { once: true });
-    const timer = expiresAt === undefined ? undefined : setTimeout(
+    const cancel = expiresAt === undefined ? undefined : atTime(
+      expiresAt,
       () => entry.close(CloseCode.TokenExpired, "token expired; reconnect with a fresh token"),
-      Math.max(0, expiresAt - Date.now()),
     );
     socket.addEventListener("close", () => {
-      clearTimeout(timer);
+      cancel?.();
       this.#tails.delete(entry);
     }, { once: true });
     return response;

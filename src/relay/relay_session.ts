@@ -14,14 +14,11 @@
 import { AckPolicy, type ConsumerMessages, DeliverPolicy, type JsMsg } from "@nats-io/jetstream";
 import { atTime } from "../deadline_timer.ts";
 import { ConflictError } from "../errors.ts";
-import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
+import { type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
 import { errorMessage, log } from "../observability/log.ts";
-import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "../protocol.ts";
-import {
-  SOCKET_HIGH_WATER_BYTES,
-  SOCKET_LOW_WATER_BYTES,
-  truncateReason,
-} from "../streams/stream_session.ts";
+import { CloseCode, type CloseCodeValue } from "../protocol.ts";
+import { drained, SOCKET_HIGH_WATER_BYTES, truncateReason } from "../streams/stream_session.ts";
+import { readAck } from "../streams/ack_message.ts";
 import { consumerName, type JetStreamLog, LEASE_TTL_MS, logName } from "./jetstream_log.ts";
 
 /** A consumer id: what `?consumer=` (or the token's `sub`) may be. */
@@ -184,9 +181,8 @@ export class RelaySession {
             this.#delivered = lsn;
             this.#pending.push({ lsn, message });
           }
-          while (this.#socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES && !signal.aborted) {
-            await new Promise((resolve) => setTimeout(resolve, 5));
-            if (this.#socket.bufferedAmount <= SOCKET_LOW_WATER_BYTES) break;
+          if (this.#socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) {
+            await drained(this.#socket, signal);
           }
         }
       } catch (error) {
@@ -204,28 +200,8 @@ export class RelaySession {
   }
 
   #onMessage(event: MessageEvent): void {
-    if (typeof event.data !== "string" || event.data.length > MAX_CLIENT_MESSAGE_BYTES) {
-      return this.close(CloseCode.UnsupportedData, 'only text frames {"lsn":"X/Y"} are accepted');
-    }
-    let lsn: Lsn;
-    try {
-      const text = (JSON.parse(event.data) as { lsn?: unknown } | null)?.lsn;
-      if (typeof text !== "string") throw new TypeError('expected {"lsn":"X/Y"}');
-      lsn = parseLsn(text);
-    } catch (error) {
-      const detail = error instanceof SyntaxError
-        ? 'not JSON; expected {"lsn":"X/Y"}'
-        : (error as Error).message;
-      return this.close(CloseCode.InvalidAck, `invalid ack: ${detail}`);
-    }
-    if (lsn > this.#delivered) {
-      return this.close(
-        CloseCode.InvalidAck,
-        `invalid ack: ${formatLsn(lsn)} is beyond the last nextlsn sent on this socket (${
-          formatLsn(this.#delivered)
-        })`,
-      );
-    }
+    const lsn = readAck(event.data, this.#delivered);
+    if (typeof lsn !== "bigint") return this.close(lsn.code, lsn.reason);
     if (lsn <= this.#acked) return;
     this.#acked = lsn;
     // "All" acknowledgement: the latest whole frame at or before lsn confirms every one before it.

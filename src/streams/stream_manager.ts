@@ -38,7 +38,7 @@ import { standing } from "./wal_limits.ts";
 import { type StoredStream, StreamStore } from "./stream_store.ts";
 import type { TailHub } from "./tail_hub.ts";
 import type { Metrics } from "../observability/metrics.ts";
-import type { Relay } from "../relay/relay.ts";
+import { instanceOf, type Relay } from "../relay/relay.ts";
 import { errorMessage, log } from "../observability/log.ts";
 
 /** What creating a stream takes, validated. */
@@ -68,12 +68,6 @@ export interface StreamDependencies {
 /** The close reason of an invalidated stream or slot (at most 123 bytes): what was lost, what to do. */
 export function invalidatedReason(what: string, remedy: string): string {
   return `${what} invalidated: changes lost; ${remedy} for a new snapshot`;
-}
-
-/** Relay mode: the instance whose walsender has `applicationName`, if it is one of ours. */
-function publisherOf(applicationName: string | null): string | null {
-  const prefix = "pgdeltastream@";
-  return applicationName?.startsWith(prefix) ? applicationName.slice(prefix.length) : null;
 }
 
 /** The slot of a new stream: its name (`-` as `_`) and six random hex digits, in `[a-z0-9_]`. */
@@ -309,7 +303,7 @@ export class StreamManager {
       health,
       retainedBytes: retained,
       ...(this.#deps.relay
-        ? { relay: await this.#deps.relay.state(stream.name, publisherOf(slot.app)) }
+        ? { relay: await this.#deps.relay.state(stream.name, instanceOf(slot.app)) }
         : {}),
       lastActivityAt: (active ? new Date() : stream.lastActivity).toISOString(),
       ...(stream.invalidated

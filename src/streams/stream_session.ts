@@ -6,9 +6,10 @@
  */
 
 import { atTime } from "../deadline_timer.ts";
-import { formatLsn, type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
+import { type Lsn, ZERO_LSN } from "../lsn.ts";
+import { readAck } from "./ack_message.ts";
 import { type Frame, StreamScopeError } from "../replication/pgoutput_decoder.ts";
-import { CloseCode, type CloseCodeValue, MAX_CLIENT_MESSAGE_BYTES } from "../protocol.ts";
+import { CloseCode, type CloseCodeValue } from "../protocol.ts";
 import {
   ReplicationLostError,
   type ReplicationService,
@@ -26,7 +27,7 @@ const YIELD_EVERY_MS = 5;
 const WAITED_MS = 1;
 
 /** Waits until the socket's outgoing buffer drains below the low-water mark (or the socket closes). */
-async function drained(socket: WebSocket, signal: AbortSignal): Promise<void> {
+export async function drained(socket: WebSocket, signal: AbortSignal): Promise<void> {
   // WebSocket has no "drain" event: poll the buffered amount while above the mark.
   while (
     socket.bufferedAmount > SOCKET_LOW_WATER_BYTES && socket.readyState === WebSocket.OPEN &&
@@ -195,40 +196,8 @@ export class StreamSession {
   }
 
   #onMessage(event: MessageEvent): void {
-    if (typeof event.data !== "string") {
-      return this.close(
-        CloseCode.UnsupportedData,
-        'only text frames are accepted: send {"lsn":"X/Y"}',
-      );
-    }
-    if (event.data.length > MAX_CLIENT_MESSAGE_BYTES) {
-      return this.close(
-        CloseCode.MessageTooBig,
-        `messages are limited to ${MAX_CLIENT_MESSAGE_BYTES} bytes`,
-      );
-    }
-    let lsn: Lsn;
-    try {
-      const message: unknown = JSON.parse(event.data);
-      const text = (message as { lsn?: unknown } | null)?.lsn;
-      if (typeof message !== "object" || message === null || typeof text !== "string") {
-        throw new TypeError('expected {"lsn":"X/Y"}');
-      }
-      lsn = parseLsn(text);
-    } catch (error) {
-      const detail = error instanceof SyntaxError
-        ? 'not JSON; expected {"lsn":"X/Y"}'
-        : (error as Error).message;
-      return this.close(CloseCode.InvalidAck, `invalid ack: ${detail}`);
-    }
-    if (lsn > this.#delivered) {
-      return this.close(
-        CloseCode.InvalidAck,
-        `invalid ack: ${formatLsn(lsn)} is beyond the last nextlsn sent on this socket (${
-          formatLsn(this.#delivered)
-        })`,
-      );
-    }
+    const lsn = readAck(event.data, this.#delivered);
+    if (typeof lsn !== "bigint") return this.close(lsn.code, lsn.reason);
     // An ack at or below the last one (say, of a re-delivered frame) changes nothing.
     if (lsn <= this.#acked) return;
     this.#acked = lsn;

@@ -54,6 +54,25 @@ interface Guarded {
   lost: string | null;
 }
 
+/**
+ * `max_slot_wal_keep_size`, and the SQL of why PostgreSQL lost a slot
+ * (17 adds `invalidation_reason`; before it, `wal_status = 'lost'` only).
+ */
+async function readSettings(
+  client: pg.PoolClient,
+): Promise<{ keepSize: string; lostReason: string }> {
+  const { rows: [row] } = await client.query<{ size: string; version: number }>(
+    `SELECT current_setting('max_slot_wal_keep_size') AS size,
+            current_setting('server_version_num')::int AS version`,
+  );
+  return {
+    keepSize: row.size,
+    lostReason: row.version >= 170000
+      ? "coalesce(s.invalidation_reason, CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END)"
+      : "CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END",
+  };
+}
+
 /** Percentages of a limit at which the guard logs a warning (once each, until it falls back). */
 const WARN_AT = [0.8, 0.5];
 
@@ -66,7 +85,8 @@ export class WalGuard implements AsyncDisposable {
   #stopped = false;
   /** The highest warning level logged per stream and limit, so each is logged once. */
   readonly #warned = new Map<string, number>();
-  #keepSize: string | undefined;
+  /** The database's settings the checks use, read once. */
+  #settings: { keepSize: string; lostReason: string } | undefined;
 
   /** A guard of `deps`' streams, checking every `intervalMs`. */
   constructor(deps: GuardDependencies, intervalMs: number) {
@@ -79,7 +99,7 @@ export class WalGuard implements AsyncDisposable {
     const next = () => {
       if (this.#stopped) return;
       this.#timer = setTimeout(() => {
-        this.#running = this.check().catch((error) => {
+        this.#running = this.check().then(() => {}, (error) => {
           if (this.#stopped) return; // the server is shutting down under it
           log.warn("guard.failed", "the WAL guard's check failed; it runs again", {
             error: errorMessage(error),
@@ -91,8 +111,11 @@ export class WalGuard implements AsyncDisposable {
     next();
   }
 
-  /** One check of every stream and v1 slot; exported for tests and start-up. */
-  async check(): Promise<void> {
+  /**
+   * One check of every stream and v1 slot (also for tests); false when
+   * another check (this instance's timer, or another instance) was running.
+   */
+  async check(): Promise<boolean> {
     const { pool, names } = this.#deps;
     const client = await pool.connect();
     try {
@@ -100,9 +123,10 @@ export class WalGuard implements AsyncDisposable {
         "SELECT pg_try_advisory_lock(hashtext($1 || '.wal_guard')) AS locked",
         [names.schema],
       );
-      if (!locked) return; // another instance is checking
+      if (!locked) return false; // another instance is checking
       try {
         await this.#checkAll(client);
+        return true;
       } finally {
         await client.query("SELECT pg_advisory_unlock(hashtext($1 || '.wal_guard'))", [
           names.schema,
@@ -122,14 +146,8 @@ export class WalGuard implements AsyncDisposable {
           WHERE s.slot_name = t.slot_name AND s.active`,
       );
     }
-    this.#keepSize ??= (await client.query<{ size: string }>(
-      "SELECT current_setting('max_slot_wal_keep_size') AS size",
-    )).rows[0].size;
-    const lostReason = (await client.query<{ v: number }>(
-        "SELECT current_setting('server_version_num')::int AS v",
-      )).rows[0].v >= 170000
-      ? "coalesce(s.invalidation_reason, CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END)"
-      : "CASE WHEN s.wal_status = 'lost' THEN 'wal_removed' END";
+    this.#settings ??= await readSettings(client);
+    const { keepSize, lostReason } = this.#settings;
     const columns = `t.slot_name, extract(epoch FROM now() - t.last_activity)::float8 AS idle,
         t.invalidated_at IS NOT NULL AS invalidated, s.slot_name IS NOT NULL AS exists,
         coalesce(s.active, false) AS active,
@@ -165,7 +183,7 @@ export class WalGuard implements AsyncDisposable {
         await this.#invalidate(
           row,
           `PostgreSQL invalidated its slot (${row.lost}): it held more WAL than ` +
-            `max_slot_wal_keep_size (${this.#keepSize}) allows`,
+            `max_slot_wal_keep_size (${keepSize}) allows`,
         );
         continue;
       }

@@ -79,6 +79,14 @@ export async function waitForSql(
   );
 }
 
+/** The headers of a valid websocket upgrade: a `fetch` with them reads the answer to a refused one. */
+export const WEBSOCKET_HANDSHAKE: Readonly<Record<string, string>> = {
+  upgrade: "websocket",
+  connection: "upgrade",
+  "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+  "sec-websocket-version": "13",
+};
+
 /** `POST` JSON and read the JSON answer as text plus status. */
 export async function postJson(
   url: URL | string,
