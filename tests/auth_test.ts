@@ -77,7 +77,7 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     SLOT_BUSY_TIMEOUT_SECONDS: "5",
   });
   const asAdmin = { authorization: `Bearer ${ADMIN_TOKEN}` };
-  for (const name of ["alpha", "beta", "doomed"]) {
+  for (const name of ["alpha", "beta", "doomed", "resettable"]) {
     const response = await fetch(new URL("/v2/streams", server.url), {
       method: "POST",
       headers: { ...asAdmin, "content-type": "application/json" },
@@ -175,6 +175,7 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     ],
     ["tampered payload", `Bearer ${tampered}`, "invalid", /signature is invalid/],
     ["consumer of another stream", `Bearer ${await hs256({ streams: ["beta"] })}`, "beta"],
+    ["consumer of every stream (*)", `Bearer ${await hs256({ streams: ["*"] })}`, "alpha"],
     ["consumer of this stream (HS256)", `Bearer ${valid}`, "alpha"],
     [
       "consumer of this stream (RS256, JWKS)",
@@ -199,7 +200,9 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     ["GET", "/metrics", undefined, {}, "admin"],
     ["GET", "/v2/status", undefined, {}, "admin"],
     ["GET", "/v1/init", undefined, {}, "admin"],
+    ["POST", "/v1/init", undefined, {}, "admin"],
     ["POST", "/v1/snapshot/data", { slotName: "delta_nosuch1", table: "alpha_t" }, {}, "admin"],
+    ["POST", "/v1/snapshot/export", { slotName: "delta_nosuch1", table: "alpha_t" }, {}, "admin"],
     ["GET", "/v1/lr/stream?slotName=delta_nosuch1", undefined, ws, "admin"],
     ["GET", "/v2/streams", undefined, {}, "signed-in"],
     ["POST", "/v2/streams", { name: "made", tables: ["alpha_t"] }, {}, "admin"],
@@ -210,10 +213,15 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     ["GET", "/v2/streams/alpha/changes", undefined, ws, "alpha"],
     ["GET", "/v2/streams/alpha/tail", undefined, ws, "alpha"],
     ["DELETE", "/v2/streams/alpha/snapshot", undefined, {}, "alpha"],
+    ["POST", "/v2/streams/resettable/reset", undefined, {}, "admin"],
+    ["GET", "/assets/viewer.js", undefined, {}, "public"],
+    ["GET", "/assets/pgdeltastream.js", undefined, {}, "public"],
     ["DELETE", "/v2/streams/doomed", undefined, {}, "admin"],
   ];
   const bodies: string[] = [];
   const outcomes: string[] = [];
+  /** Tokens sent in `access_token` query parameters: they must not reach the log either. */
+  const queryTokens: string[] = [];
 
   for (const [label, authorization, proves, message] of credentials) {
     await t.step(label, async () => {
@@ -224,7 +232,7 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
         // Calls that succeed and change state are made once, by the admin token, below.
         if (
           allowed && proves !== "invalid" &&
-          /DELETE|POST \/v2\/streams$|\/v1\/init|tokens/.test(`${method} ${path}`)
+          /DELETE|POST \/v2\/streams$|\/v1\/init|tokens|reset/.test(`${method} ${path}`)
         ) {
           if (label !== "admin token") continue;
         }
@@ -242,6 +250,10 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
         const expected = allowed ? "allowed" : proves === "invalid" ? "401" : "403";
         const got = response.status === 401 ? "401" : response.status === 403 ? "403" : "allowed";
         assert.equal(got, expected, `${label}: ${method} ${path} → ${response.status} ${text}`);
+        assert.ok(
+          response.status < 500,
+          `${label}: ${method} ${path} → ${response.status} ${text}`,
+        );
         if (got === "401") {
           assert.match(
             response.headers.get("www-authenticate") ?? "",
@@ -263,23 +275,37 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     });
   }
 
-  await t.step("a consumer's open stream closes with 4401 when its token expires", async () => {
-    const shortLived = await hs256({ streams: ["alpha"], exp: Math.floor(Date.now() / 1000) + 2 });
-    await using client = await StreamClient.connect(
-      server.url,
-      `/v2/streams/alpha/changes?access_token=${shortLived}`,
-    );
-    const closed = await client.closedWithin();
-    assert.equal(closed.code, CloseCode.TokenExpired);
-    assert.match(closed.reason, /token expired/);
-    // A fresh token resumes.
-    await using again = await StreamClient.connect(
-      server.url,
-      `/v2/streams/alpha/changes?access_token=${await hs256({ streams: ["alpha"] })}`,
-    );
-    await sql(db, "INSERT INTO alpha_t VALUES (1, 'after expiry')");
-    assert.ok((await again.nextV2()).change.some((c) => c.kind === "insert"));
-  });
+  await t.step(
+    "a consumer's open stream and tail close with 4401 when its token expires",
+    async () => {
+      const shortLived = await hs256({
+        streams: ["alpha"],
+        exp: Math.floor(Date.now() / 1000) + 2,
+      });
+      const fresh = await hs256({ streams: ["alpha"] });
+      queryTokens.push(shortLived, fresh);
+      await using client = await StreamClient.connect(
+        server.url,
+        `/v2/streams/alpha/changes?access_token=${shortLived}`,
+      );
+      await using tail = await StreamClient.connect(
+        server.url,
+        `/v2/streams/alpha/tail?access_token=${shortLived}`,
+      );
+      const closed = await client.closedWithin();
+      assert.equal(closed.code, CloseCode.TokenExpired);
+      assert.match(closed.reason, /token expired/);
+      const tailClosed = await tail.closedWithin();
+      assert.equal(tailClosed.code, CloseCode.TokenExpired, "the tail closes too");
+      // A fresh token resumes.
+      await using again = await StreamClient.connect(
+        server.url,
+        `/v2/streams/alpha/changes?access_token=${fresh}`,
+      );
+      await sql(db, "INSERT INTO alpha_t VALUES (1, 'after expiry')");
+      assert.ok((await again.nextV2()).change.some((c) => c.kind === "insert"));
+    },
+  );
 
   await t.step("a minted token reads its one stream, and nothing else", async () => {
     const minted = await fetch(new URL("/v2/streams/alpha/tokens", server.url), {
@@ -301,10 +327,31 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
     assert.deepEqual((await listed.json()).streams.map((s: { name: string }) => s.name), ["alpha"]);
   });
 
+  await t.step("minting needs JWT_SECRET: a server with only a JWKS says so (409)", async () => {
+    await using jwksOnly = await ServerProcess.spawn(db, {
+      ADMIN_TOKENS: ADMIN_TOKEN,
+      JWKS_URL: jwks.url,
+    });
+    const minted = await fetch(new URL("/v2/streams/alpha/tokens", jwksOnly.url), {
+      method: "POST",
+      headers: { ...asAdmin, "content-type": "application/json" },
+      body: "{}",
+    });
+    assert.equal(minted.status, 409);
+    assert.match((await minted.json()).error, /no JWT_SECRET/);
+  });
+
   await t.step("no secret, token or credential appears in any error body or log line", async () => {
     await server.kill("SIGTERM");
     const log = await server.output;
-    const secrets = [ADMIN_TOKEN, JWT_SECRET, valid, signature, confused.split(".")[2]];
+    const secrets = [
+      ADMIN_TOKEN,
+      JWT_SECRET,
+      valid,
+      signature,
+      confused.split(".")[2],
+      ...queryTokens.map((token) => token.split(".")[2]),
+    ];
     for (const secret of secrets) {
       assert.ok(!bodies.some((b) => b.includes(secret)), "a secret in a response body");
       assert.ok(!log.includes(secret), "a secret in the server's log");
@@ -349,6 +396,35 @@ Deno.test("JWKS keys are cached: a known kid never refetches, a new one is fetch
   for (let i = 0; i < 5; i++) assert.equal(await list(k2), 200);
   assert.equal(await list(k1), 200);
   assert.equal(jwks.fetches, 2, "the new kid was fetched once, then cached");
+});
+
+Deno.test("unknown kids wait out the JWKS cool-down: five of them cost one fetch", async () => {
+  await using postgres = await startPostgres();
+  await using jwks = new JwksServer();
+  const known = await generateKeyPair("ES256", { extractable: true });
+  jwks.keys = [{ ...(await exportJWK(known.publicKey)), kid: "known", alg: "ES256" }];
+  await using api = await startApi(postgres.database, {
+    auth: {
+      mode: "on",
+      adminTokens: [],
+      jwksUrl: jwks.url,
+      audience: AUDIENCE,
+      corsOrigins: [],
+      jwksCooldownMs: 30_000,
+    },
+  });
+  const stranger = await generateKeyPair("ES256");
+  for (let i = 0; i < 5; i++) {
+    const token = await new SignJWT({ aud: AUDIENCE, exp: Math.floor(Date.now() / 1000) + 600 })
+      .setProtectedHeader({ alg: "ES256", kid: `unknown-${i}` })
+      .sign(stranger.privateKey);
+    const response = await fetch(new URL("/v2/streams", api.url), {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    assert.equal(response.status, 401);
+    await response.body?.cancel();
+  }
+  assert.equal(jwks.fetches, 1, "one fetch, then the cool-down holds further ones off");
 });
 
 Deno.test("protected mode serves this machine only, and origins are checked in every mode", async (t) => {
@@ -418,6 +494,13 @@ Deno.test("protected mode serves this machine only, and origins are checked in e
       });
       assert.equal(upgrade.status, 403);
       await upgrade.body?.cancel();
+      for (const path of ["/v2/streams/same-origin/changes", "/v2/streams/same-origin/tail"]) {
+        const v2 = await fetch(`http://127.0.0.1:${port}${path}`, {
+          headers: { ...evil, ...WEBSOCKET_HANDSHAKE },
+        });
+        assert.equal(v2.status, 403, `${path} refuses a foreign page's upgrade`);
+        assert.match((await v2.json()).error, /Cross-site request refused/);
+      }
       const read = await fetch(`http://127.0.0.1:${port}/v2/streams`, { headers: evil });
       assert.equal(read.status, 200, "a read is answered ...");
       assert.equal(
@@ -441,6 +524,38 @@ Deno.test("protected mode serves this machine only, and origins are checked in e
       await same.body?.cancel();
     },
   );
+
+  await t.step("AUTH=none serves every address, and still refuses foreign pages", async () => {
+    assert.ok(address, "this machine has an address other than loopback to connect from");
+    await using none = await ServerProcess.spawn(db, { SERVERHOST: "0.0.0.0", AUTH: "none" });
+    const base = `http://${address}:${none.url.port}`;
+    const listed = await fetch(`${base}/v2/streams`);
+    assert.equal(listed.status, 200, "a client on another address is served");
+    await listed.body?.cancel();
+    const created = await fetch(`${base}/v2/streams`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ name: "open-net", tables: ["t"] }),
+    });
+    assert.equal(created.status, 201, "and may do everything");
+    await created.body?.cancel();
+    const evil = { origin: "https://evil.example" };
+    const drop = await fetch(`${base}/v2/streams/open-net`, { method: "DELETE", headers: evil });
+    assert.equal(drop.status, 403, "a foreign page may not, even with AUTH=none");
+    await drop.body?.cancel();
+    const upgrade = await fetch(`${base}/v2/streams/open-net/changes`, {
+      headers: { ...evil, ...WEBSOCKET_HANDSHAKE },
+    });
+    assert.equal(upgrade.status, 403);
+    await upgrade.body?.cancel();
+    await none.kill("SIGTERM");
+    assert.match(await none.output, /authentication: none \(AUTH=none\)/);
+  });
+
+  await t.step("start-up says protected mode is in force", async () => {
+    await open.kill("SIGTERM");
+    assert.match(await open.output, /authentication: protected mode/);
+  });
 
   await t.step("CORS_ORIGINS lets a listed origin call, with preflight and headers", async () => {
     await using api = await ServerProcess.spawn(db, {
