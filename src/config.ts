@@ -40,6 +40,10 @@ export interface Config {
   frameChunkBytes: number;
   /** Connections that read one table export in parallel. */
   exportReaders: number;
+  /** Connections every snapshot read shares (an export holds one while it runs). */
+  snapshotReaders: number;
+  /** How long a snapshot read waits for one of them before a 503. */
+  snapshotReaderWaitMs: number;
   /** Who may do what: tokens, JWT keys, protected mode, allowed origins. */
   auth: AuthConfig;
   /** How the log is written (`LOG_FORMAT`) and from which level (`LOG_LEVEL`). */
@@ -121,6 +125,7 @@ export const ENV_VARS = [
   "PUBLICATION_PREFIX",
   "FRAME_CHUNK_BYTES",
   "EXPORT_READERS",
+  "SNAPSHOT_READERS",
   "AUTH",
   "ADMIN_TOKENS",
   "ADMIN_TOKEN",
@@ -328,6 +333,8 @@ export function loadConfig(env: EnvReader): Config {
     publicationPrefix: prefix,
     frameChunkBytes: integer(env, ["FRAME_CHUNK_BYTES"], 1 << 20, 1024, 64 << 20),
     exportReaders: integer(env, ["EXPORT_READERS"], 2, 1, 16),
+    snapshotReaders: integer(env, ["SNAPSHOT_READERS"], 8, 1, 64),
+    snapshotReaderWaitMs: 10_000,
     auth: loadAuth(env),
     log: {
       format: choice(env, "LOG_FORMAT", ["text", "json"], "text"),

@@ -75,7 +75,10 @@ export class Server implements AsyncDisposable {
     this.config = config;
     this.pool = pool;
     this.names = schemaNames(config.publicationPrefix);
-    this.snapshots = new SnapshotStore(config.database, config.snapshotTtlSeconds);
+    this.snapshots = new SnapshotStore(config.database, config.snapshotTtlSeconds, {
+      readers: config.snapshotReaders,
+      waitMs: config.snapshotReaderWaitMs,
+    });
     this.slots = new SlotManager(config.database, pool, this.names, this.snapshots);
     this.sessions = new SessionRegistry(config.slotBusyTimeoutSeconds);
     this.typeNames = new TypeNames(pool);

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import pg from "pg";
-import { deadline } from "./support/deadline.ts";
+import { deadline, poll } from "./support/deadline.ts";
 import { init, postJson, sql, startApi, startPostgres } from "./support/harness.ts";
 
 const SETUP = `
@@ -196,5 +196,75 @@ Deno.test("shutdown does not wait for a stalled export", async () => {
   const reader = stalled.body!.getReader();
   await reader.read();
   await deadline(api[Symbol.asyncDispose](), "the server to shut down while an export stalls");
+  await reader.cancel().catch(() => {});
+});
+
+Deno.test("a stalled export holds its reader connection, never the server: reads wait, then 503 or 410", async (t) => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, SETUP);
+  // One reader connection, so that one stalled export holds all of them.
+  await using api = await startApi(db, { snapshotReaders: 1, snapshotReaderWaitMs: 1500 });
+  const url = (path: string) => new URL(path, api.url);
+  const slotName = await init(api.url);
+  const stalled = await fetch(url("/v1/snapshot/export"), {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ slotName, table: "big" }),
+  });
+  assert.equal(stalled.status, 200);
+  const reader = stalled.body!.getReader();
+  await reader.read(); // the export holds the one reader connection; stop reading it
+
+  await t.step("a read that finds no free reader connection in time answers 503", async () => {
+    const response = await deadline(
+      postJson(url("/v1/snapshot/data"), { slotName, table: "t", limit: 1 }),
+      "a page read while every reader connection is held",
+    );
+    assert.equal(response.status, 503);
+    assert.match(
+      JSON.parse(response.text).error,
+      /no snapshot reader connection.*SNAPSHOT_READERS/,
+    );
+  });
+
+  await t.step("a read waiting for a connection when its snapshot goes answers 410", async () => {
+    const waiting = postJson(url("/v1/snapshot/data"), { slotName, table: "t", limit: 1 });
+    await new Promise((resolve) => setTimeout(resolve, 200)); // let it queue for the connection
+    await deadline(init(api.url), "an init (which releases the old snapshot)");
+    const response = await deadline(waiting, "the waiting read to be answered");
+    assert.equal(response.status, 410);
+    assert.match(JSON.parse(response.text).error, /no longer available/);
+  });
+  await reader.cancel().catch(() => {});
+});
+
+Deno.test("a snapshot's time-to-live ends it even while its export stalls, and frees the table", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, SETUP);
+  await using api = await startApi(db, { snapshotTtlSeconds: 2 });
+  const url = (path: string) => new URL(path, api.url);
+  const slotName = await init(api.url);
+  const stalled = await fetch(url("/v1/snapshot/export"), {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ slotName, table: "big" }),
+  });
+  assert.equal(stalled.status, 200);
+  const reader = stalled.body!.getReader();
+  await reader.read();
+  await poll(
+    async () => {
+      const response = await postJson(url("/v1/snapshot/data"), { slotName, table: "t" });
+      const body = JSON.parse(response.text);
+      return response.status === 410 && /time-to-live/.test(body.error) ? true : undefined;
+    },
+    "the snapshot to expire (410 naming its time-to-live) while its export stalls",
+  );
+  await deadline(
+    withLockTimeout(db, "ALTER TABLE big ADD COLUMN after_ttl int"),
+    "DDL on the table whose export stalled",
+  );
   await reader.cancel().catch(() => {});
 });

@@ -28,8 +28,14 @@ export function withValueSettings(db: DatabaseConfig): DatabaseConfig {
 }
 
 /** A pool for short metadata queries (catalog look-ups, slot bookkeeping). */
-export function createPool(db: DatabaseConfig, max = 4): pg.Pool {
-  const pool = new pg.Pool({ ...withValueSettings(db), max, idleTimeoutMillis: 10_000 });
+export function createPool(db: DatabaseConfig, max = 4, waitMs = 0): pg.Pool {
+  const pool = new pg.Pool({
+    ...withValueSettings(db),
+    max,
+    idleTimeoutMillis: 10_000,
+    // 0: wait as long as it takes; otherwise how long a checkout may wait for a connection.
+    connectionTimeoutMillis: waitMs,
+  });
   // An idle client's connection dying must not crash the process; the next query reconnects.
   pool.on("error", () => {});
   return pool;

@@ -14,7 +14,7 @@
 import type pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
 import { connect, createPool } from "../postgres/database.ts";
-import { GoneError } from "../errors.ts";
+import { GoneError, UnavailableError } from "../errors.ts";
 
 /** Snapshot names as `pg_export_snapshot()` makes them, e.g. `00000003-0000001B-1`. */
 const SNAPSHOT_NAME = /^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$/;
@@ -122,7 +122,23 @@ export class HeldSnapshot {
    */
   async read<T>(work: (client: pg.PoolClient, signal: AbortSignal) => Promise<T>): Promise<T> {
     if (this.#lost !== undefined) throw snapshotGone(this.owner, this.#lost);
-    const client = await this.#readers.connect();
+    let client: pg.PoolClient;
+    try {
+      client = await this.#readers.connect();
+    } catch (error) {
+      if (this.#lost !== undefined) throw snapshotGone(this.owner, this.#lost);
+      if (!/timeout exceeded when trying to connect/.test((error as Error).message)) throw error;
+      // The pool's wait ran out: every reader connection is busy (exports, say).
+      throw new UnavailableError(
+        "Cannot read snapshot: no snapshot reader connection was free in time (they are busy " +
+          "with other reads and exports; SNAPSHOT_READERS sets how many); retry shortly",
+      );
+    }
+    // Released while this read waited for a connection: answer as if it came after.
+    if (this.#lost !== undefined) {
+      client.release();
+      throw snapshotGone(this.owner, this.#lost);
+    }
     const controller = new AbortController();
     let aborted: string | undefined;
     const active: ActiveRead = {
@@ -169,8 +185,16 @@ export interface ReleaseDetail {
   reason: string;
 }
 
-/** Connections for snapshot reads, shared by every held snapshot. */
-const DEFAULT_READERS = 8;
+/** How many connections snapshot reads share, and how long a read waits for one. */
+export interface ReaderPoolOptions {
+  /** Connections shared by every held snapshot's reads (an export holds one throughout). */
+  readers: number;
+  /** How long a read waits for a free connection before it is answered 503. */
+  waitMs: number;
+}
+
+/** Eight connections; a read waits up to 10 s for one. */
+const DEFAULT_READER_POOL: ReaderPoolOptions = { readers: 8, waitMs: 10_000 };
 
 /**
  * The snapshots this server holds, by slot name, each released after its
@@ -188,11 +212,11 @@ export class SnapshotStore extends EventTarget implements AsyncDisposable {
   readonly #gone = new Map<string, string>();
 
   /** Holds snapshots on connections to `db` for `ttlSeconds` each. */
-  constructor(db: DatabaseConfig, ttlSeconds: number, readers = DEFAULT_READERS) {
+  constructor(db: DatabaseConfig, ttlSeconds: number, pool = DEFAULT_READER_POOL) {
     super();
     this.#db = db;
     this.#ttlMs = ttlSeconds * 1000;
-    this.#readers = createPool(db, readers);
+    this.#readers = createPool(db, pool.readers, pool.waitMs);
   }
 
   /** Imports `snapshotName` (exported by the slot's creation) and holds it for `owner`. */
