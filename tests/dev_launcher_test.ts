@@ -52,7 +52,7 @@ Deno.test("deno task dev stops its PostgreSQL on every signal it can catch, and 
   const env = { DEV_PG_PORT: String(pgPort), SERVERPORT: "0" };
   const dataDirs = new Set<string>();
   try {
-    for (const signal of ["SIGHUP", "SIGTERM", "SIGINT"] as const) {
+    for (const signal of ["SIGHUP", "SIGTERM", "SIGINT", "SIGQUIT"] as const) {
       await t.step(`${signal} stops the server and PostgreSQL`, async () => {
         const dev = await spawnDev(cwd, env);
         const health = await fetch(`${dev.ready}/healthz`);
@@ -87,6 +87,24 @@ Deno.test("deno task dev stops its PostgreSQL on every signal it can catch, and 
         assert.equal((await second.kill("SIGTERM")).code, 0);
         assert.match(await second.output, /stopping PostgreSQL \d+ left running/);
         assert.equal(await accepts(pgPort), false);
+      },
+    );
+
+    await t.step(
+      "a stale postmaster.pid naming a live process that is not PostgreSQL is removed",
+      async () => {
+        const [dataDir] = dataDirs;
+        // This test's own pid: alive, so PostgreSQL itself would refuse to start over it.
+        await Deno.writeTextFile(
+          `${dataDir}/postmaster.pid`,
+          `${Deno.pid}\n${dataDir}\n1700000000\n${pgPort}\n`,
+        );
+        const dev = await spawnDev(cwd, env);
+        const health = await fetch(`${dev.ready}/healthz`);
+        assert.equal(health.status, 200);
+        await health.body?.cancel();
+        assert.equal((await dev.kill("SIGTERM")).code, 0);
+        assert.match(await dev.output, /removing stale \S+postmaster\.pid \(process \d+ is not/);
       },
     );
 

@@ -215,6 +215,9 @@ async function clearLeftover(dataDir: string, log: (line: string) => void): Prom
   throw new Error(`PostgreSQL ${pid} on ${dataDir} does not stop; stop it by hand`);
 }
 
+/** How long a start waits for PostgreSQL's "ready to accept connections" before giving up. */
+const READY_TIMEOUT_MS = 120_000;
+
 /** A running PostgreSQL server process; dispose it to stop it (fast shutdown). */
 export class EmbeddedPostgres implements AsyncDisposable {
   readonly dataDir: string;
@@ -354,11 +357,29 @@ export class EmbeddedPostgres implements AsyncDisposable {
       );
     });
     exited.catch(() => {});
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        reject(
+          new Error(
+            `PostgreSQL did not say it was ready within ${READY_TIMEOUT_MS / 1000} s; its log:\n${
+              this.#recentLog.join("\n")
+            }`,
+          ),
+        );
+      }, READY_TIMEOUT_MS);
+    });
     try {
-      await Promise.race([ready.promise, exited]);
+      await Promise.race([ready.promise, exited, timedOut]);
     } catch (error) {
+      try {
+        process.kill("SIGQUIT"); // still starting (or recovering): stop it, it is not ours to keep
+      } catch { /* exited already */ }
+      await this.#exited.catch(() => {});
       this.#process = undefined;
       throw error;
+    } finally {
+      clearTimeout(timer);
     }
   }
 

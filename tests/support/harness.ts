@@ -55,13 +55,22 @@ export async function sql<T extends pg.QueryResultRow = pg.QueryResultRow>(
   values?: unknown[],
 ): Promise<T[]> {
   const client = new pg.Client(db);
-  await client.connect();
+  const what = `the statement ${JSON.stringify(text.trim().slice(0, 80))}`;
+  await deadline(client.connect(), `a connection for ${what}`);
   try {
-    return (await client.query<T>(text, values)).rows;
+    const result: pg.QueryResult<T> = await deadline(
+      client.query<T>(text, values),
+      what,
+      SQL_WAIT_MS,
+    );
+    return result.rows;
   } finally {
     await client.end();
   }
 }
+
+/** The longest a test's statement may take (bulk loads of a million rows included). */
+const SQL_WAIT_MS = 180_000;
 
 /**
  * Polls a query returning one row with a boolean `ok` until it is true:
