@@ -99,7 +99,7 @@ Deno.test("API v2: named streams, their snapshots, changes and tails", async (t)
         [{ name: "s1", tables: ["orders", "public.orders"] }, 400, /listed twice/],
         [
           { name: "s1", tables: [{ table: "orders", columns: ["id", "nope"] }] },
-          404,
+          400,
           /column "nope" does not exist in public\.orders/,
         ],
         [
@@ -109,7 +109,7 @@ Deno.test("API v2: named streams, their snapshots, changes and tails", async (t)
         ],
         [
           { name: "s1", tables: [{ table: "orders", where: [["nope", "=", 1]] }] },
-          404,
+          400,
           /"tables\[0\]\.where\[0\]": column "nope" does not exist/,
         ],
         [

@@ -9,7 +9,7 @@
  */
 
 import type pg from "pg";
-import { InvalidRequestError, NotFoundError } from "../errors.ts";
+import { InvalidRequestError } from "../errors.ts";
 import { sqlState } from "../postgres/database.ts";
 import { resolveTable } from "../postgres/resolve_table.ts";
 import type { StreamOperation, StreamTable } from "../protocol.ts";
@@ -129,8 +129,9 @@ async function replicaIdentity(
 
 /**
  * The definition `tables` and `operations` ask for, resolved in the
- * catalog: {@link NotFoundError} for a table or column that does not exist,
- * {@link InvalidRequestError} for a column list without the replica
+ * catalog: a `NotFoundError` for a table that does not exist,
+ * {@link InvalidRequestError} for a column that does not exist (the
+ * definition is wrong, not a resource missing), a column list without the replica
  * identity, an operator the column's type does not allow here, or a value
  * the type rejects.
  */
@@ -162,7 +163,7 @@ export async function resolveDefinition(
       const column = (wanted: string, where: string) => {
         const info = byName.get(wanted);
         if (info === undefined) {
-          throw new NotFoundError(
+          throw new InvalidRequestError(
             `Cannot create stream: "${where}": column ${
               JSON.stringify(wanted)
             } does not exist in ${found.qualified}`,
