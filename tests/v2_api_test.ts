@@ -191,6 +191,11 @@ Deno.test("API v2: named streams, their snapshots, changes and tails", async (t)
     assert.equal((await get("/v2/streams/nope")).status, 404);
     assert.match((await get("/v2/streams/nope")).body.error, /stream "nope" does not exist/);
     assert.equal((await get("/v2/streams/Not%20A%20Name")).status, 400);
+    for (const path of ["/v2/streams/nope/changes", "/v2/streams/nope/tail"]) {
+      const upgrade = await fetch(url(path), { headers: WEBSOCKET_HANDSHAKE });
+      assert.equal(upgrade.status, 404, `${path} of an unknown stream`);
+      assert.match((await upgrade.json()).error, /stream "nope" does not exist/);
+    }
   });
 
   await t.step("snapshot: only the stream's tables, columns and rows", async () => {
@@ -354,6 +359,11 @@ Deno.test("API v2: named streams, their snapshots, changes and tails", async (t)
         "SELECT count(*)::int AS slots FROM pg_replication_slots WHERE slot_name LIKE 'pgds_%'",
       );
       assert.equal(slots, 0);
+      const publications = await sql(
+        db,
+        "SELECT pubname FROM pg_publication WHERE pubname LIKE 'pgds\\_orders\\_cache%'",
+      );
+      assert.deepEqual(publications, [], "the stream's insert publication is dropped with it");
     },
   );
 
@@ -376,5 +386,38 @@ Deno.test("API v2: named streams, their snapshots, changes and tails", async (t)
         assert.equal(await deleteAt(api.url, `/v2/streams/${name}`), 204);
       }
     },
+  );
+});
+
+Deno.test("a partitioned table streams its partitions' changes and reads its snapshot through the parent, filtered", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(
+    db,
+    `CREATE TABLE measures(id int, region text, v int, PRIMARY KEY (id, region))
+       PARTITION BY LIST (region);
+     CREATE TABLE measures_eu PARTITION OF measures FOR VALUES IN ('eu');
+     CREATE TABLE measures_us PARTITION OF measures FOR VALUES IN ('us');
+     INSERT INTO measures VALUES (1, 'eu', 1), (2, 'us', 2)`,
+  );
+  await using api = await startApi(db);
+  const created = await createStream(api.url, {
+    name: "parted",
+    tables: [{ table: "measures", where: [["region", "=", "eu"]] }],
+  });
+  assert.deepEqual((created.tables as { table: string }[]).map((t) => t.table), ["measures"]);
+  const page = await postJson(new URL("/v2/streams/parted/snapshot", api.url), {
+    table: "measures",
+  });
+  assert.equal(page.status, 200, page.text);
+  assert.deepEqual(JSON.parse(page.text), [{ id: 1, region: "eu", v: 1 }]);
+  await using consumer = await StreamClient.changes(api.url, "parted");
+  await sql(db, "INSERT INTO measures VALUES (3, 'eu', 3), (4, 'us', 4)");
+  const frame = await consumer.nextV2();
+  const rows = frame.change.filter((c) => c.kind === "insert");
+  assert.deepEqual(
+    rows.map((c) => [c.table, (c as { columnvalues: unknown[] }).columnvalues]),
+    [["measures_eu", [3, "eu", 3]]],
+    "only the partition rows that pass the filter, named as wal2json names them",
   );
 });

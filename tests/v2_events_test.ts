@@ -125,6 +125,39 @@ Deno.test("v2 streams carry truncations and the shape of their tables", async (t
     );
   });
 
+  await t.step(
+    "a column of the stream's own list that is dropped: announced, then absent",
+    async () => {
+      await sql(db, "ALTER TABLE narrow DROP COLUMN a; INSERT INTO narrow VALUES (3, 'b', 3)");
+      const changes = await nextChanges(all);
+      assert.deepEqual(
+        changes.map((c) => [c.kind, (c as { columnnames?: string[] }).columnnames]),
+        [
+          ["schema", ["id"]],
+          ["insert", ["id"]],
+        ],
+      );
+      // The definition keeps the list it was created with; a column of that name added again
+      // is carried again, announced first.
+      const response = await fetch(new URL("/v2/streams/all", api.url));
+      const { tables } = await response.json();
+      assert.deepEqual(tables.find((t: { table: string }) => t.table === "narrow").columns, [
+        "id",
+        "a",
+      ]);
+      await sql(
+        db,
+        "ALTER TABLE narrow ADD COLUMN a text; INSERT INTO narrow VALUES (4, 'b', 4, 'x')",
+      );
+      const again = await nextChanges(all);
+      assert.deepEqual(again.map((c) => [c.kind, (c as { columnnames?: string[] }).columnnames]), [
+        ["schema", ["id", "a"]],
+        ["insert", ["id", "a"]],
+      ]);
+      assert.deepEqual((again[1] as { columnvalues: unknown[] }).columnvalues, [4, "x"]);
+    },
+  );
+
   await t.step("a dropped table leaves the stream working for its other tables", async () => {
     await sql(db, "DROP TABLE narrow; INSERT INTO parent VALUES (3)");
     assert.deepEqual(
