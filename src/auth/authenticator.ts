@@ -18,6 +18,7 @@ import {
   jwtVerify,
   SignJWT,
 } from "jose";
+import { createHash } from "node:crypto";
 import type { AuthConfig } from "../config.ts";
 import { UnauthorizedError } from "../errors.ts";
 import type { Principal } from "./principal.ts";
@@ -27,8 +28,9 @@ const JWKS_ALGORITHMS = ["RS256", "ES256", "EdDSA"];
 
 const encoder = new TextEncoder();
 
-async function digest(text: string): Promise<Uint8Array> {
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", encoder.encode(text)));
+function digest(text: string): Uint8Array {
+  // node:crypto's hash is synchronous: ~3 µs a token, where crypto.subtle's promise costs ~45 µs.
+  return new Uint8Array(createHash("sha256").update(text).digest());
 }
 
 /** Whether two digests are equal, looking at every byte whatever they hold. */
@@ -70,8 +72,8 @@ const CACHE_MS = 60_000;
 /** Checks credentials against the configuration; see the module's documentation. */
 export class Authenticator {
   readonly #config: AuthConfig;
-  readonly #adminDigests: Promise<Uint8Array[]>;
-  readonly #scraperDigest: Promise<Uint8Array> | undefined;
+  readonly #adminDigests: Uint8Array[];
+  readonly #scraperDigest: Uint8Array | undefined;
   readonly #secret: Uint8Array | undefined;
   /** The secret imported once (jose imports a raw secret again on every call). */
   readonly #hmacKey: Promise<CryptoKey> | undefined;
@@ -86,7 +88,7 @@ export class Authenticator {
   /** Uses `config`'s tokens, secret and JWKS, and `metricsToken` for scrapers. */
   constructor(config: AuthConfig, metricsToken?: string) {
     this.#config = config;
-    this.#adminDigests = Promise.all(config.adminTokens.map(digest));
+    this.#adminDigests = config.adminTokens.map(digest);
     this.#scraperDigest = metricsToken === undefined ? undefined : digest(metricsToken);
     this.#secret = config.jwtSecret === undefined ? undefined : encoder.encode(config.jwtSecret);
     this.#hmacKey = this.#secret === undefined ? undefined : crypto.subtle.importKey(
@@ -104,11 +106,11 @@ export class Authenticator {
 
   /** The principal `token` proves; an {@link UnauthorizedError} saying why when it proves none. */
   async authenticate(token: string): Promise<Principal> {
-    const presented = await digest(token);
+    const presented = digest(token);
     let admin = false;
-    for (const known of await this.#adminDigests) admin = sameDigest(presented, known) || admin;
+    for (const known of this.#adminDigests) admin = sameDigest(presented, known) || admin;
     if (admin) return { kind: "admin" };
-    if (this.#scraperDigest !== undefined && sameDigest(presented, await this.#scraperDigest)) {
+    if (this.#scraperDigest !== undefined && sameDigest(presented, this.#scraperDigest)) {
       return { kind: "scraper" };
     }
     if (token.split(".").length !== 3) {
