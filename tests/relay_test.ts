@@ -8,11 +8,16 @@ import {
 import type { DatabaseConfig } from "../src/config.ts";
 import { CloseCode, type StreamStateBody } from "../src/protocol.ts";
 import { deadline, poll } from "./support/deadline.ts";
+import { SignJWT } from "jose";
+import { connect } from "@nats-io/transport-node";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { consumerName, logName } from "../src/relay/jetstream_log.ts";
 import {
   createStream,
   ServerProcess,
   sql,
   startPostgres,
+  StreamClient,
   WEBSOCKET_HANDSHAKE,
 } from "./support/harness.ts";
 import { hasNats, NatsServer } from "./support/nats.ts";
@@ -228,5 +233,98 @@ Deno.test({
     assert.ok(error instanceof StreamClosedError, String(error));
     assert.equal(error.code, CloseCode.BeyondRetention);
     assert.match(error.reason, /fell out of stream feed's log retention/);
+  },
+});
+
+Deno.test({
+  name: "relay: consumers and tails need a grant, and close with 4401 when their token expires",
+  ignore: !hasNats,
+  async fn() {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await sql(db, "CREATE TABLE feed(id int primary key)");
+    await using nats = await NatsServer.start();
+    const secret = "relay-secret-" + crypto.randomUUID() + crypto.randomUUID();
+    const admin = "relay-admin-" + crypto.randomUUID();
+    await using server = await relayServer(db, nats, "solo", {
+      JWT_SECRET: secret,
+      ADMIN_TOKENS: admin,
+    });
+    const created = await fetch(new URL("/v2/streams", server.url), {
+      method: "POST",
+      headers: { authorization: `Bearer ${admin}`, "content-type": "application/json" },
+      body: JSON.stringify({ name: "feed", tables: ["feed"] }),
+    });
+    assert.equal(created.status, 201, await created.text());
+    const token = (streams: string[], seconds: number) =>
+      new SignJWT({ aud: "pgdeltastream", streams, exp: Math.floor(Date.now() / 1000) + seconds })
+        .setProtectedHeader({ alg: "HS256" })
+        .sign(new TextEncoder().encode(secret));
+    for (
+      const [credential, status] of [[undefined, 401], [await token(["other"], 60), 403]] as const
+    ) {
+      for (const path of ["changes?consumer=c1", "tail"]) {
+        const response = await fetch(
+          new URL(
+            `/v2/streams/feed/${path}${
+              credential ? `${path.includes("?") ? "&" : "?"}access_token=${credential}` : ""
+            }`,
+            server.url,
+          ),
+          { headers: WEBSOCKET_HANDSHAKE },
+        );
+        assert.equal(response.status, status, path);
+        await response.body?.cancel();
+      }
+    }
+    const shortLived = await token(["feed"], 2);
+    await using consumer = await StreamClient.connect(
+      server.url,
+      `/v2/streams/feed/changes?consumer=c1&access_token=${shortLived}`,
+    );
+    await using tail = await StreamClient.connect(
+      server.url,
+      `/v2/streams/feed/tail?access_token=${shortLived}`,
+    );
+    assert.equal((await consumer.closedWithin()).code, CloseCode.TokenExpired);
+    assert.equal((await tail.closedWithin()).code, CloseCode.TokenExpired);
+  },
+});
+
+Deno.test({
+  name: "relay: a consumer whose durable consumer vanished from NATS is re-created where it was",
+  ignore: !hasNats,
+  async fn() {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await sql(db, "CREATE TABLE feed(id int primary key)");
+    await using nats = await NatsServer.start();
+    await using server = await relayServer(db, nats, "solo");
+    await createStream(server.url, { name: "feed", tables: ["feed"] });
+    const stream = connectStream({ url: server.url, stream: "feed", consumer: "x" });
+    const ids: number[] = [];
+    const reading = (async () => {
+      for await (const tx of stream) {
+        for (const change of tx.changes) {
+          if (change.kind === "insert") ids.push((change as RowChange).columnvalues![0] as number);
+        }
+        stream.acknowledge(tx);
+        if (ids.at(-1) === 3) return;
+      }
+    })();
+    await sql(db, "INSERT INTO feed VALUES (1)");
+    await poll(() => ids.length === 1, "the first row");
+    // What a reposition cut short by a NATS failure leaves: the durable consumer deleted.
+    const nc = await connect({ servers: nats.url });
+    try {
+      const jsm = await jetstreamManager(nc);
+      await jsm.consumers.delete(logName("feed"), consumerName("x"));
+    } finally {
+      await nc.close();
+    }
+    await sql(db, "INSERT INTO feed VALUES (2); INSERT INTO feed VALUES (3)");
+    await deadline(reading, "rows 2 and 3 after the durable consumer was deleted");
+    assert.deepEqual(ids, [1, 2, 3]);
+    await stream.close();
   },
 });

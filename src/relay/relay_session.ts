@@ -146,8 +146,17 @@ export class RelaySession {
     const stream = logName(this.stream);
     const name = consumerName(this.consumer);
     let expected = startSeq;
+    // Set when the durable consumer must be (re-)created at `expected`: frames went missing, or
+    // it is gone (a reposition cut short between its delete and its add, say). Until that
+    // succeeds every pull would fail, so it is retried first, each time round.
+    let recreate = false;
     while (!signal.aborted) {
       try {
+        if (recreate) {
+          await reposition(relay, stream, name, expected);
+          this.#pending.length = 0;
+          recreate = false;
+        }
         const consumer = await relay.js.consumers.get(stream, name);
         // Batches pulled one after another, each yielding its frames as they arrive.
         const messages = await consumer.fetch({ max_messages: 256, expires: 5000 });
@@ -169,8 +178,7 @@ export class RelaySession {
               expected,
               got: message.seq,
             });
-            await reposition(relay, stream, name, expected);
-            this.#pending.length = 0;
+            recreate = true;
             break;
           }
           expected = message.seq + 1;
@@ -187,6 +195,7 @@ export class RelaySession {
         }
       } catch (error) {
         if (signal.aborted) return;
+        if ((error as Error).name === "ConsumerNotFoundError") recreate = true;
         // A pull that failed (missed heartbeats, a NATS reconnect): pull again; what it had in
         // flight is redelivered after the ack wait, and what was sent already is skipped.
         log.debug("relay.fetch_failed", "a relay consumer's pull failed; pulling again", {
