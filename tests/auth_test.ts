@@ -360,7 +360,7 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
   console.log(outcomes.join("\n"));
 });
 
-Deno.test("JWKS keys are cached: a known kid never refetches, a new one is fetched once", async () => {
+Deno.test("JWKS keys are cached: a known kid never refetches, a new one is fetched once (ES256, EdDSA)", async () => {
   await using postgres = await startPostgres();
   await using jwks = new JwksServer();
   const first = await generateKeyPair("ES256", { extractable: true });
@@ -396,6 +396,18 @@ Deno.test("JWKS keys are cached: a known kid never refetches, a new one is fetch
   for (let i = 0; i < 5; i++) assert.equal(await list(k2), 200);
   assert.equal(await list(k1), 200);
   assert.equal(jwks.fetches, 2, "the new kid was fetched once, then cached");
+  // EdDSA (Ed25519) keys are served the same way.
+  const edwards = await generateKeyPair("EdDSA", { crv: "Ed25519", extractable: true });
+  jwks.keys.push({ ...(await exportJWK(edwards.publicKey)), kid: "k3", alg: "EdDSA" });
+  const k3 = await new SignJWT({
+    aud: AUDIENCE,
+    exp: Math.floor(Date.now() / 1000) + 600,
+    streams: ["*"],
+  })
+    .setProtectedHeader({ alg: "EdDSA", kid: "k3" })
+    .sign(edwards.privateKey);
+  assert.equal(await list(k3), 200);
+  assert.equal(jwks.fetches, 3);
 });
 
 Deno.test("unknown kids wait out the JWKS cool-down: five of them cost one fetch", async () => {

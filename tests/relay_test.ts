@@ -163,7 +163,23 @@ Deno.test({
         await poll(
           () => [...received.values()].every((ids) => ids.length >= 120),
           "every consumer to have 120 rows",
-        );
+        ).catch(async (error) => {
+          // Say who is behind, where, and what the log and NATS think of them.
+          const behind = [...received].filter(([, ids]) => ids.length < 120);
+          const { relay } = await state(any(), "feed");
+          const standing = new Map(relay!.consumers.map((c) => [c.id, c]));
+          const sample = behind.slice(0, 8).map(([id, ids]) =>
+            `${id} (home ${names[Number(id.slice(1)) % names.length]}) has ${ids.length}, last ${
+              ids.at(-1)
+            }; NATS: ${
+              JSON.stringify(standing.get(`c_${id}`) ?? standing.get(id) ?? "no consumer")
+            }`
+          );
+          throw new Error(
+            `${error.message}: ${behind.length} behind; log ${JSON.stringify(relay!.log)}; ` +
+              `publisher ${relay!.publisher}\n${sample.join("\n")}`,
+          );
+        });
       });
 
       await t.step(
