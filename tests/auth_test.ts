@@ -174,6 +174,18 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
       /signature is invalid/,
     ],
     ["tampered payload", `Bearer ${tampered}`, "invalid", /signature is invalid/],
+    [
+      "expired (RS256, JWKS)",
+      `Bearer ${await rs256({ streams: ["alpha"], exp: now - 60 })}`,
+      "invalid",
+      /expired/,
+    ],
+    [
+      "wrong audience (RS256, JWKS)",
+      `Bearer ${await rs256({ streams: ["alpha"], aud: "someone-else" })}`,
+      "invalid",
+      /audience/,
+    ],
     ["consumer of another stream", `Bearer ${await hs256({ streams: ["beta"] })}`, "beta"],
     ["consumer of every stream (*)", `Bearer ${await hs256({ streams: ["*"] })}`, "alpha"],
     ["consumer of this stream (HS256)", `Bearer ${valid}`, "alpha"],

@@ -208,3 +208,50 @@ Deno.test("a stream whose filter names a column that was dropped stops with 4422
   await using again = await StreamClient.changes(api.url, "eu-only");
   assert.equal((await again.closedWithin()).code, CloseCode.DefinitionBroken);
 });
+
+Deno.test("a stream whose filter column is renamed or retyped stops with 4422 too", async (t) => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(
+    db,
+    "CREATE TABLE renamed(id int primary key, region text); CREATE TABLE retyped(id int primary key, n int)",
+  );
+  const [{ version }] = await sql<{ version: number }>(
+    db,
+    "SELECT current_setting('server_version_num')::int AS version",
+  );
+  await using api = await startApi(db);
+
+  await t.step("a renamed filter column", async () => {
+    await createStream(api.url, {
+      name: "renamed",
+      tables: [{ table: "renamed", where: [["region", "=", "eu"]] }],
+    });
+    await using client = await StreamClient.changes(api.url, "renamed");
+    await sql(
+      db,
+      "ALTER TABLE renamed RENAME COLUMN region TO area; INSERT INTO renamed VALUES (2, 'eu')",
+    );
+    const closed = await client.closedWithin();
+    assert.equal(closed.code, CloseCode.DefinitionBroken, closed.reason);
+    assert.match(closed.reason, /filter column "region" of renamed was dropped or renamed/);
+  });
+
+  await t.step("a retyped filter column", async () => {
+    await createStream(api.url, {
+      name: "retyped",
+      tables: [{ table: "retyped", where: [["n", ">", 1]] }],
+    });
+    await using client = await StreamClient.changes(api.url, "retyped");
+    const retype = "ALTER TABLE retyped ALTER COLUMN n TYPE bigint";
+    if (version >= 150000) {
+      // The stream's publication filters on it: PostgreSQL itself refuses the change.
+      await assert.rejects(sql(db, retype), /cannot alter type of a column used by a publication/);
+      return;
+    }
+    await sql(db, `${retype}; INSERT INTO retyped VALUES (2, 5)`);
+    const closed = await client.closedWithin();
+    assert.equal(closed.code, CloseCode.DefinitionBroken, closed.reason);
+    assert.match(closed.reason, /retyped/);
+  });
+});
