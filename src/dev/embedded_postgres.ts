@@ -22,6 +22,8 @@ export interface EmbeddedPostgresOptions {
   settings?: Record<string, string>;
   /** Receives the server's log lines. */
   onLog?: (line: string) => void;
+  /** How long a fast stop may take before it becomes an immediate one (default 30 s). */
+  fastStopMs?: number;
 }
 
 /** A user and group id to run PostgreSQL as. */
@@ -215,6 +217,9 @@ async function clearLeftover(dataDir: string, log: (line: string) => void): Prom
   throw new Error(`PostgreSQL ${pid} on ${dataDir} does not stop; stop it by hand`);
 }
 
+/** How long a fast stop may take, by default, before it becomes an immediate one. */
+const FAST_STOP_MS = 30_000;
+
 /** How long a start waits for PostgreSQL's "ready to accept connections" before giving up. */
 const READY_TIMEOUT_MS = 120_000;
 
@@ -226,6 +231,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
   readonly #user: ServerUser | undefined;
   readonly #settings: Record<string, string>;
   readonly #onLog: (line: string) => void;
+  readonly #fastStopMs: number;
   #process: Deno.ChildProcess | undefined;
   #exited: Promise<Deno.CommandStatus> | undefined;
   readonly #recentLog: string[] = [];
@@ -250,6 +256,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
       ...options.settings,
     };
     this.#onLog = options.onLog ?? (() => {});
+    this.#fastStopMs = options.fastStopMs ?? FAST_STOP_MS;
   }
 
   /** Initialises `dataDir` if needed and starts the server; resolves when it accepts connections. */
@@ -391,6 +398,24 @@ export class EmbeddedPostgres implements AsyncDisposable {
     try {
       process.kill(mode === "fast" ? "SIGINT" : "SIGQUIT");
     } catch { /* already gone */ }
+    if (mode === "fast") {
+      // A fast shutdown waits for logical walsenders' clients to confirm what they were sent: a
+      // client that never does would hold it for ever. Give it a while, then stop immediately.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<"late">((resolve) => {
+        timer = setTimeout(() => resolve("late"), this.#fastStopMs);
+      });
+      const outcome = await Promise.race([this.#exited, late]);
+      clearTimeout(timer);
+      if (outcome !== "late") return;
+      this.#onLog(
+        `PostgreSQL did not stop within ${this.#fastStopMs / 1000} s (a replication client that ` +
+          "confirms nothing holds a fast shutdown); stopping it now",
+      );
+      try {
+        process.kill("SIGQUIT");
+      } catch { /* gone meanwhile */ }
+    }
     await this.#exited;
   }
 

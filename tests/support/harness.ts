@@ -20,8 +20,8 @@ export async function startPostgres(
   await Deno.chmod(dataDir, 0o755); // the postgres user must reach its data directory
   const server = await EmbeddedPostgres.start({
     dataDir: `${dataDir}/data`,
-    settings: { fsync: "off", ...options.settings },
     ...options,
+    settings: { fsync: "off", ...options.settings },
   });
   const stop = server.stop.bind(server);
   return Object.assign(server, {
