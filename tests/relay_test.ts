@@ -11,7 +11,7 @@ import { deadline, poll } from "./support/deadline.ts";
 import { SignJWT } from "jose";
 import { connect } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { consumerName, logName } from "../src/relay/jetstream_log.ts";
+import { consumerName, logName, logSubject } from "../src/relay/jetstream_log.ts";
 import {
   createStream,
   ServerProcess,
@@ -342,5 +342,37 @@ Deno.test({
     await deadline(reading, "rows 2 and 3 after the durable consumer was deleted");
     assert.deepEqual(ids, [1, 2, 3]);
     await stream.close();
+  },
+});
+
+Deno.test({
+  name: "relay: a publish that fails is retried at once, not when the next transaction comes",
+  ignore: !hasNats,
+  async fn() {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await sql(db, "CREATE TABLE feed(id int primary key)");
+    await using nats = await NatsServer.start();
+    await using server = await relayServer(db, nats, "solo");
+    await createStream(server.url, { name: "feed", tables: ["feed"] });
+    await sql(db, "INSERT INTO feed VALUES (1)");
+    await poll(
+      async () => (await state(server.url, "feed")).relay?.log?.lastSeq === 1,
+      "the first transaction in the log",
+    );
+    // A message the publisher did not write: its next publish, expecting its own last message,
+    // is refused (as after a NATS failure that lost or reordered what it had in flight).
+    const nc = await connect({ servers: nats.url });
+    try {
+      await nc.request(logSubject("feed"), "not a frame", { timeout: 5000 });
+    } finally {
+      await nc.close();
+    }
+    await sql(db, "INSERT INTO feed VALUES (2)");
+    // Nothing more is written: the publisher must start again after the refusal by itself.
+    await poll(
+      async () => (await state(server.url, "feed")).relay?.log?.lastSeq === 3,
+      "the second transaction in the log, after the refused publish",
+    );
   },
 });

@@ -169,22 +169,29 @@ export class RelayPublishers implements AsyncDisposable {
     const inFlight: { done: boolean; final?: Lsn; error?: unknown }[] = [];
     let failure: unknown;
     let wake: (() => void) | undefined;
+    const reader = service.readable.getReader();
+    const stop = () => void reader.cancel().catch(() => {});
     const settle = () => {
       while (inFlight.length > 0 && inFlight[0].done) {
         const head = inFlight.shift()!;
-        if (head.error !== undefined) failure ??= head.error;
-        else if (head.final !== undefined && failure === undefined) service.acknowledge(head.final);
+        if (head.error !== undefined && failure === undefined) {
+          failure = head.error;
+          // The pump may be waiting for the slot's next frame, which may never come (nothing
+          // more is written): stop reading, so that the publisher starts again after the log now.
+          stop();
+        } else if (head.final !== undefined && failure === undefined) {
+          service.acknowledge(head.final);
+        }
       }
       wake?.();
     };
-    const reader = service.readable.getReader();
-    const stop = () => void reader.cancel().catch(() => {});
     this.#abort.signal.addEventListener("abort", stop, { once: true });
     let chunk = 0;
     try {
       for (;;) {
         if (failure !== undefined) throw failure;
         const result = await reader.read();
+        if (failure !== undefined) throw failure;
         if (result.done) return;
         const frame: Frame = result.value;
         const id = frame.partial
