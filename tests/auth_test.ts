@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
+import type { Config } from "../src/config.ts";
 import { CloseCode } from "../src/protocol.ts";
 import {
   ServerProcess,
@@ -372,21 +373,26 @@ Deno.test("authentication: every endpoint against every kind of credential", asy
   console.log(outcomes.join("\n"));
 });
 
-Deno.test("JWKS keys are cached: a known kid never refetches, a new one is fetched once (ES256, EdDSA)", async () => {
-  await using postgres = await startPostgres();
-  await using jwks = new JwksServer();
-  const first = await generateKeyPair("ES256", { extractable: true });
-  jwks.keys = [{ ...(await exportJWK(first.publicKey)), kid: "k1", alg: "ES256" }];
-  await using api = await startApi(postgres.database, {
+/** A server that trusts only the JWTs of `jwks`, refetching it at most every `cooldownMs`. */
+function jwksOnly(jwks: JwksServer, cooldownMs: number): Partial<Config> {
+  return {
     auth: {
       mode: "on",
       adminTokens: [],
       jwksUrl: jwks.url,
       audience: AUDIENCE,
       corsOrigins: [],
-      jwksCooldownMs: 0,
+      jwksCooldownMs: cooldownMs,
     },
-  });
+  };
+}
+
+Deno.test("JWKS keys are cached: a known kid never refetches, a new one is fetched once (ES256, EdDSA)", async () => {
+  await using postgres = await startPostgres();
+  await using jwks = new JwksServer();
+  const first = await generateKeyPair("ES256", { extractable: true });
+  jwks.keys = [{ ...(await exportJWK(first.publicKey)), kid: "k1", alg: "ES256" }];
+  await using api = await startApi(postgres.database, jwksOnly(jwks, 0));
   const sign = (key: CryptoKey, kid: string) =>
     new SignJWT({ aud: AUDIENCE, exp: Math.floor(Date.now() / 1000) + 600, streams: ["*"] })
       .setProtectedHeader({ alg: "ES256", kid })
@@ -427,16 +433,7 @@ Deno.test("unknown kids wait out the JWKS cool-down: five of them cost one fetch
   await using jwks = new JwksServer();
   const known = await generateKeyPair("ES256", { extractable: true });
   jwks.keys = [{ ...(await exportJWK(known.publicKey)), kid: "known", alg: "ES256" }];
-  await using api = await startApi(postgres.database, {
-    auth: {
-      mode: "on",
-      adminTokens: [],
-      jwksUrl: jwks.url,
-      audience: AUDIENCE,
-      corsOrigins: [],
-      jwksCooldownMs: 30_000,
-    },
-  });
+  await using api = await startApi(postgres.database, jwksOnly(jwks, 30_000));
   const stranger = await generateKeyPair("ES256");
   for (let i = 0; i < 5; i++) {
     const token = await new SignJWT({ aud: AUDIENCE, exp: Math.floor(Date.now() / 1000) + 600 })

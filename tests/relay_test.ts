@@ -35,6 +35,29 @@ function relayServer(db: DatabaseConfig, nats: NatsServer, instance: string, env
   });
 }
 
+/** What the single-instance relay tests share: PostgreSQL with table `feed`, NATS, one server. */
+interface SoloRelay extends AsyncDisposable {
+  db: DatabaseConfig;
+  nats: NatsServer;
+  server: ServerProcess;
+}
+
+/** PostgreSQL, NATS and the relay server "solo" (with `env`), stopped in reverse order. */
+async function soloRelay(env: Record<string, string> = {}): Promise<SoloRelay> {
+  const stack = new AsyncDisposableStack();
+  try {
+    const postgres = stack.use(await startPostgres());
+    const db = postgres.database;
+    await sql(db, "CREATE TABLE feed(id int primary key)");
+    const nats = stack.use(await NatsServer.start());
+    const server = stack.use(await relayServer(db, nats, "solo", env));
+    return { db, nats, server, [Symbol.asyncDispose]: () => stack.disposeAsync() };
+  } catch (error) {
+    await stack.disposeAsync();
+    throw error;
+  }
+}
+
 async function state(base: URL, name: string): Promise<StreamStateBody> {
   const response = await fetch(new URL(`/v2/streams/${name}`, base));
   assert.equal(response.status, 200);
@@ -221,11 +244,8 @@ Deno.test({
   name: "relay: one connection per consumer id; a consumer beyond the log's retention gets 4411",
   ignore: !hasNats,
   async fn() {
-    await using postgres = await startPostgres();
-    const db = postgres.database;
-    await sql(db, "CREATE TABLE feed(id int primary key)");
-    await using nats = await NatsServer.start();
-    await using server = await relayServer(db, nats, "solo", { RELAY_MAX_MESSAGES: "5" });
+    await using relay = await soloRelay({ RELAY_MAX_MESSAGES: "5" });
+    const { db, server } = relay;
     await createStream(server.url, { name: "feed", tables: ["feed"] });
     const late = connectStream({ url: server.url, stream: "feed", consumer: "late" });
     await sql(db, "INSERT INTO feed VALUES (1)");
@@ -256,16 +276,10 @@ Deno.test({
   name: "relay: consumers and tails need a grant, and close with 4401 when their token expires",
   ignore: !hasNats,
   async fn() {
-    await using postgres = await startPostgres();
-    const db = postgres.database;
-    await sql(db, "CREATE TABLE feed(id int primary key)");
-    await using nats = await NatsServer.start();
     const secret = "relay-secret-" + crypto.randomUUID() + crypto.randomUUID();
     const admin = "relay-admin-" + crypto.randomUUID();
-    await using server = await relayServer(db, nats, "solo", {
-      JWT_SECRET: secret,
-      ADMIN_TOKENS: admin,
-    });
+    await using relay = await soloRelay({ JWT_SECRET: secret, ADMIN_TOKENS: admin });
+    const { server } = relay;
     const created = await fetch(new URL("/v2/streams", server.url), {
       method: "POST",
       headers: { authorization: `Bearer ${admin}`, "content-type": "application/json" },
@@ -311,11 +325,8 @@ Deno.test({
   name: "relay: a consumer whose durable consumer vanished from NATS is re-created where it was",
   ignore: !hasNats,
   async fn() {
-    await using postgres = await startPostgres();
-    const db = postgres.database;
-    await sql(db, "CREATE TABLE feed(id int primary key)");
-    await using nats = await NatsServer.start();
-    await using server = await relayServer(db, nats, "solo");
+    await using relay = await soloRelay();
+    const { db, nats, server } = relay;
     await createStream(server.url, { name: "feed", tables: ["feed"] });
     const stream = connectStream({ url: server.url, stream: "feed", consumer: "x" });
     const ids: number[] = [];
@@ -349,11 +360,8 @@ Deno.test({
   name: "relay: a publish that fails is retried at once, not when the next transaction comes",
   ignore: !hasNats,
   async fn() {
-    await using postgres = await startPostgres();
-    const db = postgres.database;
-    await sql(db, "CREATE TABLE feed(id int primary key)");
-    await using nats = await NatsServer.start();
-    await using server = await relayServer(db, nats, "solo");
+    await using relay = await soloRelay();
+    const { db, nats, server } = relay;
     await createStream(server.url, { name: "feed", tables: ["feed"] });
     await sql(db, "INSERT INTO feed VALUES (1)");
     await poll(

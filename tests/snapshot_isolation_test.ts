@@ -37,6 +37,25 @@ async function withLockTimeout(db: pg.ClientConfig, statement: string): Promise<
   }
 }
 
+/**
+ * Starts an export of table `big` of `slotName`'s snapshot, reads its first chunk and then stops
+ * reading: an export that stalls, holding its reader connection. Returns its reader, to cancel.
+ */
+async function stalledExport(
+  base: URL,
+  slotName: string,
+): Promise<ReadableStreamDefaultReader<Uint8Array>> {
+  const stalled = await fetch(new URL("/v1/snapshot/export", base), {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ slotName, table: "big" }),
+  });
+  assert.equal(stalled.status, 200);
+  const reader = stalled.body!.getReader();
+  await reader.read();
+  return reader;
+}
+
 Deno.test("snapshot reads hold no lock between requests, and never return rows that changed under them", async (t) => {
   await using postgres = await startPostgres();
   const db = postgres.database;
@@ -156,14 +175,7 @@ Deno.test("snapshot reads hold no lock between requests, and never return rows t
     async () => {
       await sql(db, "INSERT INTO big SELECT g, repeat('z', 500) FROM generate_series(1, 50000) g");
       const slotName = await init(api.url);
-      const stalled = await fetch(url("/v1/snapshot/export"), {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify({ slotName, table: "big" }),
-      });
-      assert.equal(stalled.status, 200);
-      const reader = stalled.body!.getReader();
-      await reader.read(); // the export is running; now stop reading it
+      const reader = await stalledExport(api.url, slotName); // now stop reading it
       // Other reads of the same snapshot go on beside it.
       assert.equal((await page({ slotName, table: "t", limit: 5 })).status, 200);
       // A new init releases the snapshot at once: it does not wait for the export's reader.
@@ -188,13 +200,7 @@ Deno.test("shutdown does not wait for a stalled export", async () => {
   await sql(db, SETUP);
   const api = await startApi(db);
   const slotName = await init(api.url);
-  const stalled = await fetch(new URL("/v1/snapshot/export", api.url), {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ slotName, table: "big" }),
-  });
-  const reader = stalled.body!.getReader();
-  await reader.read();
+  const reader = await stalledExport(api.url, slotName); // now stop reading it
   await deadline(api[Symbol.asyncDispose](), "the server to shut down while an export stalls");
   await reader.cancel().catch(() => {});
 });
@@ -207,14 +213,7 @@ Deno.test("a stalled export holds its reader connection, never the server: reads
   await using api = await startApi(db, { snapshotReaders: 1, snapshotReaderWaitMs: 1500 });
   const url = (path: string) => new URL(path, api.url);
   const slotName = await init(api.url);
-  const stalled = await fetch(url("/v1/snapshot/export"), {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ slotName, table: "big" }),
-  });
-  assert.equal(stalled.status, 200);
-  const reader = stalled.body!.getReader();
-  await reader.read(); // the export holds the one reader connection; stop reading it
+  const reader = await stalledExport(api.url, slotName); // now stop reading it
 
   await t.step("a read that finds no free reader connection in time answers 503", async () => {
     const response = await deadline(
@@ -246,14 +245,7 @@ Deno.test("a snapshot's time-to-live ends it even while its export stalls, and f
   await using api = await startApi(db, { snapshotTtlSeconds: 2 });
   const url = (path: string) => new URL(path, api.url);
   const slotName = await init(api.url);
-  const stalled = await fetch(url("/v1/snapshot/export"), {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ slotName, table: "big" }),
-  });
-  assert.equal(stalled.status, 200);
-  const reader = stalled.body!.getReader();
-  await reader.read();
+  const reader = await stalledExport(api.url, slotName); // now stop reading it
   await poll(
     async () => {
       const response = await postJson(url("/v1/snapshot/data"), { slotName, table: "t" });
