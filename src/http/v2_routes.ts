@@ -19,7 +19,7 @@ import { readBody } from "./json_body.ts";
 import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
 import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
 import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
-import { invalidatedReason } from "../streams/stream_manager.ts";
+import { streamInvalidatedReason } from "../streams/stream_manager.ts";
 import { CONSUMER_ID } from "../relay/relay_session.ts";
 import { CHECK_INTERVAL_MS } from "../streams/stream_publication.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
@@ -120,7 +120,7 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       const stream = await streams.require(name, "Cannot stream");
       if (stream.invalidated !== null) {
-        const reason = invalidatedReason(`stream ${name}`, "POST .../reset");
+        const reason = streamInvalidatedReason(name);
         return refuseInvalidated(c.req.raw, `stream "${name}"`, reason);
       }
       const relay = server.relay;
@@ -162,7 +162,7 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       assertWebSocketHandshake(c.req.raw, "Cannot tail");
       const tailed = await streams.require(name, "Cannot tail");
       if (tailed.invalidated !== null) {
-        const reason = invalidatedReason(`stream ${name}`, "POST .../reset");
+        const reason = streamInvalidatedReason(name);
         return refuseInvalidated(c.req.raw, `stream "${name}"`, reason);
       }
       if (server.relay !== undefined) {

@@ -14,6 +14,7 @@ import type { SchemaNames } from "../postgres/server_schema.ts";
 import type { TypeNames } from "../postgres/type_names.ts";
 import {
   CloseCode,
+  type CloseCodeValue,
   type CreateStreamResponse,
   type StreamDefinitionBody,
   type StreamLimits,
@@ -66,8 +67,18 @@ export interface StreamDependencies {
 }
 
 /** The close reason of an invalidated stream or slot (at most 123 bytes): what was lost, what to do. */
-export function invalidatedReason(what: string, remedy: string): string {
+function invalidatedReason(what: string, remedy: string): string {
   return `${what} invalidated: changes lost; ${remedy} for a new snapshot`;
+}
+
+/** The close reason for consumers of the invalidated stream `name`, now and on every later connection. */
+export function streamInvalidatedReason(name: string): string {
+  return invalidatedReason(`stream ${name}`, "POST .../reset");
+}
+
+/** The close reason for consumers of the invalidated v1 slot `slotName`. */
+export function slotInvalidatedReason(slotName: string): string {
+  return invalidatedReason(`slot ${slotName}`, "call /v1/init");
 }
 
 /** The slot of a new stream: its name (`-` as `_`) and six random hex digits, in `[a-z0-9_]`. */
@@ -167,18 +178,33 @@ export class StreamManager {
    * consumers with 4410), closes its consumer and tails with 4410, releases
    * its snapshot and drops its slot, so PostgreSQL releases the WAL.
    */
-  async invalidate(stream: StoredStream, reason: string): Promise<void> {
-    const { pool, names, sessions, tails, snapshots, slots } = this.#deps;
-    await pool.query(
-      `UPDATE ${names.schema}.streams SET invalidated_at = now(), invalidation_reason = $2
-        WHERE name = $1 AND invalidated_at IS NULL`,
-      [stream.name, reason],
-    );
-    const close = invalidatedReason(`stream ${stream.name}`, "reset it");
-    tails.close(stream.name, CloseCode.StreamInvalidated, close);
+  async invalidate(stream: Pick<StoredStream, "name" | "slotName">, reason: string): Promise<void> {
+    await this.#store.invalidate(stream.name, reason);
+    const close = streamInvalidatedReason(stream.name);
     this.#deps.relay?.close(stream.name, CloseCode.StreamInvalidated, close);
-    await sessions.close(stream.slotName, CloseCode.StreamInvalidated, close);
-    await snapshots.release(stream.slotName, `the stream was invalidated: ${reason}`);
+    await this.#teardown(
+      stream,
+      CloseCode.StreamInvalidated,
+      close,
+      `the stream was invalidated: ${reason}`,
+    );
+  }
+
+  /**
+   * What deleting, invalidating and resetting a stream share: its tails and
+   * consumer are closed with `code` and `reason`, its snapshot released (for
+   * `released`), its slot and insert publication dropped.
+   */
+  async #teardown(
+    stream: Pick<StoredStream, "name" | "slotName">,
+    code: CloseCodeValue,
+    reason: string,
+    released: string,
+  ): Promise<void> {
+    const { sessions, tails, snapshots, slots, pool } = this.#deps;
+    tails.close(stream.name, code, reason);
+    await sessions.close(stream.slotName, code, reason);
+    await snapshots.release(stream.slotName, released);
     await slots.dropSlot(stream.slotName);
     await dropInsertPublication(pool, stream.slotName);
   }
@@ -190,12 +216,8 @@ export class StreamManager {
    */
   async reset(name: string): Promise<CreateStreamResponse> {
     const old = await this.require(name, "Cannot reset stream");
-    const { sessions, tails, snapshots, slots, pool } = this.#deps;
-    tails.close(name, CloseCode.SlotDropped, "stream reset");
-    await sessions.close(old.slotName, CloseCode.SlotDropped, "stream reset");
-    await snapshots.release(old.slotName, "the stream was reset");
-    await slots.dropSlot(old.slotName);
-    await dropInsertPublication(pool, old.slotName);
+    const { snapshots } = this.#deps;
+    await this.#teardown(old, CloseCode.SlotDropped, "stream reset", "the stream was reset");
     const stream = await this.#store.replaceSlot(name, slotNameFor(name));
     try {
       const relay = this.#deps.relay;
@@ -203,8 +225,7 @@ export class StreamManager {
       if (relay !== undefined) await this.#store.setRelayStart(name, await relay.reset(name));
       await this.#makeSlot(stream);
     } catch (error) {
-      await snapshots.release(stream.slotName, "the stream could not be reset");
-      await slots.dropSlot(stream.slotName).catch(() => {});
+      // Invalidating releases the new snapshot and drops the new slot, if they were made.
       await this.invalidate(stream, "its reset failed; reset it again").catch(() => {});
       throw this.#slotError(error, "Cannot reset stream");
     }
@@ -285,9 +306,10 @@ export class StreamManager {
     const slot = rows[0];
     const active = this.#deps.sessions.has(stream.slotName) || slot.active === true;
     const retained = slot.retained === null ? null : Number(slot.retained);
+    const lagBytes = slot.lag === null ? null : Number(slot.lag);
     const { health } = standing(
       this.limitsOf(stream),
-      slot.lag === null ? null : Number(slot.lag),
+      lagBytes,
       active ? 0 : slot.idle,
       stream.invalidated !== null,
     );
@@ -295,8 +317,8 @@ export class StreamManager {
     return {
       ...await this.#body(stream),
       active,
-      confirmedLsn: slot?.confirmed ?? null,
-      lagBytes: slot?.lag === null || slot?.lag === undefined ? null : Number(slot.lag),
+      confirmedLsn: slot.confirmed,
+      lagBytes,
       snapshotHeld: expires !== undefined,
       ...(expires ? { snapshotExpiresAt: expires.toISOString() } : {}),
       tails: this.#deps.tails.count(stream.name),
@@ -320,12 +342,7 @@ export class StreamManager {
   /** Deletes the stream: closes its consumer and tails (4000), releases its snapshot, drops its slot. */
   async delete(name: string): Promise<void> {
     const stream = await this.require(name, "Cannot delete stream");
-    const { sessions, tails, snapshots, slots } = this.#deps;
-    tails.close(name, CloseCode.SlotDropped, "stream deleted");
-    await sessions.close(stream.slotName, CloseCode.SlotDropped, "stream deleted");
-    await snapshots.release(stream.slotName, "the stream was deleted");
-    await slots.dropSlot(stream.slotName);
-    await dropInsertPublication(this.#deps.pool, stream.slotName);
+    await this.#teardown(stream, CloseCode.SlotDropped, "stream deleted", "the stream was deleted");
     await this.#store.delete(name);
     await this.#deps.relay?.deleted(name);
     log.info("stream.dropped", `stream "${name}" was deleted and its slot dropped`, {

@@ -120,6 +120,15 @@ export class StreamStore {
     ]);
   }
 
+  /** Records that the stream `name` was invalidated for `reason` (once: the first reason stays). */
+  async invalidate(name: string, reason: string): Promise<void> {
+    await this.#pool.query(
+      `UPDATE ${this.#table} SET invalidated_at = now(), invalidation_reason = $2
+        WHERE name = $1 AND invalidated_at IS NULL`,
+      [name, reason],
+    );
+  }
+
   /** Forgets the stream `name`. */
   async delete(name: string): Promise<void> {
     await this.#pool.query(`DELETE FROM ${this.#table} WHERE name = $1`, [name]);

@@ -23,7 +23,7 @@ import { errorMessage, log } from "../observability/log.ts";
 import type { StreamLimits } from "../protocol.ts";
 import type { SchemaNames } from "../postgres/server_schema.ts";
 import type { SlotManager } from "../slots/slot_manager.ts";
-import { invalidatedReason, type StreamManager } from "./stream_manager.ts";
+import { slotInvalidatedReason, type StreamManager } from "./stream_manager.ts";
 import type { SessionRegistry } from "./session_registry.ts";
 import { CloseCode } from "../protocol.ts";
 import { prettyBytes, standing } from "./wal_limits.ts";
@@ -251,10 +251,9 @@ export class WalGuard implements AsyncDisposable {
       retainedBytes: row.retained ?? undefined,
     });
     if (row.kind === "stream") {
-      const stream = await streams.require(row.name);
-      await streams.invalidate(stream, reason);
+      await streams.invalidate({ name: row.name, slotName: row.slot_name }, reason);
     } else {
-      const close = invalidatedReason(`slot ${row.slot_name}`, "call /v1/init");
+      const close = slotInvalidatedReason(row.slot_name);
       await slots.invalidate(
         row.slot_name,
         reason,
