@@ -69,7 +69,9 @@ Deno.test("the Dockerfile and the binary run with deno task start's permission a
   assert.equal(cmd.at(-1), "src/main.ts");
   assert.deepEqual(await runtimeFlags("compile"), startFlags);
   // The environment deno task start sets (the allocator's settings) is the image's too.
-  for (const [name, value] of Object.entries(await taskEnv("start"))) {
+  const taskVars = Object.entries(await taskEnv("start"));
+  assert.ok(taskVars.length > 0, "deno task start sets no environment");
+  for (const [name, value] of taskVars) {
     assert.match(dockerfile, new RegExp(`^ENV ${name}=${value}$`, "m"));
   }
 });

@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
 import { CloseCode } from "../src/protocol.ts";
-import { log, Logger, type LogLevel } from "../src/observability/log.ts";
+import { Logger } from "../src/observability/log.ts";
 import { poll } from "./support/deadline.ts";
 import {
+  captureLog,
   createStream,
+  deleteAt,
   init,
   postJson,
   ServerProcess,
@@ -35,12 +37,7 @@ Deno.test("metrics: /metrics shows per-stream delivery, lag, latency and request
   await using postgres = await startPostgres();
   const db = postgres.database;
   await sql(db, "CREATE TABLE items(id int primary key, note text)");
-  const lines: { level: LogLevel; line: string }[] = [];
-  log.configure({
-    format: "json",
-    level: "info",
-    sink: (level, line) => lines.push({ level, line }),
-  });
+  using captured = captureLog();
   await using api = await startApi(db, { slotBusyTimeoutSeconds: 5 });
   const scrape = async () => {
     const response = await fetch(new URL("/metrics", api.url));
@@ -48,155 +45,142 @@ Deno.test("metrics: /metrics shows per-stream delivery, lag, latency and request
     assert.match(response.headers.get("content-type") ?? "", /^text\/plain/);
     return await response.text();
   };
-  const events = () => lines.map((l) => JSON.parse(l.line));
-  try {
-    await createStream(api.url, { name: "items-feed", tables: ["items"] });
-    const stream = { stream: "items-feed" };
+  const events = captured.events;
+  await createStream(api.url, { name: "items-feed", tables: ["items"] });
+  const stream = { stream: "items-feed" };
 
-    await t.step(
-      "frames, changes, bytes, acks and latency count what one consumer was sent",
-      async () => {
-        await using client = await StreamClient.changes(api.url, "items-feed");
-        await poll(
-          async () => sample(await scrape(), "pgdeltastream_stream_connected", stream) === 1,
-          "the stream to show as connected",
-        );
-        for (let i = 1; i <= 5; i++) await sql(db, "INSERT INTO items VALUES ($1, 'x')", [i]);
-        await sql(db, "INSERT INTO items SELECT g, 'y' FROM generate_series(6, 25) g");
-        let last = "";
-        for (let i = 0; i < 6; i++) last = (await client.next()).nextlsn;
-        client.ack(last);
-        const text = await poll(async () => {
-          const text = await scrape();
-          return sample(text, "pgdeltastream_acks_total", stream) === 1 ? text : undefined;
-        }, "the ack to be counted");
-        assert.equal(sample(text, "pgdeltastream_frames_sent_total", stream), 6);
-        // 25 rows, and the schema change a v2 stream sends before a table's first change.
-        assert.equal(sample(text, "pgdeltastream_changes_sent_total", stream), 26);
-        assert.ok(sample(text, "pgdeltastream_bytes_sent_total", stream)! > 25 * 40);
-        assert.equal(sample(text, "pgdeltastream_commit_to_send_seconds_count", stream), 6);
-        assert.equal(sample(text, "pgdeltastream_redelivered_frames_total", stream) ?? 0, 0);
-        assert.ok(sample(text, "process_resident_memory_bytes")! > 1 << 20);
-        assert.ok(sample(text, "process_cpu_seconds_total")! > 0);
-      },
-    );
-
-    await t.step("frames sent again after a reconnect are counted as redelivered", async () => {
-      await sql(db, "INSERT INTO items VALUES (100, 'unacked')");
-      {
-        await using client = await StreamClient.changes(api.url, "items-feed");
-        await client.next(); // not acked
-      }
-      await using again = await StreamClient.changes(api.url, "items-feed");
-      const frame = await again.next();
-      assert.deepEqual(frame.change.find((c) => c.kind === "insert")?.columnvalues, [
-        100,
-        "unacked",
-      ]);
-      const text = await scrape();
-      assert.equal(sample(text, "pgdeltastream_redelivered_frames_total", stream), 1);
-    });
-
-    await t.step("lag shows the WAL the slot holds back, and falls once acknowledged", async () => {
+  await t.step(
+    "frames, changes, bytes, acks and latency count what one consumer was sent",
+    async () => {
       await using client = await StreamClient.changes(api.url, "items-feed");
-      await client.next(); // row 100, again
-      await sql(
-        db,
-        "INSERT INTO items SELECT g, repeat('z', 1000) FROM generate_series(200, 1200) g",
-      );
-      let frame = await client.next();
-      while (frame.partial) frame = await client.next(); // the transaction's last chunk acks it
-      const held = await poll(async () => {
-        const lag = sample(await scrape(), "pgdeltastream_stream_lag_bytes", stream);
-        return lag !== undefined && lag > 1_000_000 ? lag : undefined;
-      }, "the lag to exceed the 1 MB written");
-      client.ack(frame.nextlsn);
-      await poll(async () => {
-        const lag = sample(await scrape(), "pgdeltastream_stream_lag_bytes", stream)!;
-        return lag < held / 2;
-      }, "the lag to fall after the ack");
-    });
-
-    await t.step("tails, snapshot rows and HTTP requests by route pattern", async () => {
-      await using tail = await StreamClient.connect(api.url, "/v2/streams/items-feed/tail");
       await poll(
-        async () => sample(await scrape(), "pgdeltastream_tail_clients", stream) === 1,
-        "the tail to be counted",
+        async () => sample(await scrape(), "pgdeltastream_stream_connected", stream) === 1,
+        "the stream to show as connected",
       );
-      await tail.socket.close();
-      const slot = await init(api.url);
-      const page = await postJson(new URL("/v1/snapshot/data", api.url), {
-        slotName: slot,
-        table: "items",
-        limit: 7,
-      });
-      assert.equal(page.status, 200);
-      const text = await scrape();
-      assert.equal(sample(text, "pgdeltastream_snapshot_rows_total", { stream: "v1" }), 7);
-      assert.equal(
-        sample(text, "pgdeltastream_http_requests_total", {
-          route: "/v2/streams",
-          method: "POST",
-          status: "201",
-        }),
-        1,
-      );
-      assert.equal(
-        sample(text, "pgdeltastream_http_requests_total", {
-          route: "/v1/snapshot/data",
-          method: "POST",
-          status: "200",
-        }),
-        1,
-      );
-      assert.ok(
-        sample(text, "pgdeltastream_http_requests_total", {
-          route: "/v2/streams/:name/changes",
-          status: "101",
-        })! >= 3,
-      );
-    });
+      for (let i = 1; i <= 5; i++) await sql(db, "INSERT INTO items VALUES ($1, 'x')", [i]);
+      await sql(db, "INSERT INTO items SELECT g, 'y' FROM generate_series(6, 25) g");
+      let last = "";
+      for (let i = 0; i < 6; i++) last = (await client.next()).nextlsn;
+      client.ack(last);
+      const text = await poll(async () => {
+        const text = await scrape();
+        return sample(text, "pgdeltastream_acks_total", stream) === 1 ? text : undefined;
+      }, "the ack to be counted");
+      assert.equal(sample(text, "pgdeltastream_frames_sent_total", stream), 6);
+      // 25 rows, and the schema change a v2 stream sends before a table's first change.
+      assert.equal(sample(text, "pgdeltastream_changes_sent_total", stream), 26);
+      assert.ok(sample(text, "pgdeltastream_bytes_sent_total", stream)! > 25 * 40);
+      assert.equal(sample(text, "pgdeltastream_commit_to_send_seconds_count", stream), 6);
+      assert.equal(sample(text, "pgdeltastream_redelivered_frames_total", stream) ?? 0, 0);
+      assert.ok(sample(text, "process_resident_memory_bytes")! > 1 << 20);
+      assert.ok(sample(text, "process_cpu_seconds_total")! > 0);
+    },
+  );
 
-    await t.step("the log has one line per event, as JSON, with the resume position", () => {
-      const seen = events();
-      const kinds = new Set(seen.map((e) => e.event));
-      for (const kind of ["stream.created", "consumer.connected", "consumer.disconnected"]) {
-        assert.ok(kinds.has(kind), `no ${kind} in ${[...kinds]}`);
-      }
-      const connects = seen.filter((e) =>
-        e.event === "consumer.connected" && e.stream === "items-feed"
-      );
-      assert.ok(connects.length >= 3);
-      assert.match(connects.at(-1).resumeAfter, /^[0-9A-F]+\/[0-9A-F]+$/);
-      const disconnect = seen.find((e) => e.event === "consumer.disconnected");
-      assert.equal(disconnect.closedBy, "client");
-      for (const e of seen) assert.ok(typeof e.time === "string" && typeof e.msg === "string");
-    });
+  await t.step("frames sent again after a reconnect are counted as redelivered", async () => {
+    await sql(db, "INSERT INTO items VALUES (100, 'unacked')");
+    {
+      await using client = await StreamClient.changes(api.url, "items-feed");
+      await client.next(); // not acked
+    }
+    await using again = await StreamClient.changes(api.url, "items-feed");
+    const frame = await again.next();
+    assert.deepEqual(frame.change.find((c) => c.kind === "insert")?.columnvalues, [
+      100,
+      "unacked",
+    ]);
+    const text = await scrape();
+    assert.equal(sample(text, "pgdeltastream_redelivered_frames_total", stream), 1);
+  });
 
-    await t.step(
-      "deleting the stream closes its consumer (4000) and logs stream.dropped",
-      async () => {
-        await using client = await StreamClient.changes(api.url, "items-feed");
-        const response = await fetch(new URL("/v2/streams/items-feed", api.url), {
-          method: "DELETE",
-        });
-        assert.equal(response.status, 204);
-        assert.equal((await client.closedWithin()).code, CloseCode.SlotDropped);
-        await poll(
-          () => events().some((e) => e.event === "stream.dropped"),
-          "stream.dropped in the log",
-        );
-      },
+  await t.step("lag shows the WAL the slot holds back, and falls once acknowledged", async () => {
+    await using client = await StreamClient.changes(api.url, "items-feed");
+    await client.next(); // row 100, again
+    await sql(
+      db,
+      "INSERT INTO items SELECT g, repeat('z', 1000) FROM generate_series(200, 1200) g",
     );
-  } finally {
-    log.configure({
-      format: "text",
-      sink: (
-        level,
-        line,
-      ) => (level === "warn" || level === "error" ? console.error(line) : console.log(line)),
+    let frame = await client.next();
+    while (frame.partial) frame = await client.next(); // the transaction's last chunk acks it
+    const held = await poll(async () => {
+      const lag = sample(await scrape(), "pgdeltastream_stream_lag_bytes", stream);
+      return lag !== undefined && lag > 1_000_000 ? lag : undefined;
+    }, "the lag to exceed the 1 MB written");
+    client.ack(frame.nextlsn);
+    await poll(async () => {
+      const lag = sample(await scrape(), "pgdeltastream_stream_lag_bytes", stream)!;
+      return lag < held / 2;
+    }, "the lag to fall after the ack");
+  });
+
+  await t.step("tails, snapshot rows and HTTP requests by route pattern", async () => {
+    await using tail = await StreamClient.connect(api.url, "/v2/streams/items-feed/tail");
+    await poll(
+      async () => sample(await scrape(), "pgdeltastream_tail_clients", stream) === 1,
+      "the tail to be counted",
+    );
+    await tail.socket.close();
+    const slot = await init(api.url);
+    const page = await postJson(new URL("/v1/snapshot/data", api.url), {
+      slotName: slot,
+      table: "items",
+      limit: 7,
     });
-  }
+    assert.equal(page.status, 200);
+    const text = await scrape();
+    assert.equal(sample(text, "pgdeltastream_snapshot_rows_total", { stream: "v1" }), 7);
+    assert.equal(
+      sample(text, "pgdeltastream_http_requests_total", {
+        route: "/v2/streams",
+        method: "POST",
+        status: "201",
+      }),
+      1,
+    );
+    assert.equal(
+      sample(text, "pgdeltastream_http_requests_total", {
+        route: "/v1/snapshot/data",
+        method: "POST",
+        status: "200",
+      }),
+      1,
+    );
+    assert.ok(
+      sample(text, "pgdeltastream_http_requests_total", {
+        route: "/v2/streams/:name/changes",
+        status: "101",
+      })! >= 3,
+    );
+  });
+
+  await t.step("the log has one line per event, as JSON, with the resume position", () => {
+    const seen = events();
+    const kinds = new Set(seen.map((e) => e.event));
+    for (const kind of ["stream.created", "consumer.connected", "consumer.disconnected"]) {
+      assert.ok(kinds.has(kind), `no ${kind} in ${[...kinds]}`);
+    }
+    const connects = seen.filter((e) =>
+      e.event === "consumer.connected" && e.stream === "items-feed"
+    );
+    assert.ok(connects.length >= 3);
+    assert.match(String(connects.at(-1)!.resumeAfter), /^[0-9A-F]+\/[0-9A-F]+$/);
+    const disconnect = seen.find((e) => e.event === "consumer.disconnected");
+    assert.equal(disconnect?.closedBy, "client");
+    for (const e of seen) assert.ok(typeof e.time === "string" && typeof e.msg === "string");
+  });
+
+  await t.step(
+    "deleting the stream closes its consumer (4000) and logs stream.dropped",
+    async () => {
+      await using client = await StreamClient.changes(api.url, "items-feed");
+      assert.equal(await deleteAt(api.url, "/v2/streams/items-feed"), 204);
+      assert.equal((await client.closedWithin()).code, CloseCode.SlotDropped);
+      await poll(
+        () => events().some((e) => e.event === "stream.dropped"),
+        "stream.dropped in the log",
+      );
+    },
+  );
 });
 
 Deno.test("the log writes text or JSON lines at or above its level", () => {

@@ -229,7 +229,10 @@ Deno.test("a stalled export holds its reader connection, never the server: reads
 
   await t.step("a read waiting for a connection when its snapshot goes answers 410", async () => {
     const waiting = postJson(url("/v1/snapshot/data"), { slotName, table: "t", limit: 1 });
-    await new Promise((resolve) => setTimeout(resolve, 200)); // let it queue for the connection
+    await poll(
+      () => api.app.snapshots.readsWaiting === 1,
+      "the read to queue for the one reader connection",
+    );
     await deadline(init(api.url), "an init (which releases the old snapshot)");
     const response = await deadline(waiting, "the waiting read to be answered");
     assert.equal(response.status, 410);

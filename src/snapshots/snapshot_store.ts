@@ -254,6 +254,11 @@ export class SnapshotStore extends EventTarget implements AsyncDisposable {
     return this.#held.has(slotName);
   }
 
+  /** Snapshot reads waiting for a free reader connection now. */
+  get readsWaiting(): number {
+    return this.#readers.waitingCount;
+  }
+
   /** Names of the slots whose snapshots are held. */
   slots(): string[] {
     return [...this.#held.keys()];

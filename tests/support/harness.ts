@@ -7,7 +7,7 @@
 import pg from "pg";
 import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.ts";
 import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/dev/embedded_postgres.ts";
-import type { Change, TransactionFrame } from "../../src/protocol.ts";
+import type { Change, StreamStateBody, TransactionFrame } from "../../src/protocol.ts";
 import { type RunningServer, startServer } from "../../src/server.ts";
 import { log, type LogLevel } from "../../src/observability/log.ts";
 import { deadline, poll } from "./deadline.ts";
@@ -119,6 +119,38 @@ export async function createStream(
     throw new Error(`create failed: ${response.status} ${response.text}`);
   }
   return JSON.parse(response.text);
+}
+
+/** The state of stream `name` (`GET /v2/streams/{name}`), which must exist. */
+export async function streamState(base: URL, name: string): Promise<StreamStateBody> {
+  const response = await fetch(new URL(`/v2/streams/${name}`, base));
+  if (response.status !== 200) {
+    throw new Error(`GET /v2/streams/${name}: ${response.status} ${await response.text()}`);
+  }
+  return await response.json();
+}
+
+/** Collects the in-process servers' log lines as JSON until disposed (then: text, warnings up). */
+export function captureLog(): {
+  events: () => Record<string, unknown>[];
+  [Symbol.dispose](): void;
+} {
+  const lines: string[] = [];
+  log.configure({
+    format: "json",
+    level: "info",
+    sink: (_level: LogLevel, line: string) => lines.push(line),
+  });
+  return {
+    events: () => lines.map((l) => JSON.parse(l)),
+    [Symbol.dispose]: () =>
+      log.configure({
+        format: "text",
+        level: "warn",
+        sink: (level, line) =>
+          (level === "warn" || level === "error" ? console.error : console.log)(line),
+      }),
+  };
 }
 
 /** `DELETE` at `path` of `base`; returns the status (the body is read). */
