@@ -362,13 +362,15 @@ export class StreamManager {
     const stream = await this.require(name, "Cannot read snapshot");
     const owner = this.snapshotOwner(name);
     const tables = new Map(stream.definition.tables.map((t) => [t.oid, t]));
+    const metrics = this.#deps.metrics;
     return {
       snapshot: this.#deps.snapshots.get(stream.slotName, owner),
       current: this.#deps.pool,
       ownSchema: this.#deps.names.schema,
       remedy: owner.remedy,
       view: { table: (oid) => tables.get(oid) },
-      countRows: (rows) => this.#deps.metrics?.snapshotRows(name, rows),
+      // Only where something records them: counting an export's rows scans every chunk.
+      countRows: metrics && ((rows) => metrics.snapshotRows(name, rows)),
     };
   }
 
