@@ -131,6 +131,7 @@ export class Server implements AsyncDisposable {
           streams: server.streams,
           metrics: server.metrics,
           busyTimeoutSeconds: config.slotBusyTimeoutSeconds,
+          tails: server.tails,
         });
       } catch (error) {
         await server[Symbol.asyncDispose]();

@@ -313,6 +313,11 @@ Deno.test({
       server.url,
       `/v2/streams/feed/tail?access_token=${shortLived}`,
     );
+    // A relay tail counts as any tail does.
+    const shown = await fetch(new URL("/v2/streams/feed", server.url), {
+      headers: { authorization: `Bearer ${admin}` },
+    });
+    assert.equal((await shown.json()).tails, 1);
     assert.equal((await consumer.closedWithin()).code, CloseCode.TokenExpired);
     assert.equal((await tail.closedWithin()).code, CloseCode.TokenExpired);
   },

@@ -6,12 +6,11 @@
  */
 
 import { DeliverPolicy } from "@nats-io/jetstream";
-import { atTime } from "../deadline_timer.ts";
 import type { DatabaseConfig, RelayConfig } from "../config.ts";
 import type { Metrics } from "../observability/metrics.ts";
 import { CloseCode, type CloseCodeValue } from "../protocol.ts";
 import type { StreamManager } from "../streams/stream_manager.ts";
-import { TAIL_MAX_BUFFERED_BYTES } from "../streams/tail_hub.ts";
+import { sendToTail, type TailHub } from "../streams/tail_hub.ts";
 import { JetStreamLog, logName, type LogState } from "./jetstream_log.ts";
 import { RelaySession } from "./relay_session.ts";
 import { RelayPublishers } from "./stream_publisher.ts";
@@ -40,14 +39,19 @@ export class Relay implements AsyncDisposable {
   readonly log: JetStreamLog;
   readonly publishers: RelayPublishers;
   readonly #sessions = new Set<RelaySession>();
-  readonly #tails = new Set<
-    { stream: string; close: (code: CloseCodeValue, reason: string) => void }
-  >();
+  /** The server's tails: relay tails are counted, expired and closed as direct ones are. */
+  readonly #tails: TailHub;
 
-  private constructor(config: RelayConfig, log: JetStreamLog, publishers: RelayPublishers) {
+  private constructor(
+    config: RelayConfig,
+    log: JetStreamLog,
+    publishers: RelayPublishers,
+    tails: TailHub,
+  ) {
     this.config = config;
     this.log = log;
     this.publishers = publishers;
+    this.#tails = tails;
   }
 
   /** Connects to NATS; the publishers start with {@link start}. */
@@ -58,11 +62,12 @@ export class Relay implements AsyncDisposable {
       streams: StreamManager;
       metrics?: Metrics;
       busyTimeoutSeconds: number;
+      tails: TailHub;
     },
   ): Promise<Relay> {
     const log = await JetStreamLog.connect(config);
     const publishers = new RelayPublishers({ ...deps, log, instance: config.instance });
-    return new Relay(config, log, publishers);
+    return new Relay(config, log, publishers, deps.tails);
   }
 
   /** Starts trying to publish every stream. */
@@ -90,32 +95,13 @@ export class Relay implements AsyncDisposable {
       deliver_policy: DeliverPolicy.New,
     });
     const { socket, response } = Deno.upgradeWebSocket(request);
-    const entry = {
-      stream,
-      close: (code: CloseCodeValue, reason: string) => {
-        if (socket.readyState <= WebSocket.OPEN) socket.close(code, reason);
-      },
-    };
-    this.#tails.add(entry);
+    this.#tails.add(stream, socket, expiresAt);
     socket.addEventListener("open", async () => {
       const messages = await consumer.consume({ expires: 5000 });
       socket.addEventListener("close", () => void messages.close().catch(() => {}), { once: true });
       for await (const message of messages) {
-        if (socket.readyState !== WebSocket.OPEN) break;
-        if (socket.bufferedAmount > TAIL_MAX_BUFFERED_BYTES) {
-          entry.close(CloseCode.TryAgainLater, "tail too slow to keep up; reconnect");
-          break;
-        }
-        socket.send(message.string());
+        if (!sendToTail(socket, message.string())) break;
       }
-    }, { once: true });
-    const cancel = expiresAt === undefined ? undefined : atTime(
-      expiresAt,
-      () => entry.close(CloseCode.TokenExpired, "token expired; reconnect with a fresh token"),
-    );
-    socket.addEventListener("close", () => {
-      cancel?.();
-      this.#tails.delete(entry);
     }, { once: true });
     return response;
   }
@@ -125,9 +111,8 @@ export class Relay implements AsyncDisposable {
     for (const session of this.#sessions) {
       if (stream === undefined || session.stream === stream) session.close(code, reason);
     }
-    for (const tail of this.#tails) {
-      if (stream === undefined || tail.stream === stream) tail.close(code, reason);
-    }
+    if (stream === undefined) this.#tails.closeAll(code, reason);
+    else this.#tails.close(stream, code, reason);
   }
 
   /** The stream was deleted: its consumers are told (4000), its log is deleted. */

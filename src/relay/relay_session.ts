@@ -11,7 +11,13 @@
  * @module
  */
 
-import { AckPolicy, type ConsumerMessages, DeliverPolicy, type JsMsg } from "@nats-io/jetstream";
+import {
+  AckPolicy,
+  type Consumer,
+  type ConsumerMessages,
+  DeliverPolicy,
+  type JsMsg,
+} from "@nats-io/jetstream";
 import { atTime } from "../deadline_timer.ts";
 import { ConflictError } from "../errors.ts";
 import { type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
@@ -150,14 +156,17 @@ export class RelaySession {
     // it is gone (a reposition cut short between its delete and its add, say). Until that
     // succeeds every pull would fail, so it is retried first, each time round.
     let recreate = false;
+    // Looked up once (an info request to JetStream), and again only after a failure.
+    let consumer: Consumer | undefined;
     while (!signal.aborted) {
       try {
         if (recreate) {
+          consumer = undefined;
           await reposition(relay, stream, name, expected);
           this.#pending.length = 0;
           recreate = false;
         }
-        const consumer = await relay.js.consumers.get(stream, name);
+        consumer ??= await relay.js.consumers.get(stream, name);
         // Batches pulled one after another, each yielding its frames as they arrive.
         const messages = await consumer.fetch({ max_messages: 256, expires: 5000 });
         this.#messages = messages;
@@ -195,6 +204,7 @@ export class RelaySession {
         }
       } catch (error) {
         if (signal.aborted) return;
+        consumer = undefined;
         if ((error as Error).name === "ConsumerNotFoundError") recreate = true;
         // A pull that failed (missed heartbeats, a NATS reconnect): pull again; what it had in
         // flight is redelivered after the ack wait, and what was sent already is skipped.

@@ -32,7 +32,7 @@ const PUBLISH_ATTEMPTS = 5;
 type Position = [Lsn, number];
 
 /** The position of the message id `id` (`X/Y` or `X/Y+k`). */
-export function positionOf(id: string): Position {
+function positionOf(id: string): Position {
   const [lsn, chunk] = id.split("+");
   return [parseLsn(lsn), chunk === undefined ? -1 : Number(chunk)];
 }
@@ -159,7 +159,7 @@ export class RelayPublishers implements AsyncDisposable {
     const { log: relayLog } = this.#deps;
     const subject = logSubject(name);
     const lastId = await relayLog.lastPosition(name);
-    const last = lastId === undefined ? undefined : positionOf(lastId);
+    let last = lastId === undefined ? undefined : positionOf(lastId);
     // Each publish expects the one before it to be the log's last: a frame lost in transit makes
     // the next ones fail instead of leaving a gap; the publisher then starts again after the log.
     let expected: Expectation = lastId === undefined
@@ -194,6 +194,7 @@ export class RelayPublishers implements AsyncDisposable {
         if (failure !== undefined) throw failure;
         if (result.done) return;
         const frame: Frame = result.value;
+        const position: Position = [frame.nextLsn, frame.partial ? chunk : -1];
         const id = frame.partial
           ? `${formatLsn(frame.nextLsn)}+${chunk++}`
           : formatLsn(frame.nextLsn);
@@ -203,11 +204,14 @@ export class RelayPublishers implements AsyncDisposable {
           final: frame.partial ? undefined : frame.nextLsn,
         };
         inFlight.push(entry);
-        if (last !== undefined && !after(positionOf(id), last)) {
-          // The log has it already (a previous publisher's): only confirm it again.
-          entry.done = true;
-          settle();
-          continue;
+        if (last !== undefined) {
+          if (!after(position, last)) {
+            // The log has it already (a previous publisher's): only confirm it again.
+            entry.done = true;
+            settle();
+            continue;
+          }
+          last = undefined; // frames come in order: every later one is after the log's too
         }
         const expect = expected;
         expected = { lastMsgID: id };

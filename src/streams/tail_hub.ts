@@ -13,6 +13,20 @@ import { CloseCode, type CloseCodeValue } from "../protocol.ts";
 /** A tail's buffered bytes beyond which it is closed as too slow. */
 export const TAIL_MAX_BUFFERED_BYTES = 8 << 20;
 
+/**
+ * Sends `text` to the tail `socket` if it is open and keeping up; one too
+ * slow is closed (4409) instead. Whether it was sent.
+ */
+export function sendToTail(socket: WebSocket, text: string): boolean {
+  if (socket.readyState !== WebSocket.OPEN) return false;
+  if (socket.bufferedAmount > TAIL_MAX_BUFFERED_BYTES) {
+    socket.close(CloseCode.TryAgainLater, "tail too slow to keep up; reconnect");
+    return false;
+  }
+  socket.send(text);
+  return true;
+}
+
 /** The tails of every stream, by stream name. */
 export class TailHub {
   readonly #tails = new Map<string, Set<WebSocket>>();
@@ -51,14 +65,7 @@ export class TailHub {
   publish(stream: string, text: string): void {
     const tails = this.#tails.get(stream);
     if (tails === undefined) return;
-    for (const socket of tails) {
-      if (socket.readyState !== WebSocket.OPEN) continue;
-      if (socket.bufferedAmount > TAIL_MAX_BUFFERED_BYTES) {
-        socket.close(CloseCode.TryAgainLater, "tail too slow to keep up; reconnect");
-        continue;
-      }
-      socket.send(text);
-    }
+    for (const socket of tails) sendToTail(socket, text);
   }
 
   /** Closes every tail of `stream` with `code` and `reason`. */
