@@ -24,6 +24,7 @@ import { formatLsn } from "../lsn.ts";
 import { log } from "../observability/log.ts";
 import { CloseCode } from "../protocol.ts";
 import type { Metrics } from "../observability/metrics.ts";
+import { slotInvalidatedReason, streamInvalidatedReason } from "../streams/stream_manager.ts";
 
 /** What accepting a stream uses of the server. */
 export interface StreamHost {
@@ -61,13 +62,19 @@ export interface StreamTarget {
  * The answer to a consumer of an invalidated stream (or v1 slot), in
  * websocket terms: the socket opens, then closes with 4410 and `reason`.
  */
-export function refuseInvalidated(request: Request, label: string, reason: string): Response {
+export function refuseInvalidated(
+  request: Request,
+  kind: "stream" | "slot",
+  name: string,
+): Response {
+  const label = `${kind} "${name}"`;
   log.info("consumer.refused", `a consumer of the invalidated ${label} was told 4410`, { label });
+  const reason = kind === "stream" ? streamInvalidatedReason(name) : slotInvalidatedReason(name);
   return closeAtOnce(request, CloseCode.StreamInvalidated, reason);
 }
 
 /** Upgrades `request` and closes the socket at once with `code` and `reason`: a final answer in websocket terms. */
-export function closeAtOnce(request: Request, code: number, reason: string): Response {
+function closeAtOnce(request: Request, code: number, reason: string): Response {
   const { socket, response } = Deno.upgradeWebSocket(request);
   socket.addEventListener("open", () => socket.close(code, truncateReason(reason)), { once: true });
   return response;

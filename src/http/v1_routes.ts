@@ -17,7 +17,6 @@ import { V1_EXPORT, V1_PAGE } from "./request_schemas.ts";
 import { admin, json, ndjson, type Routes } from "./routes.ts";
 import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
-import { slotInvalidatedReason } from "../streams/stream_manager.ts";
 import { V1_STREAM_LABEL } from "../observability/metrics.ts";
 
 /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
@@ -77,8 +76,7 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
       }
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       if (await server.slots.invalidation(slotName) !== undefined) {
-        const reason = slotInvalidatedReason(slotName);
-        return refuseInvalidated(c.req.raw, `slot "${slotName}"`, reason);
+        return refuseInvalidated(c.req.raw, "slot", slotName);
       }
       return await acceptStream(c.req.raw, server, {
         stream: V1_STREAM_LABEL,

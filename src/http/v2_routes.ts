@@ -19,7 +19,6 @@ import { readBody } from "./json_body.ts";
 import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
 import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
 import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
-import { streamInvalidatedReason } from "../streams/stream_manager.ts";
 import { CONSUMER_ID } from "../relay/relay_session.ts";
 import { CHECK_INTERVAL_MS } from "../streams/stream_publication.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
@@ -119,10 +118,7 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       const stream = await streams.require(name, "Cannot stream");
-      if (stream.invalidated !== null) {
-        const reason = streamInvalidatedReason(name);
-        return refuseInvalidated(c.req.raw, `stream "${name}"`, reason);
-      }
+      if (stream.invalidated !== null) return refuseInvalidated(c.req.raw, "stream", name);
       const relay = server.relay;
       if (relay !== undefined) {
         // Relay mode: any number of consumers, each with its own id and position in the log.
@@ -161,10 +157,7 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot tail");
       const tailed = await streams.require(name, "Cannot tail");
-      if (tailed.invalidated !== null) {
-        const reason = streamInvalidatedReason(name);
-        return refuseInvalidated(c.req.raw, `stream "${name}"`, reason);
-      }
+      if (tailed.invalidated !== null) return refuseInvalidated(c.req.raw, "stream", name);
       if (server.relay !== undefined) {
         return server.relay.acceptTail(c.req.raw, name, expiry(principal));
       }

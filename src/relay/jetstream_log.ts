@@ -31,9 +31,12 @@ export function logSubject(name: string): string {
   return `pgds.${name}`;
 }
 
+/** What a consumer id's durable consumer name starts with (tails' consumers have none). */
+const CONSUMER_PREFIX = "c_";
+
 /** A durable consumer's name for consumer id `id` (JetStream names allow no `.`, `*`, `>`). */
 export function consumerName(id: string): string {
-  return `c_${id}`;
+  return `${CONSUMER_PREFIX}${id}`;
 }
 
 /** How long a consumer's lease lives without renewal: a crashed instance's consumers wait this long. */
@@ -157,9 +160,9 @@ export class JetStreamLog implements AsyncDisposable {
       const info = await this.jsm.streams.info(logName(name));
       const consumers: LogState["consumers"] = [];
       for await (const c of this.jsm.consumers.list(logName(name))) {
-        if (!c.name.startsWith("c_")) continue;
+        if (!c.name.startsWith(CONSUMER_PREFIX)) continue;
         consumers.push({
-          id: c.name.slice(2),
+          id: c.name.slice(CONSUMER_PREFIX.length),
           pending: c.num_pending + c.num_ack_pending,
           ackFloor: c.ack_floor.stream_seq,
         });

@@ -34,7 +34,7 @@ export const CONSUMER_ID = /^[A-Za-z0-9_-]{1,64}$/;
 const MAX_ACK_PENDING = 20_000;
 
 /** The reason a consumer is told when its position is older than the log. */
-export function beyondRetentionReason(stream: string): string {
+function beyondRetentionReason(stream: string): string {
   return `consumer fell out of stream ${stream}'s log retention: read a fresh snapshot (reset), then a new consumer id`;
 }
 
