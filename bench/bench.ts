@@ -12,7 +12,7 @@ import pg from "pg";
 import { exportJWK, generateKeyPair, SignJWT } from "jose";
 import { Authenticator } from "../src/auth/authenticator.ts";
 import { EmbeddedPostgres } from "../src/dev/embedded_postgres.ts";
-import { init, ServerProcess } from "../tests/support/harness.ts";
+import { createStream, deleteAt, init, postJson, ServerProcess } from "../tests/support/harness.ts";
 import { connectStream, type RowChange } from "../client/mod.ts";
 import { NatsServer } from "../tests/support/nats.ts";
 
@@ -416,18 +416,12 @@ async function main(): Promise<void> {
         INSERT INTO bench_t(a, b) SELECT g, md5(g::text) FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`);
       };
       const create = async (name: string, where?: unknown[]) => {
-        const response = await fetch(new URL("/v2/streams", server.url), {
-          method: "POST",
-          headers: { "content-type": "application/json" },
-          body: JSON.stringify({ name, tables: [where ? { table: "bench_t", where } : "bench_t"] }),
+        await createStream(server.url, {
+          name,
+          tables: [where ? { table: "bench_t", where } : "bench_t"],
         });
-        if (response.status !== 201) throw new Error(`create ${name}: ${await response.text()}`);
-        await response.body?.cancel();
       };
-      const remove = async (name: string) => {
-        await (await fetch(new URL(`/v2/streams/${name}`, server.url), { method: "DELETE" })).body
-          ?.cancel();
-      };
+      const remove = (name: string) => deleteAt(server.url, `/v2/streams/${name}`);
       let perChangeOne = 0;
       for (const count of [1, 4, 8]) {
         const names = Array.from({ length: count }, (_, i) => `p1s-${count}-${i}`);
@@ -785,12 +779,7 @@ async function main(): Promise<void> {
         const consumers = QUICK ? 200 : 1000;
         // The issue's load (1,000 tx/s to 1,000 consumers: 1M deliveries/s offered), then a tenth.
         for (const [rate, seconds] of [[1000, QUICK ? 3 : 5], [100, QUICK ? 5 : 10]]) {
-          const create = await fetch(new URL("/v2/streams", instances[0].url), {
-            method: "POST",
-            headers: { "content-type": "application/json" },
-            body: JSON.stringify({ name: `p5-${rate}`, tables: ["p5"] }),
-          });
-          if (create.status !== 201) throw new Error(`P5 create: ${await create.text()}`);
+          await createStream(instances[0].url, { name: `p5-${rate}`, tables: ["p5"] });
           const total = rate * seconds;
           let delivered = 0;
           const latencies: number[] = [];
@@ -888,7 +877,7 @@ async function main(): Promise<void> {
                 : new Promise((resolve) => s.addEventListener("close", resolve))
             ),
           );
-          await fetch(new URL(`/v2/streams/p5-${rate}`, instances[0].url), { method: "DELETE" });
+          await deleteAt(instances[0].url, `/v2/streams/p5-${rate}`);
         }
       } finally {
         for (const instance of instances) await instance.kill("SIGKILL");
@@ -900,13 +889,12 @@ async function main(): Promise<void> {
       let made = 0;
       let refusal = "";
       for (; made < 1000; made++) {
-        const response = await fetch(new URL("/v2/streams", server.url), {
-          method: "POST",
-          headers: { "content-type": "application/json" },
-          body: JSON.stringify({ name: `direct-${made}`, tables: ["p5"] }),
+        const response = await postJson(new URL("/v2/streams", server.url), {
+          name: `direct-${made}`,
+          tables: ["p5"],
         });
         if (response.status !== 201) {
-          refusal = `${response.status}: ${(await response.json()).error}`;
+          refusal = `${response.status}: ${JSON.parse(response.text).error}`;
           break;
         }
       }
@@ -917,7 +905,7 @@ async function main(): Promise<void> {
         refusal.slice(0, 90),
       );
       for (let i = 0; i < made; i++) {
-        await fetch(new URL(`/v2/streams/direct-${i}`, server.url), { method: "DELETE" });
+        await deleteAt(server.url, `/v2/streams/direct-${i}`);
       }
     }
     if (want("M1")) {
