@@ -75,7 +75,7 @@ export function v1Routes(server: Server, routes: Routes<Hono>): void {
         );
       }
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
-      if (await server.slots.invalidation(slotName) !== undefined) {
+      if (await server.slots.isInvalidated(slotName)) {
         return refuseInvalidated(c.req.raw, "slot", slotName);
       }
       return await acceptStream(c.req.raw, server, {

@@ -87,14 +87,14 @@ export class SlotManager {
     return rows;
   }
 
-  /** Why the v1 slot `slotName` was invalidated by the WAL guard, if it was. */
-  async invalidation(slotName: string): Promise<string | undefined> {
-    const { rows } = await this.#pool.query<{ reason: string }>(
-      `SELECT coalesce(invalidation_reason, '') AS reason FROM ${this.#names.schema}.slots
+  /** Whether the WAL guard invalidated the v1 slot `slotName`. */
+  async isInvalidated(slotName: string): Promise<boolean> {
+    const { rows } = await this.#pool.query(
+      `SELECT 1 FROM ${this.#names.schema}.slots
         WHERE slot_name = $1 AND invalidated_at IS NOT NULL`,
       [slotName],
     );
-    return rows[0]?.reason;
+    return rows.length > 0;
   }
 
   /**
