@@ -6,6 +6,7 @@ import {
   operatorsFor,
 } from "../src/replication/row_filter.ts";
 import { sql, startPostgres } from "./support/harness.ts";
+import { seededRandom, testSeed } from "./support/random.ts";
 
 /** Per type: values to test (as SQL literals' text, NULL as null), and the constants to compare with. */
 const CASES: { type: string; oid: number; values: (string | null)[]; constants: string[] }[] = [
@@ -44,7 +45,23 @@ const CASES: { type: string; oid: number; values: (string | null)[]; constants: 
   {
     type: "text",
     oid: 25,
-    values: ["eu", "EU", "", "eu ", "é", "😀", "\uffff", "a%b", "a_b", "line\nbreak", null],
+    values: [
+      "eu",
+      "EU",
+      "",
+      "eu ",
+      "é",
+      "😀",
+      "\uffff",
+      "a%b",
+      "a_b",
+      "line\nbreak",
+      "2024-01-02",
+      "x'); drop table x; --",
+      "(x)[y]{1}^$|+?.*/",
+      "a-\\x",
+      null,
+    ],
     constants: ["eu", "", "😀", "\uffff", "é"],
   },
   {
@@ -101,7 +118,27 @@ const CASES: { type: string; oid: number; values: (string | null)[]; constants: 
   },
 ];
 
-const PATTERNS = ["eu", "e%", "%u", "_u", "%", "", "a\\%b", "a\\_b", "a%b", "😀", "line%", "E%"];
+const PATTERNS = [
+  "eu",
+  "e%",
+  "%u",
+  "_u",
+  "%",
+  "",
+  "a\\%b",
+  "a\\_b",
+  "a%b",
+  "😀",
+  "_",
+  "line%",
+  "E%",
+  // Characters special to regular expressions are plain to LIKE; "\\" escapes any character.
+  "2024-%",
+  "%'); drop table x; --",
+  "(x)[y]{1}^$|+?.*/",
+  "\\a\\-\\\\%",
+  "%%_%%",
+];
 
 Deno.test("row filter predicates agree with PostgreSQL on every type and operator they allow", async () => {
   await using postgres = await startPostgres();
@@ -200,4 +237,54 @@ Deno.test("operators a type does not compare exactly are not allowed", () => {
     operatorsFor({ typeOid: 25, codePointOrder: true, padded: false, deterministic: false }),
     ["is null", "is not null"],
   );
+});
+
+Deno.test("LIKE agrees with PostgreSQL on random patterns and values", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  const seed = testSeed();
+  const random = seededRandom(seed);
+  const alphabet = ["a", "b", "%", "_", "\\", "-", ".", "😀", "é", "\n"];
+  const word = (max: number) =>
+    Array.from(
+      { length: Math.floor(random() * max) },
+      () => alphabet[Math.floor(random() * alphabet.length)],
+    ).join("");
+  const values = Array.from({ length: 60 }, () => word(8));
+  let checked = 0;
+  for (let i = 0; i < 150; i++) {
+    let pattern = word(6);
+    if (pattern.endsWith("\\") && !pattern.endsWith("\\\\")) pattern += "a";
+    let test: (value: string | null) => boolean;
+    try {
+      test = compileTest({ column: "v", op: "like", values: [pattern] }, {
+        typeOid: 25,
+        codePointOrder: false,
+        padded: false,
+        deterministic: true,
+      });
+    } catch (error) {
+      // Refused here only where PostgreSQL refuses it too.
+      await assert.rejects(
+        sql(db, "SELECT '' LIKE $1", [pattern]),
+        /escape/,
+        `${JSON.stringify(pattern)}: ${(error as Error).message}`,
+      );
+      continue;
+    }
+    const expected = await sql<{ r: boolean }>(
+      db,
+      "SELECT (v LIKE $2) AS r FROM unnest($1::text[]) WITH ORDINALITY AS x(v, n) ORDER BY n",
+      [values, pattern],
+    );
+    values.forEach((value, j) => {
+      assert.equal(
+        test(value),
+        expected[j].r,
+        `${JSON.stringify(value)} LIKE ${JSON.stringify(pattern)} (TEST_SEED=${seed})`,
+      );
+      checked++;
+    });
+  }
+  assert.ok(checked > 5000, `${checked} comparisons`);
 });

@@ -275,3 +275,58 @@ Deno.test("snapshot plus stream equals the filtered set at every acknowledged po
   }
   assert.ok(replica.size > 10, `the filtered set had ${replica.size} rows`);
 });
+
+Deno.test("a LIKE filter with characters that regular expressions treat specially streams its matches", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, "CREATE TABLE codes(id int primary key, name text)");
+  await using api = await startApi(db);
+  // Each pattern once broke its stream at the first change ("Invalid escape"); all are plain text to
+  // LIKE but for %, _ and the \ escape.
+  const patterns = ["2024-%", "%'); drop table x; --", "a-b_c\\%", "(x)[y]{1}^$|+?.*/"];
+  for (const [i, pattern] of patterns.entries()) {
+    await createStream(api.url, {
+      name: `like-${i}`,
+      tables: [{ table: "codes", where: [["name", "like", pattern]] }],
+    });
+  }
+  const clients = await Promise.all(
+    patterns.map((_, i) => StreamClient.changes(api.url, `like-${i}`)),
+  );
+  try {
+    await sql(
+      db,
+      `INSERT INTO codes VALUES (1, '2024-01-02'), (2, '2023-12-31'), (3, 'x''); drop table x; --'),
+         (4, 'a-bXc%'), (5, 'a-bXcX'), (6, '(x)[y]{1}^$|+?.*/'), (7, '(x)[y]{1}^$|+?a/')`,
+    );
+    const matched = [];
+    for (const client of clients) {
+      const frame = await client.nextV2();
+      client.ack(frame.nextlsn);
+      matched.push(
+        frame.change.filter((c) => c.kind === "insert").map((c) =>
+          (c as RowChange).columnvalues![0]
+        ),
+      );
+    }
+    assert.deepEqual(matched, [[1], [3], [4], [6]]);
+    for (const client of clients) assert.equal(client.socket.readyState, WebSocket.OPEN);
+  } finally {
+    for (const client of clients) await client[Symbol.asyncDispose]();
+  }
+});
+
+Deno.test("a filter PostgreSQL would refuse is a 400 when the stream is created", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, "CREATE TABLE codes(id int primary key, name text)");
+  await using api = await startApi(db);
+  const response = await postJson(new URL("/v2/streams", api.url), {
+    name: "trailing-escape",
+    tables: [{ table: "codes", where: [["name", "like", "abc\\"]] }],
+  });
+  assert.equal(response.status, 400, response.text);
+  assert.match(JSON.parse(response.text).error, /tables\[0\]\.where\[0\].*escape/);
+  const streams = await (await fetch(new URL("/v2/streams", api.url))).json();
+  assert.deepEqual(streams, { streams: [] }, "nothing was created");
+});

@@ -223,19 +223,69 @@ function comparator(kind: Comparison, padded: boolean): (a: string, b: string) =
   }
 }
 
-/** LIKE's pattern (`%`, `_`, `\` escaping the next character) as an anchored regular expression. */
-function likePattern(pattern: string): RegExp {
-  let source = "";
+/** A LIKE pattern's element: one literal character (a code point), `_` or `%`. */
+type LikeToken = string | typeof ANY_ONE | typeof ANY_RUN;
+const ANY_ONE = 1;
+const ANY_RUN = 2;
+
+/** The length in UTF-16 units of the code point at `at` of `text`. */
+function unitsAt(text: string, at: number): number {
+  const unit = text.charCodeAt(at);
+  return unit >= 0xd800 && unit <= 0xdbff && at + 1 < text.length ? 2 : 1;
+}
+
+/**
+ * A LIKE pattern as a test, with PostgreSQL's rules for its default escape:
+ * `%` any run of characters, `_` any one character, `\` makes the next
+ * character literal, every other character is itself (nothing is special as
+ * in a regular expression). Matched code point by code point, as LIKE
+ * matches under a deterministic collation, by the greedy algorithm that
+ * backtracks only to the last `%`: time at most the product of the lengths,
+ * whatever the pattern. A pattern that ends in a lone `\` is refused, as
+ * PostgreSQL refuses it.
+ */
+export function likeMatcher(pattern: string): (value: string) => boolean {
+  const tokens: LikeToken[] = [];
   const chars = [...pattern];
   for (let i = 0; i < chars.length; i++) {
     const c = chars[i];
-    if (c === "\\" && i + 1 < chars.length) {
-      source += chars[++i].replace(/[\\^$.*+?()[\]{}|/-]/g, "\\$&");
-    } else if (c === "%") source += ".*";
-    else if (c === "_") source += ".";
-    else source += c.replace(/[\\^$.*+?()[\]{}|/-]/g, "\\$&");
+    if (c === "\\") {
+      if (i + 1 === chars.length) {
+        throw new SyntaxError("LIKE pattern must not end with escape character");
+      }
+      tokens.push(chars[++i]);
+    } else if (c === "%") {
+      if (tokens.at(-1) !== ANY_RUN) tokens.push(ANY_RUN);
+    } else tokens.push(c === "_" ? ANY_ONE : c);
   }
-  return new RegExp(`^${source}$`, "su");
+  return (value) => {
+    let p = 0;
+    let s = 0;
+    let runP = -1;
+    let runS = 0;
+    while (s < value.length) {
+      const token = tokens[p];
+      if (token === ANY_ONE) {
+        s += unitsAt(value, s);
+        p++;
+      } else if (token === ANY_RUN) {
+        runP = p++;
+        runS = s;
+      } else if (token !== undefined && value.startsWith(token, s)) {
+        s += token.length;
+        p++;
+      } else if (runP >= 0) {
+        // Let the last % take one more character, and match what follows it from there.
+        p = runP + 1;
+        runS += unitsAt(value, runS);
+        s = runS;
+      } else {
+        return false;
+      }
+    }
+    while (tokens[p] === ANY_RUN) p++;
+    return p === tokens.length;
+  };
 }
 
 // ---- Predicates on pgoutput's values ------------------------------------------------------------
@@ -286,8 +336,8 @@ export function compileTest(
       return (v) => v !== null && condition.values.some((value) => compare(v, value) === 0);
     }
     case "like": {
-      const regex = likePattern(first);
-      return (v) => v !== null && regex.test(v);
+      const matches = likeMatcher(first);
+      return (v) => v !== null && matches(v);
     }
   }
 }

@@ -16,6 +16,7 @@ import type { StreamOperation, StreamTable } from "../protocol.ts";
 import {
   type ColumnInfo,
   comparisonOf,
+  compileTest,
   type Condition,
   type Operator,
   operatorsFor,
@@ -202,9 +203,16 @@ export async function resolveDefinition(
         const values = op === "is null" || op === "is not null"
           ? []
           : op === "like"
-          ? [String(value)]
+          ? await likePatterns(client, [String(value)], path)
           : await canonical(client, info, op === "in" ? value as unknown[] : [value], path);
-        where.push({ column: name, op, values, ...info });
+        const condition: StoredCondition = { column: name, op, values, ...info };
+        try {
+          // The decoder's test of it is built here, not at the stream's first change.
+          compileTest(condition, info);
+        } catch (error) {
+          throw new InvalidRequestError(`Invalid request: "${path}": ${(error as Error).message}`);
+        }
+        where.push(condition);
       }
       resolved.push({
         oid: found.oid,
@@ -225,33 +233,62 @@ export async function resolveDefinition(
   }
 }
 
+/**
+ * Runs `text` (binding `texts` as `$1::text[]`, returning a `value` a row)
+ * in a savepoint: PostgreSQL's refusal of a value is the request's error
+ * (a 400 naming `path`, and `about` the column), not the transaction's.
+ */
+async function checkedValues(
+  client: pg.PoolClient,
+  text: string,
+  texts: string[],
+  path: string,
+  about: string,
+): Promise<string[]> {
+  await client.query("SAVEPOINT check_values");
+  try {
+    const { rows } = await client.query<{ value: string }>(text, [texts]);
+    await client.query("RELEASE SAVEPOINT check_values");
+    return rows.map((r: { value: string }) => r.value);
+  } catch (error) {
+    if (sqlState(error) === undefined) throw error;
+    await client.query("ROLLBACK TO SAVEPOINT check_values");
+    throw new InvalidRequestError(
+      `Invalid request: "${path}": ${(error as Error).message}${about}`,
+    );
+  }
+}
+
 /** Each value cast by PostgreSQL to the column's type, as its text: the canonical form the stream compares. */
-async function canonical(
+function canonical(
   client: pg.PoolClient,
   info: CatalogColumn,
   values: unknown[],
   path: string,
 ): Promise<string[]> {
-  const texts = values.map(valueText);
-  await client.query("SAVEPOINT cast_values");
-  try {
-    // The type name comes from the catalog (format_type), never from the request; values are bound.
-    // format('%s') calls the type's output function, as pgoutput does (a ::text cast need not:
-    // boolean's gives "true" where the output function writes "t", char(n)'s trims).
-    const { rows } = await client.query<{ value: string }>(
-      `SELECT format('%s', CAST(v AS ${info.typeName})) AS value
-         FROM unnest($1::text[]) WITH ORDINALITY AS t(v, n) ORDER BY n`,
-      [texts],
-    );
-    await client.query("RELEASE SAVEPOINT cast_values");
-    return rows.map((r: { value: string }) => r.value);
-  } catch (error) {
-    if (sqlState(error) === undefined) throw error;
-    await client.query("ROLLBACK TO SAVEPOINT cast_values");
-    throw new InvalidRequestError(
-      `Invalid request: "${path}": ${(error as Error).message} (the column is ${info.typeName})`,
-    );
-  }
+  // The type name comes from the catalog (format_type), never from the request; values are bound.
+  // format('%s') calls the type's output function, as pgoutput does (a ::text cast need not:
+  // boolean's gives "true" where the output function writes "t", char(n)'s trims).
+  return checkedValues(
+    client,
+    `SELECT format('%s', CAST(v AS ${info.typeName})) AS value
+       FROM unnest($1::text[]) WITH ORDINALITY AS t(v, n) ORDER BY n`,
+    values.map(valueText),
+    path,
+    ` (the column is ${info.typeName})`,
+  );
+}
+
+/** LIKE patterns, each tried by PostgreSQL once (which refuses one that ends in its escape). */
+function likePatterns(client: pg.PoolClient, patterns: string[], path: string): Promise<string[]> {
+  return checkedValues(
+    client,
+    `SELECT p AS value FROM unnest($1::text[]) WITH ORDINALITY AS t(p, n)
+      WHERE ('' LIKE p) IS NOT NULL ORDER BY n`,
+    patterns,
+    path,
+    "",
+  );
 }
 
 /** The stored table as a response shows it: schema-qualified, its columns resolved as they are now. */
