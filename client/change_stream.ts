@@ -279,10 +279,12 @@ export class ChangeStream implements AsyncIterable<Transaction>, AsyncDisposable
   #flush(): void {
     clearTimeout(this.#ackTimer);
     this.#ackTimer = undefined;
-    // After a reconnect, what was handled may not have been resent yet: ack what this socket got.
+    // Only what was handled; and never past what this socket was sent (after a reconnect, what
+    // was handled may not have been sent again yet): every frame it got up to there was handled.
     const handled = this.#handled;
-    const upTo = handled === undefined || after(handled, this.#received) ? this.#received : handled;
-    if (upTo !== undefined && after(upTo, this.#acked)) this.#send(upTo);
+    if (handled === undefined || this.#received === undefined) return;
+    const upTo = after(handled, this.#received) ? this.#received : handled;
+    if (after(upTo, this.#acked)) this.#send(upTo);
   }
 
   #send(lsn: string): void {

@@ -229,6 +229,40 @@ Deno.test("client library against a real server", async (t) => {
   });
 
   await t.step(
+    "a close during the first transaction's handler acknowledges nothing",
+    async () => {
+      await createStream(api.url, { name: "first-tx", tables: ["accounts"] });
+      const [{ slot }] = await sql<{ slot: string }>(
+        db,
+        "SELECT slot_name AS slot FROM pgdeltastream.streams WHERE name = 'first-tx'",
+      );
+      const stream = connectStream({ url, stream: "first-tx" });
+      await sql(db, "INSERT INTO accounts VALUES (7101, 1, 'eu')");
+      let lsn: string | undefined;
+      await stream.run(async (tx) => {
+        lsn = tx.lsn;
+        await stream.close(); // the application stops before it handled its first transaction
+      });
+      assert.equal(stream.acknowledged, undefined, "the client acknowledged what it never handled");
+      // Once its walsender is gone, the slot shows every acknowledgement that reached PostgreSQL.
+      await waitForSql(
+        db,
+        "SELECT NOT active AS ok FROM pg_replication_slots WHERE slot_name = $1",
+        [
+          slot,
+        ],
+      );
+      const [{ behind }] = await sql<{ behind: boolean }>(
+        db,
+        "SELECT confirmed_flush_lsn < $2::pg_lsn AS behind FROM pg_replication_slots WHERE slot_name = $1",
+        [slot, lsn],
+      );
+      assert.ok(behind, "the slot moved past a transaction whose handler never finished");
+      assert.equal(await deleteAt(api.url, "/v2/streams/first-tx"), 204);
+    },
+  );
+
+  await t.step(
     "a stream that does not exist fails with the server's 404, not endless retries",
     async () => {
       const stream = connectStream({ url, stream: "nosuch" });

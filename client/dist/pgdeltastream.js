@@ -301,8 +301,9 @@ var ChangeStream = class {
     clearTimeout(this.#ackTimer);
     this.#ackTimer = void 0;
     const handled = this.#handled;
-    const upTo = handled === void 0 || after(handled, this.#received) ? this.#received : handled;
-    if (upTo !== void 0 && after(upTo, this.#acked)) this.#send(upTo);
+    if (handled === void 0 || this.#received === void 0) return;
+    const upTo = after(handled, this.#received) ? this.#received : handled;
+    if (after(upTo, this.#acked)) this.#send(upTo);
   }
   #send(lsn) {
     if (this.#options.tail) return;
