@@ -218,14 +218,14 @@ Deno.test("the seed's README, step by step, and the errors around it", async (t)
       [{ slotName, table: "a.b.c.d" }, 404, /does not exist/],
       [
         { slotName, table: "test_table", order_by: { column: "nope" } },
-        404,
+        400,
         /column "nope" does not exist/,
       ],
       [{ slotName, table: "typed", order_by: { column: "j" } }, 200, /./],
       [{ slotName, table: "test_table; DROP TABLE test_table" }, 404, /does not exist/],
       [
         { slotName, table: "test_table", order_by: { column: "id; DROP TABLE test_table" } },
-        404,
+        400,
         /does not exist/,
       ],
     ];

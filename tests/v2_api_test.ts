@@ -421,3 +421,62 @@ Deno.test("a partitioned table streams its partitions' changes and reads its sna
     "only the partition rows that pass the filter, named as wal2json names them",
   );
 });
+
+Deno.test("a stream's snapshot orders and seeks only by the columns the stream shows", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(
+    db,
+    `CREATE TABLE people(id int primary key, email text, salary int);
+     INSERT INTO people VALUES (1, 'a@x', 300), (2, 'b@x', 100), (3, 'c@x', 200);
+     -- Keyed for replication by a visible unique column; its primary key is hidden.
+     CREATE TABLE badges(secret int primary key, code text NOT NULL UNIQUE, label text);
+     ALTER TABLE badges REPLICA IDENTITY USING INDEX badges_code_key;
+     INSERT INTO badges VALUES (30, 'a', 'x'), (10, 'b', 'y'), (20, 'c', 'z')`,
+  );
+  await using api = await startApi(db);
+  await createStream(api.url, {
+    name: "public-people",
+    tables: [
+      { table: "people", columns: ["id", "email"] },
+      { table: "badges", columns: ["code", "label"] },
+    ],
+  });
+  const snapshot = (body: unknown) =>
+    postJson(new URL("/v2/streams/public-people/snapshot", api.url), body);
+  const exported = (body: unknown) =>
+    postJson(new URL("/v2/streams/public-people/snapshot/export", api.url), body);
+  // Sorting by a hidden column would give its values away (sort, then page with "after" to search).
+  for (
+    const response of [
+      await snapshot({ table: "people", order_by: { column: "salary" } }),
+      await snapshot({ table: "people", order_by: { column: "salary" }, after: 150 }),
+      await exported({ table: "people", order_by: { column: "salary" } }),
+      await snapshot({ table: "people", order_by: { column: "nope" } }),
+    ]
+  ) {
+    assert.equal(response.status, 400, response.text);
+    assert.match(JSON.parse(response.text).error, /column "(salary|nope)" does not exist/);
+  }
+  // Visible columns sort and seek as before.
+  const byEmail = await snapshot({ table: "people", order_by: { column: "email", order: "DESC" } });
+  assert.deepEqual(JSON.parse(byEmail.text).map((r: { id: number }) => r.id), [3, 2, 1]);
+  // Without order_by a hidden primary key is not the order either: the visible replica identity is,
+  // and "after" seeks by it.
+  const badges = await snapshot({ table: "badges" });
+  assert.deepEqual(JSON.parse(badges.text), [
+    { code: "a", label: "x" },
+    { code: "b", label: "y" },
+    { code: "c", label: "z" },
+  ]);
+  const afterA = await snapshot({ table: "badges", after: "a" });
+  assert.equal(afterA.status, 200, afterA.text);
+  assert.deepEqual(JSON.parse(afterA.text).map((r: { code: string }) => r.code), ["b", "c"]);
+  const seekHidden = await snapshot({ table: "badges", after: 15 });
+  assert.equal(seekHidden.status, 200, seekHidden.text);
+  assert.deepEqual(
+    JSON.parse(seekHidden.text).map((r: { code: string }) => r.code),
+    ["a", "b", "c"],
+    "compared with the codes, not the hidden keys",
+  );
+});

@@ -217,7 +217,7 @@ export function exportRows(
 ): Promise<ReadableStream<Uint8Array>> {
   const ready = Promise.withResolvers<ReadableStream<Uint8Array>>();
   const work = source.snapshot.read(async (client, released) => {
-    const { table, select, where } = await openViewedTable(
+    const { table, visible, select, where } = await openViewedTable(
       client,
       source,
       request.table,
@@ -226,7 +226,7 @@ export function exportRows(
     const copies = request.orderBy !== undefined
       ? [
         `COPY (SELECT ${select} FROM ${table.qualified} WHERE ${where}${
-          (await sortOrder(client, table, request)).clause
+          (await sortOrder(client, table, request, visible)).clause
         }) TO STDOUT (FORMAT binary)`,
       ]
       : rangeCopies(select, where, await units(client, table.oid));

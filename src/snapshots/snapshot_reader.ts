@@ -129,20 +129,28 @@ interface RowOrder {
   descending: boolean;
 }
 
-/** The sort order: the requested column (checked and quoted), else the primary key, else physical order. */
+/**
+ * The sort order: the requested column (checked and quoted), else the
+ * primary key, else the replica identity's index, else physical order. Only
+ * columns in `visible` (null: every column) can order or seek: sorting by a
+ * column a reader may not see, then paging with `after`, would give its
+ * values away; such a column is answered as one that does not exist.
+ */
 export async function sortOrder(
   client: pg.PoolClient,
   table: ResolvedTable,
   request: PageRequest,
+  visible: string[] | null = null,
 ): Promise<RowOrder> {
   if (request.orderBy !== undefined) {
     const { rows } = await client.query<{ quoted: string }>(
       `SELECT format('%I', attname) AS quoted FROM pg_attribute
-        WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped`,
-      [table.oid, request.orderBy.column],
+        WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped
+          AND ($3::text[] IS NULL OR attname = ANY ($3::text[]))`,
+      [table.oid, request.orderBy.column, visible],
     );
     if (rows.length === 0) {
-      throw new NotFoundError(
+      throw new InvalidRequestError(
         `Cannot read snapshot: column ${
           JSON.stringify(request.orderBy.column)
         } does not exist in ${table.qualified}`,
@@ -156,12 +164,16 @@ export async function sortOrder(
       descending,
     };
   }
+  // The primary key, else the replica identity's unique index, whichever is wholly visible.
   const { rows } = await client.query<{ key: string | null; columns: number }>(
     `SELECT string_agg(format('%I', a.attname), ', ' ORDER BY array_position(i.indkey, a.attnum)) AS key,
             count(*)::int AS columns
        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-      WHERE i.indrelid = $1 AND i.indisprimary`,
-    [table.oid],
+      WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident)
+      GROUP BY i.indexrelid, i.indisprimary
+     HAVING $2::text[] IS NULL OR bool_and(a.attname = ANY ($2::text[]))
+      ORDER BY i.indisprimary DESC LIMIT 1`,
+    [table.oid, visible],
   );
   const key = rows[0]?.key;
   if (key) {
@@ -253,6 +265,8 @@ async function openTable(
 /** A read's table: what it is, its part visible to the reader, the select list and the row filter. */
 export interface TableRead {
   table: ResolvedTable;
+  /** The columns the reader may see (and so sort and seek by); null: every one. */
+  visible: string[] | null;
   /** The JSON-building select list of the visible columns. */
   select: string;
   /** The filter as SQL (`true` when none). */
@@ -285,7 +299,7 @@ export async function openViewedTable(
     );
   }
   const select = await jsonSelectList(client, table, part.columns);
-  if (part.where.length === 0) return { table, select, where: "true" };
+  if (part.where.length === 0) return { table, visible: part.columns, select, where: "true" };
   // The filter's columns quoted by PostgreSQL from the catalog as of the snapshot, and, for
   // literals, its values quoted by PostgreSQL too.
   const values = part.where.flatMap((c) => c.values);
@@ -311,7 +325,7 @@ export async function openViewedTable(
     (column) => types.get(column)!,
     bind,
   );
-  return { table, select, where };
+  return { table, visible: part.columns, select, where };
 }
 
 /** Reads one page of `request.table` as of the snapshot, as a JSON array of row objects (text). */
@@ -319,11 +333,13 @@ export async function readPage(source: SnapshotSource, request: PageRequest): Pr
   try {
     return await source.snapshot.read(async (client) => {
       const params: unknown[] = [];
-      const { table, select, where } = await openViewedTable(client, source, request.table, {
-        params,
-        from: 3,
-      });
-      const order = await sortOrder(client, table, request);
+      const { table, visible, select, where } = await openViewedTable(
+        client,
+        source,
+        request.table,
+        { params, from: 3 },
+      );
+      const order = await sortOrder(client, table, request, visible);
       const filter = where === "true" ? "" : ` WHERE ${where}`;
       const and = where === "true" ? "" : ` AND ${where}`;
       let text: string;
