@@ -31,7 +31,10 @@ export interface StreamOptions {
   stream?: string;
   /** A v1 slot's name (instead of `stream`). */
   slot?: string;
-  /** Relay mode: this consumer's id (its own position in the stream's log); default the token's `sub`. */
+  /**
+   * Relay mode: this consumer's id (its own position in the stream's log);
+   * default the one the token names (its `consumer` claim, or its `sub`).
+   */
   consumer?: string;
   /** Read a v2 stream's `tail`: a copy of what its consumer is sent; never acknowledges. */
   tail?: boolean;

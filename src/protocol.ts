@@ -175,6 +175,9 @@ export type CloseCodeValue = typeof CloseCode[keyof typeof CloseCode];
 /** A stream name: 1–48 of `[a-z0-9_-]`. */
 export const STREAM_NAME = /^[a-z0-9_-]{1,48}$/;
 
+/** Relay mode: a consumer id (`?consumer=`, a token's `consumer` claim): 1–64 of `[A-Za-z0-9_-]`. */
+export const CONSUMER_ID = /^[A-Za-z0-9_-]{1,64}$/;
+
 /** Conditions per table of a stream, at most. */
 export const MAX_CONDITIONS = 32;
 

@@ -386,3 +386,86 @@ Deno.test({
     );
   },
 });
+
+Deno.test({
+  name: "relay: a token that names its consumer id connects only as that consumer",
+  ignore: !hasNats,
+  async fn() {
+    const secret = "relay-secret-" + crypto.randomUUID() + crypto.randomUUID();
+    const admin = "relay-admin-" + crypto.randomUUID();
+    await using relay = await soloRelay({ JWT_SECRET: secret, ADMIN_TOKENS: admin });
+    const { db, server } = relay;
+    const asAdmin = { authorization: `Bearer ${admin}`, "content-type": "application/json" };
+    const created = await fetch(new URL("/v2/streams", server.url), {
+      method: "POST",
+      headers: asAdmin,
+      body: JSON.stringify({ name: "feed", tables: ["feed"] }),
+    });
+    assert.equal(created.status, 201, await created.text());
+    const token = (claims: Record<string, unknown>) =>
+      new SignJWT({
+        aud: "pgdeltastream",
+        streams: ["feed"],
+        exp: Math.floor(Date.now() / 1000) + 600,
+        ...claims,
+      }).setProtectedHeader({ alg: "HS256" }).sign(new TextEncoder().encode(secret));
+    const upgrade = async (credential: string, consumer?: string) => {
+      const query = new URLSearchParams({ access_token: credential });
+      if (consumer !== undefined) query.set("consumer", consumer);
+      const response = await fetch(new URL(`/v2/streams/feed/changes?${query}`, server.url), {
+        headers: WEBSOCKET_HANDSHAKE,
+      });
+      return { status: response.status, body: await response.text() };
+    };
+    const appA = await token({ consumer: "app-a" });
+    const bySub = await token({ sub: "app-c" });
+    const minted = await fetch(new URL("/v2/streams/feed/tokens", server.url), {
+      method: "POST",
+      headers: asAdmin,
+      body: JSON.stringify({ ttlSeconds: 600, consumer: "app-m" }),
+    });
+    assert.equal(minted.status, 201);
+    const mintedToken = (await minted.json()).token as string;
+    // Acting as another application's consumer (its position, its lease) is refused.
+    for (
+      const [credential, other, own] of [
+        [appA, "app-b", "app-a"],
+        [bySub, "app-d", "app-c"],
+        [mintedToken, "app-x", "app-m"],
+      ]
+    ) {
+      const refused = await upgrade(credential, other);
+      assert.equal(refused.status, 403, refused.body);
+      assert.match(JSON.parse(refused.body).error, new RegExp(`only as consumer "${own}"`));
+    }
+    const malformed = await upgrade(await token({ consumer: "no spaces allowed" }));
+    assert.equal(malformed.status, 401, malformed.body);
+    assert.equal(
+      await fetch(new URL("/v2/streams/feed/tokens", server.url), {
+        method: "POST",
+        headers: asAdmin,
+        body: JSON.stringify({ consumer: "a/b" }),
+      }).then(async (r) => (await r.body?.cancel(), r.status)),
+      400,
+    );
+    // Without ?consumer= the token's own id is used; naming it is allowed too.
+    const stream = connectStream({ url: server.url, stream: "feed", token: appA });
+    await sql(db, "INSERT INTO feed VALUES (1)");
+    assert.ok(await deadline(stream.next(), "app-a's first transaction"));
+    const ids = async () =>
+      (await (await fetch(new URL("/v2/streams/feed", server.url), { headers: asAdmin })).json())
+        .relay.consumers.map((c: { id: string }) => c.id);
+    assert.deepEqual(await ids(), ["app-a"]);
+    await stream.close();
+    // An admin may act as any consumer.
+    await using adminConsumer = await StreamClient.connect(
+      server.url,
+      `/v2/streams/feed/changes?consumer=app-b&access_token=${admin}`,
+    );
+    const frame = await adminConsumer.nextV2();
+    assert.deepEqual(
+      frame.change.filter((c) => c.kind === "insert").map((c) => (c as RowChange).columnvalues),
+      [[1]],
+    );
+  },
+});

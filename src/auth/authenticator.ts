@@ -20,6 +20,7 @@ import {
 } from "jose";
 import { createHash } from "node:crypto";
 import type { AuthConfig } from "../config.ts";
+import { CONSUMER_ID } from "../protocol.ts";
 import { UnauthorizedError } from "../errors.ts";
 import type { Principal } from "./principal.ts";
 
@@ -175,10 +176,19 @@ export class Authenticator {
         'Token grants nothing: its "streams" claim must be a list of names',
       );
     }
+    const consumer = payload.consumer;
+    if (consumer !== undefined && (typeof consumer !== "string" || !CONSUMER_ID.test(consumer))) {
+      throw new UnauthorizedError(
+        'Token is malformed: its "consumer" claim must be a consumer id (1 to 64 of A-Z, a-z, 0-9, _ and -)',
+      );
+    }
+    const subject = typeof payload.sub === "string" ? payload.sub : undefined;
     return {
       kind: "consumer",
       streams: claim.includes("*") ? "*" : new Set(claim as string[]),
-      subject: typeof payload.sub === "string" ? payload.sub : undefined,
+      subject,
+      consumer: consumer ??
+        (subject !== undefined && CONSUMER_ID.test(subject) ? subject : undefined),
       expiresAt,
     };
   }
@@ -188,10 +198,17 @@ export class Authenticator {
     return this.#secret !== undefined;
   }
 
-  /** A consumer JWT (HS256) for `stream`, valid `ttlSeconds`; with its expiry. */
-  async mint(stream: string, ttlSeconds: number): Promise<{ token: string; expiresAt: Date }> {
+  /**
+   * A consumer JWT (HS256) for `stream`, valid `ttlSeconds`, bound to the
+   * relay consumer id `consumer` if given; with its expiry.
+   */
+  async mint(
+    stream: string,
+    ttlSeconds: number,
+    consumer?: string,
+  ): Promise<{ token: string; expiresAt: Date }> {
     const exp = Math.floor(Date.now() / 1000) + ttlSeconds;
-    const jwt = new SignJWT({ streams: [stream] })
+    const jwt = new SignJWT({ streams: [stream], ...(consumer === undefined ? {} : { consumer }) })
       .setProtectedHeader({ alg: "HS256", typ: "JWT" })
       .setAudience(this.#config.audience)
       .setSubject(`minted:${crypto.randomUUID()}`)

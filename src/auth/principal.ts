@@ -18,6 +18,11 @@ export interface Consumer {
   streams: ReadonlySet<string> | "*";
   /** The JWT's `sub`, if any. */
   subject?: string;
+  /**
+   * Relay mode: the only consumer id the token may connect as — its
+   * `consumer` claim, else its `sub` where that is a consumer id. None: any.
+   */
+  consumer?: string;
   /** When its JWT expires, in ms since the epoch. */
   expiresAt: number;
 }

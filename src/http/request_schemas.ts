@@ -9,6 +9,7 @@
 import { z } from "zod";
 import { InvalidRequestError } from "../errors.ts";
 import {
+  CONSUMER_ID,
   DEFAULT_SNAPSHOT_LIMIT,
   MAX_CONDITIONS,
   MAX_IN_VALUES,
@@ -273,8 +274,13 @@ export const V2_EXPORT: RequestSchema<PageRequestBody> = {
 export const MAX_TOKEN_TTL_SECONDS = 7 * 24 * 3600;
 
 /** `POST /v2/streams/{name}/tokens`. */
-export const V2_TOKEN: RequestSchema<{ ttlSeconds: number }> = {
-  zod: z.strictObject({ ttlSeconds: optional(z.number().int().min(1).max(MAX_TOKEN_TTL_SECONDS)) })
-    .transform((body) => ({ ttlSeconds: body.ttlSeconds ?? 3600 })),
-  messages: { ttlSeconds: `"ttlSeconds" must be an integer from 1 to ${MAX_TOKEN_TTL_SECONDS}` },
+export const V2_TOKEN: RequestSchema<{ ttlSeconds: number; consumer?: string }> = {
+  zod: z.strictObject({
+    ttlSeconds: optional(z.number().int().min(1).max(MAX_TOKEN_TTL_SECONDS)),
+    consumer: optional(z.string().regex(CONSUMER_ID)),
+  }).transform((body) => ({ ttlSeconds: body.ttlSeconds ?? 3600, consumer: body.consumer })),
+  messages: {
+    ttlSeconds: `"ttlSeconds" must be an integer from 1 to ${MAX_TOKEN_TTL_SECONDS}`,
+    consumer: '"consumer" must be a consumer id: 1 to 64 of A-Z, a-z, 0-9, _ and -',
+  },
 };

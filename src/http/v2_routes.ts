@@ -10,8 +10,8 @@
 import type { Context, Hono } from "hono";
 import type { Principal } from "../auth/principal.ts";
 import { mayRead } from "../auth/principal.ts";
-import { ConflictError, InvalidRequestError } from "../errors.ts";
-import { V2_PREFIX } from "../protocol.ts";
+import { ConflictError, ForbiddenError, InvalidRequestError } from "../errors.ts";
+import { CONSUMER_ID, V2_PREFIX } from "../protocol.ts";
 import type { Server } from "../server.ts";
 import { exportRows } from "../snapshots/snapshot_export.ts";
 import { readPage } from "../snapshots/snapshot_reader.ts";
@@ -19,7 +19,6 @@ import { readBody } from "./json_body.ts";
 import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
 import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
 import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
-import { CONSUMER_ID } from "../relay/relay_session.ts";
 import { CHECK_INTERVAL_MS } from "../streams/stream_publication.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 
@@ -76,14 +75,14 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
   routes.add(`${base}/:name/tokens`, {
     POST: admin(async (c) => {
       const name = streamName(c);
-      const { ttlSeconds } = await readBody(c.req.raw, V2_TOKEN);
+      const { ttlSeconds, consumer } = await readBody(c.req.raw, V2_TOKEN);
       if (!server.authenticator.canMint) {
         throw new ConflictError(
           "Cannot mint tokens: the server has no JWT_SECRET to sign them with",
         );
       }
       await streams.require(name, "Cannot mint a token");
-      const { token, expiresAt } = await server.authenticator.mint(name, ttlSeconds);
+      const { token, expiresAt } = await server.authenticator.mint(name, ttlSeconds, consumer);
       return json({ token, expiresAt: expiresAt.toISOString() }, 201);
     }),
   });
@@ -121,12 +120,20 @@ export function v2Routes(server: Server, routes: Routes<Hono>): void {
       if (stream.invalidated !== null) return refuseInvalidated(c.req.raw, "stream", name);
       const relay = server.relay;
       if (relay !== undefined) {
-        // Relay mode: any number of consumers, each with its own id and position in the log.
-        const consumer = c.req.query("consumer") ??
-          (principal.kind === "consumer" ? principal.subject : undefined);
+        // Relay mode: any number of consumers, each with its own id and position in the log. A
+        // token that names its consumer acts only as that one: it cannot move another's position
+        // or take its lease. Admins, and tokens that name none, choose.
+        const asked = c.req.query("consumer");
+        const bound = principal.kind === "consumer" ? principal.consumer : undefined;
+        if (bound !== undefined && asked !== undefined && asked !== bound) {
+          throw new ForbiddenError(
+            `Cannot stream: this token may connect only as consumer "${bound}", not "${asked}"`,
+          );
+        }
+        const consumer = bound ?? asked;
         if (consumer === undefined || !CONSUMER_ID.test(consumer)) {
           throw new InvalidRequestError(
-            'Cannot stream: give ?consumer=<id> (1 to 64 of A-Z, a-z, 0-9, _ and -; a token\'s "sub" by default)',
+            'Cannot stream: give ?consumer=<id> (1 to 64 of A-Z, a-z, 0-9, _ and -; by default the token\'s "consumer" claim, or its "sub")',
           );
         }
         return relay.acceptConsumer(c.req.raw, {

@@ -27,9 +27,6 @@ import { drained, SOCKET_HIGH_WATER_BYTES, truncateReason } from "../streams/str
 import { readAck } from "../streams/ack_message.ts";
 import { consumerName, type JetStreamLog, LEASE_TTL_MS, logName } from "./jetstream_log.ts";
 
-/** A consumer id: what `?consumer=` (or the token's `sub`) may be. */
-export const CONSUMER_ID = /^[A-Za-z0-9_-]{1,64}$/;
-
 /** Messages delivered and not acknowledged, at most, before JetStream waits for acks. */
 const MAX_ACK_PENDING = 20_000;
 
