@@ -469,3 +469,84 @@ Deno.test({
     );
   },
 });
+
+Deno.test({
+  name:
+    "relay: transactions larger than a chunk survive a kill -9 of their publisher mid-publish, every change once",
+  ignore: !hasNats,
+  async fn() {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await sql(db, "CREATE TABLE feed(id int primary key, pad text)");
+    await using nats = await NatsServer.start();
+    // Small chunks, and different ones on each instance: a resumed transaction must not depend on them.
+    const servers = new Map<string, ServerProcess>([
+      ["a", await relayServer(db, nats, "a", { FRAME_CHUNK_BYTES: "4096" })],
+      ["b", await relayServer(db, nats, "b", { FRAME_CHUNK_BYTES: "9000" })],
+    ]);
+    try {
+      const any = () => [...servers.values()][0].url;
+      await createStream(any(), { name: "feed", tables: ["feed"] });
+      const first = await poll(
+        async () => (await streamState(any(), "feed")).relay?.publisher,
+        "a publisher",
+      );
+      const ROWS = 60_000;
+      // The consumer connects to the instance that survives.
+      const survivor = [...servers.keys()].find((n) => n !== first)!;
+      const stream = connectStream({
+        url: () => servers.get(survivor)!.url,
+        stream: "feed",
+        consumer: "replica",
+        reconnect: { initialDelayMs: 100, maxDelayMs: 1000 },
+      });
+      const seen = new Map<number, number>();
+      const reading = (async () => {
+        for await (const tx of stream) {
+          for (const change of tx.changes) {
+            if (change.kind !== "insert") continue;
+            const id = (change as RowChange).columnvalues![0] as number;
+            seen.set(id, (seen.get(id) ?? 0) + 1);
+          }
+          stream.acknowledge(tx);
+          if (seen.has(ROWS + 1)) return;
+        }
+      })();
+      // One transaction of many chunks; the publisher dies once some of them, not all, are in the log.
+      const nc = await connect({ servers: nats.url });
+      try {
+        const jsm = await jetstreamManager(nc);
+        await sql(
+          db,
+          `INSERT INTO feed SELECT g, repeat('x', 100) FROM generate_series(1, ${ROWS}) g`,
+        );
+        await poll(
+          async () => {
+            const last = await jsm.streams.getMessage(logName("feed"), {
+              last_by_subj: logSubject("feed"),
+            }).catch(() => undefined);
+            return last?.header.get("Nats-Msg-Id").includes("+") &&
+              (await jsm.streams.info(logName("feed"))).state.messages > 20;
+          },
+          "the publisher to be part-way through the large transaction",
+          { intervalMs: 5 },
+        );
+      } finally {
+        await nc.close();
+      }
+      await servers.get(first)!.kill("SIGKILL");
+      servers.delete(first);
+      await sql(db, `INSERT INTO feed VALUES (${ROWS + 1}, 'after')`);
+      await deadline(reading, "every row of the large transaction and the one after it");
+      await stream.close();
+      const missing = Array.from({ length: ROWS + 1 }, (_, i) => i + 1).filter((id) =>
+        !seen.has(id)
+      );
+      const repeated = [...seen].filter(([, n]) => n > 1).length;
+      assert.deepEqual(missing.slice(0, 10), [], `${missing.length} rows missing`);
+      assert.equal(repeated, 0, "rows delivered twice");
+    } finally {
+      await Promise.all([...servers.values()].map((s) => s.kill("SIGKILL")));
+    }
+  },
+});

@@ -31,6 +31,12 @@ export function logSubject(name: string): string {
   return `pgds.${name}`;
 }
 
+/**
+ * The header of a chunk (a partial frame) that says where the next frame of
+ * its transaction starts: the ordinal after its last row change.
+ */
+export const END_CHANGE_HEADER = "Pgds-End-Change";
+
 /** What a consumer id's durable consumer name starts with (tails' consumers have none). */
 const CONSUMER_PREFIX = "c_";
 
@@ -137,13 +143,19 @@ export class JetStreamLog implements AsyncDisposable {
     await this.jsm.streams.delete(logName(name)).catch(() => {});
   }
 
-  /** The message id of the log's last frame (where a new publisher resumes), if any. */
-  async lastPosition(name: string): Promise<string | undefined> {
+  /**
+   * The log's last frame (where a new publisher resumes): its message id and,
+   * for a chunk, the {@link END_CHANGE_HEADER} it carries; none for an empty log.
+   */
+  async lastFrame(name: string): Promise<{ id: string; endChange?: number } | undefined> {
     try {
       const message = await this.jsm.streams.getMessage(logName(name), {
         last_by_subj: logSubject(name),
       });
-      return message?.header.get("Nats-Msg-Id") || undefined;
+      const id = message?.header.get("Nats-Msg-Id");
+      if (!id) return undefined;
+      const end = message!.header.get(END_CHANGE_HEADER);
+      return { id, ...(end ? { endChange: Number(end) } : {}) };
     } catch {
       return undefined;
     }

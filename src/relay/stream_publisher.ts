@@ -7,8 +7,15 @@
  * position is confirmed to PostgreSQL only once JetStream acknowledged
  * every frame up to it, so the slot follows the log. A new publisher
  * starts after the log's last frame: frames decoded again from the slot's
- * confirmed position that the log already has are skipped (and a publish
- * retried after a timeout is de-duplicated by its message id).
+ * confirmed position that the log already has are skipped, and a large
+ * transaction whose first chunks are in the log resumes after them, by its
+ * change ordinal (so whatever chunk size either publisher had); a publish
+ * retried after a timeout is de-duplicated by its message id.
+ *
+ * A message's id names its content across publishers and instances: a whole
+ * frame's is its `nextlsn`; a chunk's is `<its transaction's commit record
+ * position>+<ordinal of its first row change>`, with the ordinal after its
+ * last in {@link END_CHANGE_HEADER}.
  * @module
  */
 
@@ -21,20 +28,33 @@ import { connect } from "../postgres/database.ts";
 import type { Frame } from "../replication/pgoutput_decoder.ts";
 import { type ReplicationService, startReplication } from "../replication/replication_service.ts";
 import type { StreamManager } from "../streams/stream_manager.ts";
-import { type JetStreamLog, logSubject } from "./jetstream_log.ts";
+import { headers } from "@nats-io/transport-node";
+import { END_CHANGE_HEADER, type JetStreamLog, logSubject } from "./jetstream_log.ts";
 
 /** Frames published and not yet acknowledged by JetStream, at most. */
 const IN_FLIGHT = 512;
 /** Publishes retried after a timeout (same message id: JetStream de-duplicates), at most. */
 const PUBLISH_ATTEMPTS = 5;
 
-/** A frame's position in its log: `[nextlsn, -1]` for a whole frame, `[previous nextlsn, chunk]` for a partial one. */
+/**
+ * A frame's position in its log: `[nextlsn, -1]` for a whole frame (the end
+ * of its commit record), `[start of its commit record, first change]` for a
+ * chunk. Ordered as the log is: a transaction's chunks come after the frames
+ * of every transaction that committed before it, and before its last frame.
+ */
 type Position = [Lsn, number];
 
 /** The position of the message id `id` (`X/Y` or `X/Y+k`). */
 function positionOf(id: string): Position {
   const [lsn, chunk] = id.split("+");
   return [parseLsn(lsn), chunk === undefined ? -1 : Number(chunk)];
+}
+
+/** The message id of `frame`: see the module's documentation. */
+function messageId(frame: Frame): string {
+  return frame.partial
+    ? `${formatLsn(frame.txLsn)}+${frame.firstChange}`
+    : formatLsn(frame.nextLsn);
 }
 
 function after(a: Position, b: Position): boolean {
@@ -126,6 +146,12 @@ export class RelayPublishers implements AsyncDisposable {
       if (stream === undefined || stream.invalidated !== null) return;
       await this.#deps.log.ensure(name);
       const plan = await this.#deps.streams.replicationPlan(stream);
+      // Where the log ends: a transaction whose first chunks it has goes on after them.
+      const last = await this.#deps.log.lastFrame(name);
+      const lastPosition = last === undefined ? undefined : positionOf(last.id);
+      if (lastPosition !== undefined && lastPosition[1] >= 0 && last!.endChange !== undefined) {
+        plan.options.resume = { txLsn: lastPosition[0], changes: last!.endChange };
+      }
       // NATS refuses messages over its max_payload: keep chunks well under it.
       const maxPayload = this.#deps.log.nc.info?.max_payload ?? 1 << 20;
       plan.options.chunkBytes = Math.min(
@@ -139,7 +165,7 @@ export class RelayPublishers implements AsyncDisposable {
         instance: this.#deps.instance,
         slot: stream.slotName,
       });
-      await this.#pump(name, service);
+      await this.#pump(name, service, last?.id);
     } catch (error) {
       if (!this.#abort.signal.aborted) {
         log.warn("relay.publisher_stopped", `publishing stream "${name}" stopped; retrying`, {
@@ -155,10 +181,13 @@ export class RelayPublishers implements AsyncDisposable {
   }
 
   /** Publishes every frame of `service` in order, confirming each transaction once JetStream has it. */
-  async #pump(name: string, service: ReplicationService): Promise<void> {
+  async #pump(
+    name: string,
+    service: ReplicationService,
+    lastId: string | undefined,
+  ): Promise<void> {
     const { log: relayLog } = this.#deps;
     const subject = logSubject(name);
-    const lastId = await relayLog.lastPosition(name);
     let last = lastId === undefined ? undefined : positionOf(lastId);
     // Each publish expects the one before it to be the log's last: a frame lost in transit makes
     // the next ones fail instead of leaving a gap; the publisher then starts again after the log.
@@ -186,7 +215,6 @@ export class RelayPublishers implements AsyncDisposable {
       wake?.();
     };
     this.#abort.signal.addEventListener("abort", stop, { once: true });
-    let chunk = 0;
     try {
       for (;;) {
         if (failure !== undefined) throw failure;
@@ -194,11 +222,10 @@ export class RelayPublishers implements AsyncDisposable {
         if (failure !== undefined) throw failure;
         if (result.done) return;
         const frame: Frame = result.value;
-        const position: Position = [frame.nextLsn, frame.partial ? chunk : -1];
-        const id = frame.partial
-          ? `${formatLsn(frame.nextLsn)}+${chunk++}`
-          : formatLsn(frame.nextLsn);
-        if (!frame.partial) chunk = 0;
+        const position: Position = frame.partial
+          ? [frame.txLsn, frame.firstChange]
+          : [frame.nextLsn, -1];
+        const id = messageId(frame);
         const entry: (typeof inFlight)[number] = {
           done: false,
           final: frame.partial ? undefined : frame.nextLsn,
@@ -215,7 +242,7 @@ export class RelayPublishers implements AsyncDisposable {
         }
         const expect = expected;
         expected = { lastMsgID: id };
-        void publish(relayLog, subject, frame.text, id, expect).then(
+        void publish(relayLog, subject, frame, id, expect).then(
           () => {
             metrics?.sent?.(frame);
             entry.done = true;
@@ -257,13 +284,23 @@ type Expectation = { lastMsgID: string } | { lastSequence: number };
 async function publish(
   log: JetStreamLog,
   subject: string,
-  text: string,
+  frame: Frame,
   id: string,
   expect: Expectation,
 ): Promise<void> {
+  let chunk: ReturnType<typeof headers> | undefined;
+  if (frame.partial) {
+    chunk = headers();
+    chunk.set(END_CHANGE_HEADER, String(frame.endChange));
+  }
   for (let attempt = 1;; attempt++) {
     try {
-      await log.publisher.publish(subject, text, { msgID: id, timeout: 5000, expect });
+      await log.publisher.publish(subject, frame.text, {
+        msgID: id,
+        timeout: 5000,
+        expect,
+        ...(chunk === undefined ? {} : { headers: chunk }),
+      });
       return;
     } catch (error) {
       if (attempt >= PUBLISH_ATTEMPTS || /wrong last/i.test(errorMessage(error))) throw error;

@@ -36,6 +36,26 @@ export interface Frame {
   readonly partial: boolean;
   /** The transaction's commit time (ms since the Unix epoch) as pgoutput's Begin carries it. */
   readonly commitTime: number;
+  /**
+   * The transaction's own position: the start of its commit record (Begin's
+   * final LSN), the same whoever decodes it. With {@link firstChange} it names a
+   * chunk across decoders, whatever their chunk size.
+   */
+  readonly txLsn: Lsn;
+  /** Ordinal in its transaction of the frame's first row change (schema changes do not count). */
+  readonly firstChange: number;
+  /** Ordinal after its last row change: where the transaction's next frame starts. */
+  readonly endChange: number;
+}
+
+/**
+ * Where a decoder resumes a transaction that was partly delivered already
+ * (relay mode: a new publisher after the log's last chunk): the first
+ * `changes` row changes of the transaction at `txLsn` are dropped.
+ */
+export interface ResumePoint {
+  txLsn: Lsn;
+  changes: number;
 }
 
 /** Default size at which a transaction's changes are sent as a partial frame. */
@@ -175,6 +195,14 @@ export class PgoutputDecoder {
   #chunked = false;
   #inTransaction = false;
   #commitTime = 0;
+  /** The open transaction's final LSN (its commit record's start). */
+  #txLsn: Lsn = 0n;
+  /** Row changes of the open transaction so far, and the ordinal of the pending frame's first. */
+  #ordinal = 0;
+  #frameStart = 0;
+  /** Row changes still to drop at the start of the open transaction (a resumed one). */
+  #skip = 0;
+  readonly #resume: ResumePoint | undefined;
   /** Messages of the open transaction so far. */
   #messages = 0;
   /** nextlsn of the last complete transaction sent: what a partial frame carries. */
@@ -199,10 +227,16 @@ export class PgoutputDecoder {
     // Begin: final_lsn(8) commit timestamp(8) xid(4); a transaction's changes follow, up to its Commit.
     [TAG_BEGIN]: (_buf, view, at) => {
       this.#pending.clear();
-      this.#chunked = false;
       this.#inTransaction = true;
       this.#messages = 0;
+      this.#txLsn = readLsn(view, at + 1);
       this.#commitTime = Number((view.getBigInt64(at + 9) + POSTGRES_EPOCH_US) / 1000n);
+      this.#ordinal = 0;
+      this.#frameStart = 0;
+      // A transaction resumed part-way is a chunked one: its last frame is sent, even empty.
+      const resumed = this.#resume !== undefined && this.#resume.txLsn === this.#txLsn;
+      this.#chunked = resumed;
+      this.#skip = resumed ? this.#resume!.changes : 0;
     },
     // Commit: flags(1) commit_lsn(8) end_lsn(8) timestamp(8). end_lsn is wal2json's nextlsn.
     [TAG_COMMIT]: (_buf, view, at) => this.#commit(view, at),
@@ -224,17 +258,20 @@ export class PgoutputDecoder {
   /**
    * Creates a decoder that names types with `resolveTypes`, writes what
    * `scope` carries, and sends a transaction's changes as a partial frame
-   * whenever they reach `chunkBytes`, so no transaction is ever held whole.
+   * whenever they reach `chunkBytes`, so no transaction is ever held whole;
+   * `resume` drops the changes of a transaction delivered part-way before.
    */
   constructor(
     resolveTypes: TypeNameResolver,
     scope: StreamScope,
     chunkBytes = DEFAULT_CHUNK_BYTES,
+    resume?: ResumePoint,
   ) {
     this.#resolveTypes = resolveTypes;
     this.#scope = scope;
     this.#chunkBytes = chunkBytes;
     this.#pending = new FrameBuilder(chunkBytes);
+    this.#resume = resume;
   }
 
   /** True between a Begin and its Commit. */
@@ -277,38 +314,47 @@ export class PgoutputDecoder {
     this.#lastEnd = readLsn(view, at + 10);
     this.#lastEndText = formatLsnAt(view, at + 10);
     const text = this.#pending.take(`{"nextlsn":"${this.#lastEndText}","change":[`);
+    return this.#frame(text, changes, false);
+  }
+
+  /** The frame of `text` and `changes`, placed in its transaction; the next one starts after it. */
+  #frame(text: string, changes: number, partial: boolean): Frame {
+    const firstChange = this.#frameStart;
+    this.#frameStart = this.#ordinal;
     return {
       text,
       nextLsn: this.#lastEnd,
       changes,
-      partial: false,
+      partial,
       commitTime: this.#commitTime,
+      txLsn: this.#txLsn,
+      firstChange,
+      endChange: this.#ordinal,
     };
   }
 
-  /** Adds a change of `relation`, after the relation's shape if it is still to be announced. */
+  /**
+   * Adds a row change of `relation`, after the relation's shape if it is
+   * still to be announced; one a resumed transaction delivered before is
+   * dropped (its relation's shape then comes with the first one sent).
+   */
   #pushFor(relation: Relation, change: string): Frame | undefined {
+    this.#ordinal++;
+    if (this.#skip > 0) {
+      this.#skip--;
+      this.#frameStart = this.#ordinal;
+      return undefined;
+    }
     if (relation.announce) {
       relation.announce = false;
       this.#pending.add(relation.schemaChange!);
     }
-    return this.#push(change);
-  }
-
-  /** Adds one encoded change; returns a partial frame once the pending changes reach the chunk size. */
-  #push(change: string): Frame | undefined {
     this.#pending.add(change);
     if (this.#pending.size < this.#chunkBytes) return undefined;
     this.#chunked = true;
     const changes = this.#pending.count;
     const text = this.#pending.take(`{"nextlsn":"${this.#lastEndText}","partial":true,"change":[`);
-    return {
-      text,
-      nextLsn: this.#lastEnd,
-      changes,
-      partial: true,
-      commitTime: this.#commitTime,
-    };
+    return this.#frame(text, changes, true);
   }
 
   async #relation(buf: Buffer, view: DataView, at: number): Promise<void> {

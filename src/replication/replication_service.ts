@@ -18,6 +18,7 @@ import { WireConnection } from "../postgres/wire_connection.ts";
 import {
   type Frame,
   PgoutputDecoder,
+  type ResumePoint,
   type StreamScope,
   type TypeNameResolver,
 } from "./pgoutput_decoder.ts";
@@ -38,6 +39,8 @@ export interface ReplicationOptions {
   highWaterBytes?: number;
   /** Size at which a large transaction is sent as partial frames. */
   chunkBytes?: number;
+  /** A transaction delivered part-way before, whose first changes are not sent again. */
+  resume?: ResumePoint;
 }
 
 /**
@@ -128,7 +131,12 @@ export class ReplicationService implements AsyncDisposable {
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
     this.#options = options;
-    this.#decoder = new PgoutputDecoder(options.resolveTypes, options.scope, options.chunkBytes);
+    this.#decoder = new PgoutputDecoder(
+      options.resolveTypes,
+      options.scope,
+      options.chunkBytes,
+      options.resume,
+    );
     this.readable = new ReadableStream<Frame>({
       start: (controller) => {
         this.#controller = controller;
