@@ -59,7 +59,7 @@ Deno.test("the wire client queries, reports errors with their SQLSTATE, and copi
   });
 });
 
-Deno.test("the wire client authenticates with scram-sha-256, md5 and password", async (t) => {
+Deno.test("the wire client authenticates with scram-sha-256 and md5", async (t) => {
   await using postgres = await startPostgres();
   const db = postgres.database;
   // Password methods for three roles, ahead of initdb's trust lines.
@@ -69,7 +69,6 @@ Deno.test("the wire client authenticates with scram-sha-256, md5 and password", 
     [
       "host all scram_user 127.0.0.1/32 scram-sha-256",
       "host all md5_user 127.0.0.1/32 md5",
-      "host all plain_user 127.0.0.1/32 password",
       await Deno.readTextFile(hba),
     ].join("\n"),
   );
@@ -78,12 +77,11 @@ Deno.test("the wire client authenticates with scram-sha-256, md5 and password", 
     db,
     `SET password_encryption = 'scram-sha-256';
      CREATE ROLE scram_user LOGIN PASSWORD '${password}';
-     CREATE ROLE plain_user LOGIN PASSWORD '${password}';
      SET password_encryption = 'md5';
      CREATE ROLE md5_user LOGIN PASSWORD '${password}';
      SELECT pg_reload_conf();`,
   );
-  for (const user of ["scram_user", "md5_user", "plain_user"]) {
+  for (const user of ["scram_user", "md5_user"]) {
     await t.step(user, async () => {
       using connection = await WireConnection.connect({ ...db, user, password });
       assert.deepEqual((await connection.query("SELECT current_user")).rows, [[user]]);
@@ -97,4 +95,137 @@ Deno.test("the wire client authenticates with scram-sha-256, md5 and password", 
       assert.equal(refused.code, "28P01", String(refused));
     });
   }
+});
+
+/**
+ * A man in the middle between a client and PostgreSQL: passes everything,
+ * but hands each authentication message the server sends to `tamper` first
+ * (`kind` is its Authentication request code), which may change it or drop it.
+ */
+async function manInTheMiddle(
+  upstream: { host: string; port: number },
+  tamper: (kind: number, message: Uint8Array) => Uint8Array | undefined,
+): Promise<{ port: number } & AsyncDisposable> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const links = new Set<Deno.Conn>();
+  const relayed: Promise<void>[] = [];
+  const accepting = (async () => {
+    for await (const client of listener) {
+      const server = await Deno.connect({ hostname: upstream.host, port: upstream.port });
+      links.add(client);
+      links.add(server);
+      const pipe = async (from: Deno.Conn, to: Deno.Conn, edit: boolean) => {
+        let pending = new Uint8Array(0);
+        const buffer = new Uint8Array(64 << 10);
+        try {
+          for (;;) {
+            const n = await from.read(buffer);
+            if (n === null) break;
+            if (!edit) {
+              await to.write(buffer.slice(0, n));
+              continue;
+            }
+            const joined = new Uint8Array(pending.length + n);
+            joined.set(pending);
+            joined.set(buffer.subarray(0, n), pending.length);
+            let at = 0;
+            while (joined.length - at >= 5) {
+              const length = new DataView(joined.buffer).getInt32(at + 1);
+              if (joined.length - at < length + 1) break;
+              let message: Uint8Array | undefined = joined.slice(at, at + length + 1);
+              if (message[0] === 0x52) {
+                message = tamper(new DataView(message.buffer).getInt32(5), message);
+              }
+              if (message !== undefined) await to.write(message);
+              at += length + 1;
+            }
+            pending = joined.slice(at);
+          }
+        } catch { /* either side closed */ }
+        for (const conn of [from, to]) {
+          try {
+            conn.close();
+          } catch { /* closed */ }
+        }
+      };
+      relayed.push(pipe(client, server, false), pipe(server, client, true));
+    }
+  })().catch(() => {});
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      for (const conn of links) {
+        try {
+          conn.close();
+        } catch { /* closed */ }
+      }
+      await accepting;
+      await Promise.all(relayed);
+    },
+  };
+}
+
+Deno.test("the wire client refuses a server that never proves it knows the password, and cleartext passwords without TLS", async (t) => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  const hba = `${postgres.dataDir}/pg_hba.conf`;
+  await Deno.writeTextFile(
+    hba,
+    [
+      "host all scram_user 127.0.0.1/32 scram-sha-256",
+      "host all plain_user 127.0.0.1/32 password",
+      await Deno.readTextFile(hba),
+    ].join("\n"),
+  );
+  const password = "a password nobody in the middle may learn";
+  await sql(
+    db,
+    `SET password_encryption = 'scram-sha-256';
+     CREATE ROLE scram_user LOGIN PASSWORD '${password}';
+     CREATE ROLE plain_user LOGIN PASSWORD '${password}';
+     SELECT pg_reload_conf();`,
+  );
+  const refusal = (config: typeof db) =>
+    WireConnection.connect(config).then((c) => {
+      c.close();
+      throw new Error("the connection was accepted");
+    }, (error: Error) => error);
+
+  await t.step("SCRAM's final message dropped: AuthenticationOk alone is not enough", async () => {
+    await using mitm = await manInTheMiddle(db, (kind, m) => kind === 12 ? undefined : m);
+    const error = await refusal({ ...db, port: mitm.port, user: "scram_user", password });
+    assert.match(error.message, /never proved it knows the password/);
+  });
+
+  await t.step("SCRAM's server signature altered: refused", async () => {
+    await using mitm = await manInTheMiddle(db, (kind, m) => {
+      if (kind !== 12) return m;
+      const text = new TextDecoder().decode(m.subarray(9)).replace(/v=./, "v=A");
+      const body = new TextEncoder().encode(text);
+      const out = new Uint8Array(9 + body.length);
+      out.set(m.subarray(0, 9));
+      out.set(body, 9);
+      new DataView(out.buffer).setInt32(1, out.length - 1);
+      return out;
+    });
+    const error = await refusal({ ...db, port: mitm.port, user: "scram_user", password });
+    assert.match(error.message, /signature is wrong/);
+  });
+
+  await t.step("a cleartext password request on a connection without TLS: not sent", async () => {
+    const error = await refusal({ ...db, user: "plain_user", password });
+    assert.match(error.message, /in cleartext on a connection that is not encrypted/);
+  });
+
+  await t.step("untouched, SCRAM through the same relay still works", async () => {
+    await using mitm = await manInTheMiddle(db, (_kind, m) => m);
+    using connection = await WireConnection.connect({
+      ...db,
+      port: mitm.port,
+      user: "scram_user",
+      password,
+    });
+    assert.deepEqual((await connection.query("SELECT current_user")).rows, [["scram_user"]]);
+  });
 });

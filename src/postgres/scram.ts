@@ -105,7 +105,7 @@ export class ScramClient {
   verify(serverFinal: string): void {
     const server = attributes(serverFinal);
     if (server.has("e")) throw new Error(`SCRAM: the server refused: ${server.get("e")}`);
-    if (server.get("v") !== this.#serverSignature) {
+    if (this.#serverSignature === "" || server.get("v") !== this.#serverSignature) {
       throw new Error("SCRAM: the server's signature is wrong; it does not know the password");
     }
   }

@@ -130,7 +130,7 @@ export class WireConnection {
     try {
       if (to.tls === "require") conn = await startTls(conn as Deno.TcpConn, to.host);
       const connection = new WireConnection(conn);
-      await connection.#startup(to, replication);
+      await connection.#startup(to, replication, to.tls === "require");
       return connection;
     } catch (error) {
       try {
@@ -140,7 +140,15 @@ export class WireConnection {
     }
   }
 
-  async #startup(to: Target, replication: boolean): Promise<void> {
+  /**
+   * Sends the startup message and answers PostgreSQL's authentication
+   * requests. A server that asks for the password in cleartext is answered
+   * only over TLS, and one that began SCRAM must prove, with its final
+   * message, that it knows the password before its AuthenticationOk counts:
+   * otherwise a man in the middle could read the password or pose as
+   * PostgreSQL.
+   */
+  async #startup(to: Target, replication: boolean, encrypted: boolean): Promise<void> {
     const params: [string, string][] = [
       ["user", to.user],
       ["database", to.database],
@@ -158,13 +166,29 @@ export class WireConnection {
     message.set(bytes, 8);
     await this.#write(message);
     let scram: ScramClient | undefined;
+    let serverProved = false;
     for (;;) {
       const m = await this.#next();
       switch (m.tag) {
         case 0x52: { // R: Authentication*
           const kind = this.#view.getInt32(m.start);
-          if (kind === 0) break; // AuthenticationOk
+          if (kind === 0) { // AuthenticationOk
+            if (scram !== undefined && !serverProved) {
+              throw new Error(
+                "PostgreSQL accepted the login without SCRAM's final message, so it never proved " +
+                  "it knows the password: refusing the connection (is something in the middle?)",
+              );
+            }
+            break;
+          }
           if (kind === 3) { // cleartext password
+            if (!encrypted) {
+              throw new Error(
+                `PostgreSQL asks for the password of user "${to.user}" in cleartext on a ` +
+                  "connection that is not encrypted: refusing to send it; use TLS " +
+                  "(sslmode=require or stricter) or scram-sha-256 authentication",
+              );
+            }
             await this.#send(0x70, cString(requirePassword(to)));
           } else if (kind === 5) { // md5, with a 4-byte salt
             const salt = this.#buffer.slice(m.start + 4, m.start + 8);
@@ -185,10 +209,17 @@ export class WireConnection {
             out.set(first, name.length + 4);
             await this.#send(0x70, out);
           } else if (kind === 11) { // SASLContinue
+            if (scram === undefined) {
+              throw new Error("PostgreSQL continued a SASL exchange never begun");
+            }
             const serverFirst = decoder.decode(this.#buffer.subarray(m.start + 4, m.end));
-            await this.#send(0x70, encoder.encode(await scram!.final(serverFirst)));
-          } else if (kind === 12) { // SASLFinal
-            scram!.verify(decoder.decode(this.#buffer.subarray(m.start + 4, m.end)));
+            await this.#send(0x70, encoder.encode(await scram.final(serverFirst)));
+          } else if (kind === 12) { // SASLFinal: the server's signature, its proof
+            if (scram === undefined) {
+              throw new Error("PostgreSQL ended a SASL exchange never begun");
+            }
+            scram.verify(decoder.decode(this.#buffer.subarray(m.start + 4, m.end)));
+            serverProved = true;
           } else {
             throw new Error(`Unsupported authentication request ${kind} from PostgreSQL`);
           }
