@@ -102,10 +102,10 @@ Deno.test("the wire client authenticates with scram-sha-256 and md5", async (t) 
  * but hands each authentication message the server sends to `tamper` first
  * (`kind` is its Authentication request code), which may change it or drop it.
  */
-async function manInTheMiddle(
+function manInTheMiddle(
   upstream: { host: string; port: number },
   tamper: (kind: number, message: Uint8Array) => Uint8Array | undefined,
-): Promise<{ port: number } & AsyncDisposable> {
+): { port: number } & AsyncDisposable {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const links = new Set<Deno.Conn>();
   const relayed: Promise<void>[] = [];
@@ -193,13 +193,13 @@ Deno.test("the wire client refuses a server that never proves it knows the passw
     }, (error: Error) => error);
 
   await t.step("SCRAM's final message dropped: AuthenticationOk alone is not enough", async () => {
-    await using mitm = await manInTheMiddle(db, (kind, m) => kind === 12 ? undefined : m);
+    await using mitm = manInTheMiddle(db, (kind, m) => kind === 12 ? undefined : m);
     const error = await refusal({ ...db, port: mitm.port, user: "scram_user", password });
     assert.match(error.message, /never proved it knows the password/);
   });
 
   await t.step("SCRAM's server signature altered: refused", async () => {
-    await using mitm = await manInTheMiddle(db, (kind, m) => {
+    await using mitm = manInTheMiddle(db, (kind, m) => {
       if (kind !== 12) return m;
       const text = new TextDecoder().decode(m.subarray(9)).replace(/v=./, "v=A");
       const body = new TextEncoder().encode(text);
@@ -219,7 +219,7 @@ Deno.test("the wire client refuses a server that never proves it knows the passw
   });
 
   await t.step("untouched, SCRAM through the same relay still works", async () => {
-    await using mitm = await manInTheMiddle(db, (_kind, m) => m);
+    await using mitm = manInTheMiddle(db, (_kind, m) => m);
     using connection = await WireConnection.connect({
       ...db,
       port: mitm.port,
