@@ -12,7 +12,7 @@ RUN deno eval --no-config 'const c = JSON.parse(Deno.readTextFileSync("deno.json
       Deno.writeTextFileSync("deno.json", JSON.stringify(c, null, 2));' \
   && deno install
 COPY src/ ./src/
-RUN deno cache --frozen src/main.ts
+RUN deno cache --frozen src/launch.ts src/main.ts
 
 # The image's default user; nothing under /app needs writing at run time.
 USER deno
@@ -31,6 +31,8 @@ ENV MALLOC_MMAP_THRESHOLD_=131072
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["deno", "eval", "--no-config", "const port = Deno.env.get('SERVERPORT') || Deno.env.get('PORT') || '12312'; const r = await fetch(`http://127.0.0.1:${port}/healthz`).catch(() => undefined); await r?.body?.cancel(); Deno.exit(r?.ok ? 0 : 1);"]
 
-# The same narrow permissions and V8 flags as `deno task start` (see README); nothing is fetched
-# at run time (--cached-only) and the lock file is not touched (--frozen).
-CMD ["run", "--frozen", "--cached-only", "--v8-flags=--max-semi-space-size=8", "--allow-net", "--allow-env=DATABASE_URL,DBNAME,PGDATABASE,PGUSER,USER,PGPASS,PGPASSWORD,PGPASSFILE,HOME,PGHOST,PGPORT,PGSSLMODE,PGSSLNEGOTIATION,PGAPPNAME,PGCONNECT_TIMEOUT,PGCLIENT_ENCODING,PGOPTIONS,PGBINARY,PGREPLICATION,SERVERHOST,SERVERPORT,PORT,SNAPSHOT_TTL_SECONDS,SLOT_BUSY_TIMEOUT_SECONDS,PUBLICATION_PREFIX,FRAME_CHUNK_BYTES,EXPORT_READERS,SNAPSHOT_READERS,AUTH,ADMIN_TOKENS,ADMIN_TOKEN,JWT_SECRET,JWKS_URL,JWT_AUDIENCE,JWT_ISSUER,CORS_ORIGINS,NODE_PG_FORCE_NATIVE,LOG_FORMAT,LOG_LEVEL,METRICS,METRICS_TOKEN,STREAM_MAX_LAG_BYTES,STREAM_MAX_IDLE_SECONDS,WAL_GUARD_INTERVAL_SECONDS,NATS_URL,RELAY_MAX_AGE_SECONDS,RELAY_MAX_BYTES,RELAY_MAX_MESSAGES,RELAY_INSTANCE", "src/main.ts"]
+# As `deno task start`: the launcher reads the configuration and runs the server with exactly the
+# permissions it needs (the network, its environment variables, and only the certificate, key,
+# password and socket paths its database settings name); nothing is fetched at run time
+# (--cached-only) and the lock file is not touched (--frozen), for the server too.
+CMD ["run", "--frozen", "--cached-only", "--allow-env=DATABASE_URL,DBNAME,PGDATABASE,PGUSER,USER,PGPASS,PGPASSWORD,PGPASSFILE,HOME,PGHOST,PGPORT,PGSSLMODE,PGSSLROOTCERT,PGSSLCERT,PGSSLKEY,PGSSLNEGOTIATION,PGAPPNAME,PGCONNECT_TIMEOUT,PGCLIENT_ENCODING,PGOPTIONS,PGBINARY,PGREPLICATION,SERVERHOST,SERVERPORT,PORT,SNAPSHOT_TTL_SECONDS,SLOT_BUSY_TIMEOUT_SECONDS,PUBLICATION_PREFIX,FRAME_CHUNK_BYTES,EXPORT_READERS,SNAPSHOT_READERS,AUTH,ADMIN_TOKENS,ADMIN_TOKEN,JWT_SECRET,JWKS_URL,JWT_AUDIENCE,JWT_ISSUER,CORS_ORIGINS,NODE_PG_FORCE_NATIVE,LOG_FORMAT,LOG_LEVEL,METRICS,METRICS_TOKEN,STREAM_MAX_LAG_BYTES,STREAM_MAX_IDLE_SECONDS,WAL_GUARD_INTERVAL_SECONDS,NATS_URL,RELAY_MAX_AGE_SECONDS,RELAY_MAX_BYTES,RELAY_MAX_MESSAGES,RELAY_INSTANCE,REPLICATION_TIMEOUT_SECONDS", "--allow-run=deno", "src/launch.ts", "--frozen", "--cached-only"]

@@ -6,21 +6,53 @@
 
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observability/log.ts";
 import type { StreamLimits } from "./protocol.ts";
+import { parseConnectionUri } from "./postgres/connection_uri.ts";
 
-/** Where and how to reach PostgreSQL; passed to `npm:pg` as is. */
+/** libpq's `sslmode`s, weakest first. */
+export const SSL_MODES = [
+  "disable",
+  "allow",
+  "prefer",
+  "require",
+  "verify-ca",
+  "verify-full",
+] as const;
+
+/** How TLS is asked for and how far the server's certificate is checked (libpq's meanings). */
+export type SslMode = typeof SSL_MODES[number];
+
+/**
+ * Where and how to reach PostgreSQL, resolved as libpq resolves it: a
+ * `DATABASE_URL` parameter wins over its `PG*` variable, which wins over
+ * the default. Every connection of the server is made from it.
+ */
 export interface DatabaseConfig {
+  /** A host name, an IP address, or a Unix-socket directory (starting with `/`). */
   host: string;
   port: number;
   user: string;
+  /** The password given (`PGPASSWORD`, the URL); else the password file is asked. */
   password?: string;
   database: string;
-  /** `DATABASE_URL`, when given; its parts win over the fields above. */
-  connectionString?: string;
-  /** Startup options (`-c name=value …`): `PGOPTIONS`, or `options` of `DATABASE_URL`. */
+  /** Startup options (`-c name=value …`): `PGOPTIONS` and `options` of `DATABASE_URL`. */
   options?: string;
-  /** `PGSSLMODE` (`sslmode` in `DATABASE_URL` wins): anything but `disable` means verified TLS. */
-  sslmode?: string;
   application_name: string;
+  /** libpq's `sslmode`; default `prefer`, as libpq's. */
+  sslmode?: SslMode;
+  /** A PEM file of the CAs that may sign the server's certificate, or `system` (the runtime's roots). */
+  sslrootcert?: string;
+  /** A client certificate (PEM) and its key, for `cert` authentication. */
+  sslcert?: string;
+  sslkey?: string;
+  /** `postgres` (an SSLRequest first) or `direct` (TLS at once, PostgreSQL 17+). */
+  sslnegotiation?: "postgres" | "direct";
+  /** The password file (`PGPASSFILE`, default `~/.pgpass`), read when no password is given. */
+  passfile?: string;
+  /** How long a connection may take to be ready, in seconds (`connect_timeout`); 0: no limit. */
+  connectTimeoutSeconds?: number;
+  /** TCP keepalives (`keepalives`, default on) and their idle time (`keepalives_idle`, seconds). */
+  keepalives?: boolean;
+  keepalivesIdleSeconds?: number;
 }
 
 /** The server's whole configuration. */
@@ -56,6 +88,13 @@ export interface Config {
   relay?: RelayConfig;
   /** Prometheus metrics (`METRICS=off` turns them off); `METRICS_TOKEN` may read them besides admins. */
   metrics: { enabled: boolean; token?: string };
+  /**
+   * A replication connection that receives nothing for this long is taken
+   * for dead and replaced (`REPLICATION_TIMEOUT_SECONDS`, default 60, as
+   * `wal_receiver_timeout`); at half of it the server asks PostgreSQL for a
+   * reply. 0: never.
+   */
+  replicationTimeoutMs: number;
 }
 
 /** Relay mode: where NATS is, how long the logs keep frames, and this instance's name. */
@@ -110,6 +149,9 @@ export const ENV_VARS = [
   "PGHOST",
   "PGPORT",
   "PGSSLMODE",
+  "PGSSLROOTCERT",
+  "PGSSLCERT",
+  "PGSSLKEY",
   "PGSSLNEGOTIATION",
   "PGAPPNAME",
   "PGCONNECT_TIMEOUT",
@@ -147,6 +189,7 @@ export const ENV_VARS = [
   "RELAY_MAX_BYTES",
   "RELAY_MAX_MESSAGES",
   "RELAY_INSTANCE",
+  "REPLICATION_TIMEOUT_SECONDS",
 ] as const;
 
 /** Reads one environment variable; `Deno.env.get` in production, a map in tests. */
@@ -288,24 +331,7 @@ function loadRelay(env: EnvReader): RelayConfig | undefined {
 
 /** Builds the configuration from the environment; throws a `RangeError` naming the bad variable. */
 export function loadConfig(env: EnvReader): Config {
-  const user = nonEmpty(env, "PGUSER", "USER") ?? "postgres";
-  let connectionString = nonEmpty(env, "DATABASE_URL");
-  let options = nonEmpty(env, "PGOPTIONS");
-  if (connectionString !== undefined) {
-    if (!/^postgres(ql)?:\/\//.test(connectionString)) {
-      throw new RangeError(
-        "DATABASE_URL is invalid: expected postgres://user:password@host:port/database",
-      );
-    }
-    // The URL's options would replace the server's pinned settings: take them out and merge.
-    const url = URL.parse(connectionString);
-    const fromUrl = url?.searchParams.get("options");
-    if (url && fromUrl) {
-      url.searchParams.delete("options");
-      connectionString = url.href;
-      options = [options, fromUrl].filter(Boolean).join(" ");
-    }
-  }
+  const database = loadDatabase(env);
   const prefix = nonEmpty(env, "PUBLICATION_PREFIX") ?? "pgdeltastream";
   if (!/^[a-z_][a-z0-9_]{0,40}$/.test(prefix)) {
     throw new RangeError(
@@ -315,17 +341,7 @@ export function loadConfig(env: EnvReader): Config {
     );
   }
   return {
-    database: {
-      host: nonEmpty(env, "PGHOST") ?? "localhost",
-      port: integer(env, ["PGPORT"], 5432, 1, 65535),
-      user,
-      password: password(env),
-      database: nonEmpty(env, "DBNAME", "PGDATABASE") ?? user,
-      connectionString,
-      options,
-      sslmode: nonEmpty(env, "PGSSLMODE"),
-      application_name: "pgdeltastream",
-    },
+    database,
     hostname: nonEmpty(env, "SERVERHOST") ?? "127.0.0.1",
     port: integer(env, ["SERVERPORT", "PORT"], 12312, 0, 65535),
     snapshotTtlSeconds: integer(env, ["SNAPSHOT_TTL_SECONDS"], 3600, 1, 7 * 24 * 3600),
@@ -347,18 +363,97 @@ export function loadConfig(env: EnvReader): Config {
     },
     walGuardIntervalMs: integer(env, ["WAL_GUARD_INTERVAL_SECONDS"], 10, 1, 3600) * 1000,
     relay: loadRelay(env),
+    replicationTimeoutMs: integer(env, ["REPLICATION_TIMEOUT_SECONDS"], 60, 0, 3600) * 1000,
   };
 }
 
-/** `host:port/database` for messages; never includes the password. */
-export function describeDatabase(db: DatabaseConfig): string {
-  if (db.connectionString !== undefined) {
-    try {
-      const url = new URL(db.connectionString);
-      return `${url.hostname}:${url.port || 5432}${url.pathname}`;
-    } catch {
-      return "DATABASE_URL";
-    }
+/** A whole number of seconds from `text` (parameter `name`), at least `min`. */
+function seconds(name: string, text: string, min: number): number {
+  const value = Number(text);
+  if (!/^\d+$/.test(text.trim())) {
+    throw new RangeError(`${name}=${JSON.stringify(text)} is invalid: expected whole seconds`);
   }
-  return `${db.host}:${db.port}/${db.database}`;
+  return value === 0 ? 0 : Math.max(min, value);
+}
+
+/**
+ * The database settings, as libpq resolves them: each `DATABASE_URL`
+ * parameter wins over its `PG*` variable (and the seed's names), which wins
+ * over the default. A `RangeError` names what is wrong, never a password.
+ */
+function loadDatabase(env: EnvReader): DatabaseConfig {
+  const url = nonEmpty(env, "DATABASE_URL");
+  const uri = url === undefined ? {} : parseConnectionUri(url);
+  const pick = (keyword: keyof typeof uri, ...names: string[]) =>
+    uri[keyword] !== undefined && uri[keyword] !== "" ? uri[keyword] : nonEmpty(env, ...names);
+  const user = pick("user", "PGUSER", "USER") ?? "postgres";
+  const portText = pick("port", "PGPORT");
+  const port = portText === undefined ? 5432 : Number(portText);
+  if (!/^\d+$/.test(portText ?? "5432") || port < 1 || port > 65535) {
+    throw new RangeError(
+      `${
+        uri.port !== undefined ? "DATABASE_URL's port" : "PGPORT"
+      } is invalid: expected 1 to 65535`,
+    );
+  }
+  const sslmode = pick("sslmode", "PGSSLMODE");
+  if (sslmode !== undefined && !(SSL_MODES as readonly string[]).includes(sslmode)) {
+    throw new RangeError(
+      `sslmode=${JSON.stringify(sslmode)} is invalid: expected one of ${SSL_MODES.join(", ")}`,
+    );
+  }
+  const sslrootcert = pick("sslrootcert", "PGSSLROOTCERT");
+  // As libpq 16+: the system's roots mean the server's name is checked too.
+  if (sslrootcert === "system" && sslmode !== undefined && sslmode !== "verify-full") {
+    throw new RangeError(
+      `sslrootcert=system needs sslmode=verify-full (or no sslmode), not ${sslmode}`,
+    );
+  }
+  const negotiation = pick("sslnegotiation", "PGSSLNEGOTIATION") ?? "postgres";
+  if (negotiation !== "postgres" && negotiation !== "direct") {
+    throw new RangeError(
+      `sslnegotiation=${JSON.stringify(negotiation)} is invalid: expected postgres or direct`,
+    );
+  }
+  const effectiveMode: SslMode = (sslmode as SslMode | undefined) ??
+    (sslrootcert === "system" ? "verify-full" : "prefer");
+  if (negotiation === "direct" && SSL_MODES.indexOf(effectiveMode) < SSL_MODES.indexOf("require")) {
+    throw new RangeError("sslnegotiation=direct needs sslmode=require or stricter");
+  }
+  const keepalives = uri.keepalives ?? "1";
+  if (keepalives !== "0" && keepalives !== "1") {
+    throw new RangeError("keepalives is invalid: expected 0 or 1");
+  }
+  const home = nonEmpty(env, "HOME");
+  const timeout = pick("connect_timeout", "PGCONNECT_TIMEOUT");
+  return {
+    host: pick("host", "PGHOST") ?? "localhost",
+    port,
+    user,
+    password: uri.password ?? password(env),
+    database: pick("dbname", "DBNAME", "PGDATABASE") ?? user,
+    options: [nonEmpty(env, "PGOPTIONS"), uri.options].filter(Boolean).join(" ") || undefined,
+    application_name: "pgdeltastream",
+    sslmode: effectiveMode,
+    sslrootcert,
+    sslcert: pick("sslcert", "PGSSLCERT"),
+    sslkey: pick("sslkey", "PGSSLKEY"),
+    sslnegotiation: negotiation,
+    passfile: pick("passfile", "PGPASSFILE") ??
+      (home === undefined ? undefined : `${home}/.pgpass`),
+    // libpq waits for ever by default; a server that must come up again after an outage should not.
+    connectTimeoutSeconds: timeout === undefined ? 30 : seconds("connect_timeout", timeout, 2),
+    keepalives: keepalives === "1",
+    keepalivesIdleSeconds: uri.keepalives_idle === undefined
+      ? 60
+      : seconds("keepalives_idle", uri.keepalives_idle, 1),
+  };
+}
+
+/** `host:port/database` for messages (a socket as its path); never the password. */
+export function describeDatabase(db: DatabaseConfig): string {
+  const host = db.host.startsWith("/")
+    ? `${db.host}/.s.PGSQL.${db.port}`
+    : `${db.host.includes(":") ? `[${db.host}]` : db.host}:${db.port}`;
+  return `${host}/${db.database}`;
 }

@@ -8,11 +8,10 @@ import { type AuthConfig, describeDatabase, loadConfig } from "./config.ts";
 import { preflight } from "./postgres/preflight.ts";
 import { startServer } from "./server.ts";
 import { errorMessage, log } from "./observability/log.ts";
+import { EXIT_CONFIG, EXIT_DATABASE } from "./exit_codes.ts";
+import { missingPermissions } from "./permissions.ts";
 
-/** Exit codes: configuration error, database not ready. */
-export const EXIT_CONFIG = 2;
-/** The database is unreachable or not set up for logical replication. */
-export const EXIT_DATABASE = 1;
+export { EXIT_CONFIG, EXIT_DATABASE } from "./exit_codes.ts";
 
 /** The authentication mode in force, for the start-up log (never a secret). */
 export function describeAuth(auth: AuthConfig): string {
@@ -54,6 +53,17 @@ export async function main(): Promise<number> {
     return EXIT_CONFIG;
   }
   log.configure(config.log);
+  const missing = missingPermissions(config.database);
+  if (missing.length > 0) {
+    // A binary compiled for other settings: its permissions are fixed when it is compiled.
+    log.error(
+      "startup.failed",
+      `pgdeltastream cannot start: the settings name paths it may not use (${
+        missing.join(", ")
+      }); start it with deno task start, or compile it again with these settings (deno task compile)`,
+    );
+    return EXIT_CONFIG;
+  }
   const { problems, warnings } = await preflight(config.database);
   if (problems.length > 0) {
     log.error(

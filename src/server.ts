@@ -161,6 +161,7 @@ export class Server implements AsyncDisposable {
       resolveTypes: (types) => this.typeNames.resolve(types),
       scope: v1Scope(this.names.schema),
       chunkBytes: this.config.frameChunkBytes,
+      receiveTimeoutMs: this.config.replicationTimeoutMs,
     };
   }
 

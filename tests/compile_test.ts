@@ -11,8 +11,7 @@ Deno.test({
     const dir = await Deno.makeTempDir();
     try {
       // The compile task's own words, with the output redirected into the temporary directory.
-      const words = await taskWords("compile");
-      words[words.indexOf("--output") + 1] = `${dir}/pgdeltastream`;
+      const words = [...await taskWords("compile"), `--output=${dir}/pgdeltastream`];
       const compile = await new Deno.Command(Deno.execPath(), {
         args: words,
         cwd: new URL("..", import.meta.url).pathname,

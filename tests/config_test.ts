@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { ENV_VARS, loadConfig } from "../src/config.ts";
 import { withValueSettings } from "../src/postgres/database.ts";
 import { runtimeFlags, taskEnv, taskWords } from "./support/harness.ts";
+import { serverFlags } from "../src/permissions.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];
 
@@ -43,9 +44,51 @@ Deno.test("loadConfig() falls back to libpq names, PORT and defaults", () => {
   assert.equal(defaults.database.host, "localhost");
 });
 
-Deno.test("loadConfig() keeps DATABASE_URL and rejects bad values with the variable's name", () => {
-  const url = "postgres://u:p@h:5433/d";
-  assert.equal(loadConfig(env({ DATABASE_URL: url })).database.connectionString, url);
+Deno.test("loadConfig() reads DATABASE_URL as libpq does and rejects bad values with the variable's name", () => {
+  const url = "postgres://u:p%40ss@h:5433/d";
+  const db = loadConfig(env({ DATABASE_URL: url, PGHOST: "ignored", PGUSER: "ignored" })).database;
+  assert.deepEqual([db.host, db.port, db.user, db.password, db.database], [
+    "h",
+    5433,
+    "u",
+    "p@ss",
+    "d",
+  ]);
+  // A parameter the URL leaves out comes from its PG* variable.
+  const mixed = loadConfig(env({
+    DATABASE_URL: "postgresql:///shop?host=/var/run/postgresql&sslmode=verify-full",
+    PGUSER: "app",
+    PGSSLROOTCERT: "/etc/ca.pem",
+  })).database;
+  assert.deepEqual(
+    [mixed.host, mixed.database, mixed.user, mixed.sslmode, mixed.sslrootcert],
+    ["/var/run/postgresql", "shop", "app", "verify-full", "/etc/ca.pem"],
+  );
+  assert.equal(loadConfig(env({ DATABASE_URL: "postgres://[::1]:6000/d" })).database.host, "::1");
+  assert.equal(loadConfig(env({})).database.sslmode, "prefer", "libpq's default");
+  assert.equal(
+    loadConfig(env({ PGSSLROOTCERT: "system" })).database.sslmode,
+    "verify-full",
+    "sslrootcert=system checks the name too",
+  );
+  assert.equal(loadConfig(env({ HOME: "/home/app" })).database.passfile, "/home/app/.pgpass");
+  assert.equal(loadConfig(env({ PGCONNECT_TIMEOUT: "1" })).database.connectTimeoutSeconds, 2);
+  for (
+    const [vars, message] of [
+      [{ DATABASE_URL: "postgres://u:secret@h/d?sslmode=strict" }, /sslmode="strict" is invalid/],
+      [{ DATABASE_URL: "postgres://u:secret@h/d?frobnicate=1" }, /unknown parameter "frobnicate"/],
+      [{ DATABASE_URL: "postgres://u:secret@h:99999/d" }, /port is invalid/],
+      [{ DATABASE_URL: "postgres://u:secret@h/d?channel_binding=require" }, /not supported/],
+      [{ PGSSLROOTCERT: "system", PGSSLMODE: "require" }, /sslrootcert=system needs/],
+      [{ PGSSLNEGOTIATION: "direct" }, /sslnegotiation=direct needs sslmode=require/],
+    ] as const
+  ) {
+    // Never with the password in the message.
+    assert.throws(
+      () => loadConfig(env(vars as Record<string, string>)),
+      (error: Error) => message.test(error.message) && !error.message.includes("secret"),
+    );
+  }
   assert.throws(() => loadConfig(env({ DATABASE_URL: "mysql://x" })), /DATABASE_URL/);
   assert.throws(() => loadConfig(env({ PGPORT: "70000" })), RangeError);
   assert.throws(() => loadConfig(env({ SERVERPORT: "abc" })), /SERVERPORT/);
@@ -55,19 +98,52 @@ Deno.test("loadConfig() keeps DATABASE_URL and rejects bad values with the varia
 
 Deno.test("deno task start allows exactly the environment variables the server reads", async () => {
   const words = await taskWords("start");
-  const allowed = words.find((w) => w.startsWith("--allow-env="))!.slice("--allow-env=".length)
-    .split(",");
-  assert.deepEqual(allowed.sort(), [...ENV_VARS].sort());
-  assert.ok(!words.includes("-A") && !words.includes("--allow-all"));
+  const allowed = (flags: string[]) =>
+    flags.find((w) => w.startsWith("--allow-env="))!.slice("--allow-env=".length).split(",").sort();
+  assert.deepEqual(allowed(words), [...ENV_VARS].sort(), "the launcher's");
+  const server = serverFlags(loadConfig(env({})).database);
+  assert.deepEqual(allowed(server), [...ENV_VARS].sort(), "the server's");
+  for (const flags of [words, server]) {
+    assert.ok(!flags.includes("-A") && !flags.includes("--allow-all"));
+  }
+  // The launcher may run deno, and nothing else.
+  assert.deepEqual(words.filter((w) => w.startsWith("--allow-run")), ["--allow-run=deno"]);
+});
+
+Deno.test("the server may read exactly the files and socket its database settings name", () => {
+  const flags = (vars: Record<string, string>) =>
+    serverFlags(loadConfig(env(vars)).database).filter((w) => /^--allow-(read|write)/.test(w));
+  assert.deepEqual(flags({ PGPASSWORD: "x" }), [], "nothing on the disk by default");
+  assert.deepEqual(
+    flags({
+      DATABASE_URL:
+        "postgresql://u@db/d?sslmode=verify-full&sslrootcert=/etc/ca.pem&sslcert=/c.pem&sslkey=/k.pem",
+      HOME: "/home/app",
+    }),
+    ["--allow-read=/etc/ca.pem,/c.pem,/k.pem,/home/app/.pgpass"],
+  );
+  assert.deepEqual(
+    flags({ PGHOST: "/var/run/postgresql", PGPORT: "5433", PGPASSWORD: "x" }),
+    [
+      "--allow-read=/var/run/postgresql/.s.PGSQL.5433",
+      "--allow-write=/var/run/postgresql/.s.PGSQL.5433",
+    ],
+  );
+  assert.deepEqual(flags({ PGSSLROOTCERT: "system", PGPASSWORD: "x" }), [], "system: no file");
+  assert.throws(() => flags({ PGSSLROOTCERT: "/a,b.pem" }), /comma/);
 });
 
 Deno.test("the Dockerfile and the binary run with deno task start's permission and V8 flags", async () => {
   const dockerfile = await Deno.readTextFile(new URL("../Dockerfile", import.meta.url));
   const cmd: string[] = JSON.parse(/^CMD (\[.*\])$/m.exec(dockerfile)![1]);
-  const startFlags = await runtimeFlags("start");
-  assert.deepEqual(cmd.filter((w) => /^--(allow-|v8-flags=)/.test(w)), startFlags);
-  assert.equal(cmd.at(-1), "src/main.ts");
-  assert.deepEqual(await runtimeFlags("compile"), startFlags);
+  const at = cmd.indexOf("src/launch.ts");
+  assert.ok(at > 0, "the image runs the launcher");
+  const launcherFlags = (words: string[]) => words.filter((w) => /^--(allow-|v8-flags=)/.test(w));
+  assert.deepEqual(launcherFlags(cmd.slice(0, at)), await runtimeFlags("start"));
+  assert.deepEqual(cmd.slice(at + 1), ["--frozen", "--cached-only"], "for the server too");
+  // The binary gets the server's flags from the same derivation as the launcher's child.
+  const compile = await Deno.readTextFile(new URL("../tools/compile.ts", import.meta.url));
+  assert.match(compile, /serverFlags\(loadConfig/);
   // The environment deno task start sets (the allocator's settings) is the image's too.
   const taskVars = Object.entries(await taskEnv("start"));
   assert.ok(taskVars.length > 0, "deno task start sets no environment");
@@ -85,7 +161,7 @@ Deno.test("the operator's PGOPTIONS and DATABASE_URL options are kept beside the
     DATABASE_URL: "postgres://u@h:5433/d?options=-c%20work_mem%3D64MB&sslmode=disable",
   })).database;
   assert.equal(fromUrl.options, "-c work_mem=64MB");
-  assert.equal(fromUrl.connectionString, "postgres://u@h:5433/d?sslmode=disable");
+  assert.equal(fromUrl.sslmode, "disable");
   const settled = withValueSettings(fromUrl);
   assert.match(settled.options!, /^-c work_mem=64MB -c bytea_output=hex -c DateStyle=ISO,MDY /);
 });

@@ -6,6 +6,9 @@
 
 import pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
+import { log } from "../observability/log.ts";
+import { lookupPassword } from "./pgpass.ts";
+import { PgTransport } from "./pg_transport.ts";
 
 /**
  * Settings that change the text PostgreSQL writes for a value (bytea,
@@ -27,14 +30,69 @@ export function withValueSettings(db: DatabaseConfig): DatabaseConfig {
   return { ...db, options: [db.options, ...pinned].filter(Boolean).join(" ") };
 }
 
+/** Options of {@link clientConfig}. */
+export interface ClientOptions {
+  /** A walsender connection, for replication commands and START_REPLICATION. */
+  replication?: boolean;
+  /** Told of each connection's transport as it is made. */
+  created?: (transport: PgTransport) => void;
+}
+
+/**
+ * npm:pg's settings for a connection as `db` says: every connection of the
+ * server goes through a {@link PgTransport} (TLS by `sslmode`, certificates,
+ * keepalives, authentication that never gives the password away), with the
+ * pinned value settings, the password from the password file when none was
+ * given, and `connect_timeout`.
+ */
+export function clientConfig(db: DatabaseConfig, options: ClientOptions = {}): pg.ClientConfig {
+  const settled = withValueSettings(db);
+  return {
+    host: db.host,
+    port: db.port,
+    user: db.user,
+    database: db.database,
+    options: settled.options,
+    application_name: db.application_name,
+    password: () => password(db),
+    ssl: false, // TLS is the transport's, by libpq's rules
+    stream: () => {
+      const transport = new PgTransport(db);
+      options.created?.(transport);
+      return transport;
+    },
+    connectionTimeoutMillis: (db.connectTimeoutSeconds ?? 0) * 1000,
+    keepAlive: db.keepalives ?? true,
+    keepAliveInitialDelayMillis: (db.keepalivesIdleSeconds ?? 60) * 1000,
+    ...(options.replication ? { replication: "database" } : {}),
+  } as pg.ClientConfig;
+}
+
+/** The password for `db`: the one given, else the password file's; an error saying where to put one. */
+async function password(db: DatabaseConfig): Promise<string> {
+  if (db.password !== undefined) return db.password;
+  const found = db.passfile === undefined ? undefined : await lookupPassword(
+    db.passfile,
+    { host: db.host, port: db.port, database: db.database, user: db.user },
+    (message) => log.warn("connection.passfile", message),
+  );
+  if (found !== undefined) return found;
+  throw new Error(
+    `PostgreSQL asks for a password for user "${db.user}": set PGPASSWORD, or add a line for it ` +
+      `to the password file ${db.passfile ?? "(PGPASSFILE, or ~/.pgpass)"}`,
+  );
+}
+
 /** A pool for short metadata queries (catalog look-ups, slot bookkeeping). */
 export function createPool(db: DatabaseConfig, max = 4, waitMs = 0): pg.Pool {
+  const config = clientConfig(db);
   const pool = new pg.Pool({
-    ...withValueSettings(db),
+    ...config,
     max,
     idleTimeoutMillis: 10_000,
-    // 0: wait as long as it takes; otherwise how long a checkout may wait for a connection.
-    connectionTimeoutMillis: waitMs,
+    // How long a checkout may wait for a connection (0: as long as it takes); a new connection
+    // is given connect_timeout besides.
+    connectionTimeoutMillis: waitMs || config.connectionTimeoutMillis,
   });
   // An idle client's connection dying must not crash the process; the next query reconnects.
   pool.on("error", () => {});
@@ -43,10 +101,7 @@ export function createPool(db: DatabaseConfig, max = 4, waitMs = 0): pg.Pool {
 
 /** A dedicated connection; `replication` opens a walsender connection for replication commands. */
 export async function connect(db: DatabaseConfig, replication = false): Promise<pg.Client> {
-  const settled = withValueSettings(db);
-  const client = new pg.Client(
-    replication ? { ...settled, replication: "database" } as pg.ClientConfig : settled,
-  );
+  const client = new pg.Client(clientConfig(db, { replication }));
   client.on("error", () => {});
   await client.connect();
   return client;

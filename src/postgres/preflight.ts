@@ -7,10 +7,32 @@
 import { type DatabaseConfig, describeDatabase } from "../config.ts";
 import { connect, sqlState } from "./database.ts";
 
+/**
+ * Connection poolers in transaction mode (PgBouncer, Supavisor, Neon's
+ * "-pooler" endpoints, Supabase's port 6543) cannot carry replication or an
+ * exported snapshot: a client's statements go to whichever backend is free.
+ */
+const POOLER_REFUSAL = /unsupported startup parameter|replication.*not supported|pooler/i;
+
+/** What to tell an operator whose URL looks like a transaction pooler's. */
+export function poolerHint(db: DatabaseConfig): string | undefined {
+  if (!/-pooler\./.test(db.host) && db.port !== 6543) return undefined;
+  return `${
+    describeDatabase(db)
+  } looks like a connection pooler (a "-pooler" host, or port 6543): ` +
+    "replication and exported snapshots need a direct connection to PostgreSQL; use your " +
+    "provider's direct (session) URL, e.g. Supabase's port 5432 or Neon's host without -pooler";
+}
+
 function connectionProblem(db: DatabaseConfig, error: unknown, replication: boolean): string {
   const where = describeDatabase(db);
   const message = (error as Error).message;
   const code = sqlState(error) ?? (error as { code?: string }).code;
+  if (replication && POOLER_REFUSAL.test(message)) {
+    return `PostgreSQL at ${where} refused a replication connection (${message}): this looks ` +
+      "like a connection pooler. Replication and exported snapshots need a direct connection: " +
+      "use your provider's direct (session) URL, not its pooled one.";
+  }
   switch (code) {
     case "ECONNREFUSED":
     case "ENOTFOUND":
@@ -26,6 +48,8 @@ function connectionProblem(db: DatabaseConfig, error: unknown, replication: bool
         : `PostgreSQL at ${where} rejected user "${db.user}": ${message}. Check PGUSER and PGPASS (or DATABASE_URL).`;
     case "3D000":
       return `Database missing at ${where}: ${message}. Set DBNAME (or PGDATABASE, DATABASE_URL) to an existing database.`;
+    case "ETLS":
+      return message;
   }
   return `Cannot connect to PostgreSQL at ${where}${
     replication ? " for replication" : ""
@@ -48,6 +72,15 @@ export async function preflight(db: DatabaseConfig): Promise<PreflightReport> {
   }
   const problems: string[] = [];
   const warnings: string[] = [];
+  const pooler = poolerHint(db);
+  if (pooler !== undefined) warnings.push(pooler);
+  if (db.sslmode === "require" && db.sslrootcert === undefined) {
+    warnings.push(
+      "sslmode=require encrypts the connection but does not check the server's certificate: " +
+        "anyone in the middle can pose as PostgreSQL. Give your provider's CA file as " +
+        "sslrootcert and use sslmode=verify-full",
+    );
+  }
   try {
     const { rows } = await client.query<{
       wal_level: string;

@@ -14,7 +14,7 @@ import type { DatabaseConfig } from "../config.ts";
 import { ConflictError, NotFoundError } from "../errors.ts";
 import { type Lsn, ZERO_LSN } from "../lsn.ts";
 import { SqlState, sqlState } from "../postgres/database.ts";
-import { WireConnection } from "../postgres/wire_connection.ts";
+import { PgConnection } from "../postgres/pg_connection.ts";
 import {
   type Frame,
   PgoutputDecoder,
@@ -41,6 +41,12 @@ export interface ReplicationOptions {
   chunkBytes?: number;
   /** A transaction delivered part-way before, whose first changes are not sent again. */
   resume?: ResumePoint;
+  /**
+   * Nothing received for this long (keepalives included) ends the stream as
+   * lost, so that a half-open link is noticed; at half of it PostgreSQL is
+   * asked to answer. 0 or absent: never.
+   */
+  receiveTimeoutMs?: number;
 }
 
 /**
@@ -116,7 +122,7 @@ export class ReplicationService implements AsyncDisposable {
 
   readonly #options: ReplicationOptions;
   readonly #decoder: PgoutputDecoder;
-  #connection: WireConnection | undefined;
+  #connection: PgConnection | undefined;
   #controller!: ReadableStreamDefaultController<Frame>;
   #wake: (() => void) | undefined;
   #closing = false;
@@ -161,16 +167,29 @@ export class ReplicationService implements AsyncDisposable {
   }
 
   async #start(): Promise<void> {
-    const connection = await WireConnection.connect(this.#options.database, true);
+    const connection = await PgConnection.connect(this.#options.database, true);
+    this.#connection = connection;
+    // From 0/0: PostgreSQL resumes at the slot's confirmed_flush_lsn, the last acknowledged
+    // position. Slot and publication names are [a-z0-9_] (checked by the callers), safe to quote.
+    const copy = connection.copyBoth(
+      `START_REPLICATION SLOT "${this.slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${
+        this.#options.publications.join(",")
+      }')`,
+      (bytes, view, start, end) => this.#onCopyData(bytes, view, start, end),
+      {
+        linger: () => this.#decoder.betweenFrames,
+        receiveTimeoutMs: this.#options.receiveTimeoutMs,
+        onQuiet: () => this.#sendStatus(true),
+      },
+    );
+    this.#ended = copy.done.then(
+      () => this.#lost(undefined),
+      (error) => this.#lost(error),
+    );
     try {
-      // From 0/0: PostgreSQL resumes at the slot's confirmed_flush_lsn, the last acknowledged
-      // position. Slot and publication names are [a-z0-9_] (checked by the callers), safe to quote.
-      await connection.startCopyBoth(
-        `START_REPLICATION SLOT "${this.slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${
-          this.#options.publications.join(",")
-        }')`,
-      );
+      await copy.started;
     } catch (error) {
+      this.#closing = true;
       void connection.close();
       switch (sqlState(error)) {
         case SqlState.UndefinedObject:
@@ -180,14 +199,6 @@ export class ReplicationService implements AsyncDisposable {
       }
       throw error;
     }
-    this.#connection = connection;
-    this.#ended = connection.readCopyData(
-      (bytes, view, start, end) => this.#onCopyData(bytes, view, start, end),
-      { linger: () => this.#decoder.betweenFrames },
-    ).then(
-      () => this.#lost(undefined),
-      (error) => this.#lost(error),
-    );
   }
 
   /** One CopyData payload: XLogData (a pgoutput message) or a keepalive. */
@@ -263,9 +274,11 @@ export class ReplicationService implements AsyncDisposable {
     this.#sendStatus();
   }
 
-  #sendStatus(): void {
-    if (this.#confirmed === ZERO_LSN || this.#closing) return;
-    this.#connection?.sendCopyData(standbyStatusUpdate(this.#confirmed)).catch(() => {});
+  /** Reports the confirmed position; `reply` asks PostgreSQL to answer at once (a quiet link). */
+  #sendStatus(reply = false): void {
+    if (this.#closing || (this.#confirmed === ZERO_LSN && !reply)) return;
+    this.#connection?.sendCopyData(standbyStatusUpdate(this.#confirmed, Date.now(), reply))
+      .catch(() => {});
   }
 
   /** Ends the replication connection (after the statuses already sent) and closes `readable`. */

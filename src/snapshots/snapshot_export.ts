@@ -18,7 +18,7 @@
 
 import type pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
-import { WireConnection } from "../postgres/wire_connection.ts";
+import { PgConnection } from "../postgres/pg_connection.ts";
 import {
   mapReadError,
   openViewedTable,
@@ -238,15 +238,16 @@ export function exportRows(
       queue.wake();
     };
     released.addEventListener("abort", () => stop(released.reason), { once: true });
-    const connections = new Set<WireConnection>();
+    const connections = new Set<PgConnection>();
     ended.signal.addEventListener("abort", () => {
-      for (const connection of connections) connection.close();
+      // Cancelled first: a COPY that is cut off stops in PostgreSQL at once, not at its next write.
+      for (const connection of connections) void connection.cancel().then(() => connection.close());
     }, { once: true });
 
     // Readers connect and import the snapshot before the response starts: failing here is a 4xx/5xx.
     const opened = await Promise.allSettled(
       Array.from({ length: readers }, async () => {
-        const connection = await WireConnection.connect(options.database);
+        const connection = await PgConnection.connect(options.database);
         connections.add(connection);
         await connection.query(
           `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '${source.snapshot.id}'`,
@@ -261,7 +262,7 @@ export function exportRows(
     }
 
     let next = 0;
-    const read = async (connection: WireConnection) => {
+    const read = async (connection: PgConnection) => {
       try {
         const lines = new BinaryRowsToLines((chunk) => queue.push(chunk));
         while (next < copies.length && !ended.signal.aborted) {

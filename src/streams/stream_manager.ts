@@ -394,6 +394,7 @@ export class StreamManager {
         resolveTypes: (types) => typeNames.resolve(types),
         scope: streamScope(stream.name, stream.definition, pool),
         chunkBytes: config.frameChunkBytes,
+        receiveTimeoutMs: config.replicationTimeoutMs,
       },
       check: async () => {
         if (own === undefined) return undefined;

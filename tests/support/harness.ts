@@ -394,50 +394,69 @@ export class ChildProcess implements AsyncDisposable {
     return status;
   }
 
+  /** Waits for the process to exit by itself (at most the default deadline), with its output. */
+  async wait(): Promise<Deno.CommandStatus> {
+    const status = await deadline(this.#child.status, `${this.#name} (${this.pid}) to exit`);
+    await this.output;
+    return status;
+  }
+
   /** Kills the process if it still runs. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.kill("SIGKILL");
   }
 }
 
-/** The server as a separate process, started like `deno task start`. */
+/** The server as a separate process, started as `deno task start` starts it: by its launcher. */
 export class ServerProcess implements AsyncDisposable {
   readonly url: URL;
+  /** The launcher's process (it runs the server with the permissions its settings need). */
   readonly #process: ChildProcess;
+  /** The server's own process id: the launcher's child. */
+  readonly #serverPid: number;
 
-  private constructor(process: ChildProcess) {
+  private constructor(process: ChildProcess, serverPid: number) {
     this.#process = process;
+    this.#serverPid = serverPid;
     this.url = new URL(process.ready);
   }
 
-  /** Spawns `src/main.ts` against `db` with `env` added; resolves once it prints its address. */
+  /**
+   * Spawns the launcher (`src/launch.ts`, with `deno task start`'s flags)
+   * against `db` with `env` added, `extraFlags` for the server; resolves
+   * once the server prints its address.
+   */
   static async spawn(
     db: DatabaseConfig,
     env: Record<string, string> = {},
     extraFlags: string[] = [],
   ): Promise<ServerProcess> {
-    return new ServerProcess(
-      await ChildProcess.spawn({
-        name: "the server process",
-        args: [
-          "run",
-          ...await runtimeFlags("start"),
-          ...extraFlags,
-          new URL("../../src/main.ts", import.meta.url).pathname,
-        ],
-        env: {
-          ...await taskEnv("start"),
-          PGHOST: db.host,
-          PGPORT: String(db.port),
-          PGUSER: db.user,
-          DBNAME: db.database,
-          SERVERHOST: "127.0.0.1",
-          SERVERPORT: "0",
-          ...env,
-        },
-        ready: /listening on (http:\/\/\S+)/,
-      }),
+    const launcher = await ChildProcess.spawn({
+      name: "the server process",
+      args: [
+        "run",
+        ...await runtimeFlags("start"),
+        new URL("../../src/launch.ts", import.meta.url).pathname,
+        ...extraFlags,
+      ],
+      env: {
+        ...await taskEnv("start"),
+        PGHOST: db.host,
+        PGPORT: String(db.port),
+        PGUSER: db.user,
+        DBNAME: db.database,
+        SERVERHOST: "127.0.0.1",
+        SERVERPORT: "0",
+        // The launcher runs "deno" (its only --allow-run), found on the PATH as deno task finds it.
+        PATH: Deno.execPath().slice(0, Deno.execPath().lastIndexOf("/")),
+        ...env,
+      },
+      ready: /listening on (http:\/\/\S+)/,
+    });
+    const children = await Deno.readTextFile(
+      `/proc/${launcher.pid}/task/${launcher.pid}/children`,
     );
+    return new ServerProcess(launcher, Number(children.trim().split(/\s+/)[0]));
   }
 
   /** Everything it printed, once it has exited. */
@@ -447,12 +466,22 @@ export class ServerProcess implements AsyncDisposable {
 
   /** The server's process id (for /proc readings in the benchmark). */
   get pid(): number {
-    return this.#process.pid;
+    return this.#serverPid;
   }
 
-  /** Sends `signal` and waits for the exit status. */
-  kill(signal: Deno.Signal = "SIGKILL"): Promise<Deno.CommandStatus> {
-    return this.#process.kill(signal);
+  /**
+   * Sends `signal` to the server (the launcher passes SIGINT and SIGTERM on;
+   * SIGKILL goes to the server itself) and waits until both have exited;
+   * the status is the server's, as the launcher reports it.
+   */
+  async kill(signal: Deno.Signal = "SIGKILL"): Promise<Deno.CommandStatus> {
+    try {
+      Deno.kill(this.#serverPid, signal);
+    } catch { /* exited already */ }
+    const status = await this.#process.wait();
+    return status.code === 128 + 9
+      ? { success: false, code: status.code, signal: "SIGKILL" }
+      : status;
   }
 
   /** Kills the process if it still runs. */

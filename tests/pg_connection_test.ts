@@ -1,11 +1,12 @@
 import assert from "node:assert/strict";
-import { PostgresError, WireConnection } from "../src/postgres/wire_connection.ts";
+import { PgConnection } from "../src/postgres/pg_connection.ts";
+import { connect } from "../src/postgres/database.ts";
 import { sql, startPostgres } from "./support/harness.ts";
 
-Deno.test("the wire client queries, reports errors with their SQLSTATE, and copies out", async (t) => {
+Deno.test("a connection queries, reports errors with their SQLSTATE, and copies out", async (t) => {
   await using postgres = await startPostgres();
   const db = postgres.database;
-  using connection = await WireConnection.connect(db);
+  using connection = await PgConnection.connect(db);
 
   await t.step("rows come as text, NULL as null, from the last statement", async () => {
     const result = await connection.query(
@@ -18,14 +19,13 @@ Deno.test("the wire client queries, reports errors with their SQLSTATE, and copi
 
   await t.step("the pinned value settings apply", async () => {
     await sql(db, "ALTER DATABASE postgres SET bytea_output = 'escape'");
-    using fresh = await WireConnection.connect(db);
+    using fresh = await PgConnection.connect(db);
     assert.deepEqual((await fresh.query("SELECT '\\xde'::bytea::text")).rows, [["\\xde"]]);
     await sql(db, "ALTER DATABASE postgres RESET bytea_output");
   });
 
   await t.step("an error carries its SQLSTATE, and the connection stays usable", async () => {
     const error = await connection.query("SELECT * FROM no_such_table").catch((e) => e);
-    assert.ok(error instanceof PostgresError);
     assert.equal(error.code, "42P01");
     assert.match(error.message, /no_such_table/);
     assert.deepEqual((await connection.query("SELECT 2")).rows, [["2"]]);
@@ -53,13 +53,13 @@ Deno.test("the wire client queries, reports errors with their SQLSTATE, and copi
   });
 
   await t.step("a replication connection runs replication commands", async () => {
-    using replication = await WireConnection.connect(db, true);
+    using replication = await PgConnection.connect(db, true);
     const { fields } = await replication.query("IDENTIFY_SYSTEM");
     assert.deepEqual(fields, ["systemid", "timeline", "xlogpos", "dbname"]);
   });
 });
 
-Deno.test("the wire client authenticates with scram-sha-256 and md5", async (t) => {
+Deno.test("connections authenticate with scram-sha-256 and md5", async (t) => {
   await using postgres = await startPostgres();
   const db = postgres.database;
   // Password methods for three roles, ahead of initdb's trust lines.
@@ -83,9 +83,9 @@ Deno.test("the wire client authenticates with scram-sha-256 and md5", async (t) 
   );
   for (const user of ["scram_user", "md5_user"]) {
     await t.step(user, async () => {
-      using connection = await WireConnection.connect({ ...db, user, password });
+      using connection = await PgConnection.connect({ ...db, user, password });
       assert.deepEqual((await connection.query("SELECT current_user")).rows, [[user]]);
-      const refused = await WireConnection.connect({ ...db, user, password: "wrong" }).then(
+      const refused = await PgConnection.connect({ ...db, user, password: "wrong" }).then(
         (c) => {
           c.close();
           throw new Error("a wrong password was accepted");
@@ -166,7 +166,7 @@ function manInTheMiddle(
   };
 }
 
-Deno.test("the wire client refuses a server that never proves it knows the password, and cleartext passwords without TLS", async (t) => {
+Deno.test("connections refuse a server that never proves it knows the password, and cleartext passwords without TLS", async (t) => {
   await using postgres = await startPostgres();
   const db = postgres.database;
   const hba = `${postgres.dataDir}/pg_hba.conf`;
@@ -186,15 +186,29 @@ Deno.test("the wire client refuses a server that never proves it knows the passw
      CREATE ROLE plain_user LOGIN PASSWORD '${password}';
      SELECT pg_reload_conf();`,
   );
-  const refusal = (config: typeof db) =>
-    WireConnection.connect(config).then((c) => {
+  /** The error connecting with `config` gives, the same for a dedicated connection and the pool's. */
+  const refusal = async (config: typeof db) => {
+    const dedicated = await PgConnection.connect(config).then((c) => {
       c.close();
       throw new Error("the connection was accepted");
     }, (error: Error) => error);
+    const client = await connect(config).then(async (c) => {
+      await c.end();
+      throw new Error("the pool's kind of connection was accepted");
+    }, (error: Error) => error);
+    assert.equal(client.message, dedicated.message);
+    return dedicated;
+  };
 
   await t.step("SCRAM's final message dropped: AuthenticationOk alone is not enough", async () => {
     await using mitm = manInTheMiddle(db, (kind, m) => kind === 12 ? undefined : m);
-    const error = await refusal({ ...db, port: mitm.port, user: "scram_user", password });
+    const error = await refusal({
+      ...db,
+      port: mitm.port,
+      sslmode: "disable",
+      user: "scram_user",
+      password,
+    });
     assert.match(error.message, /never proved it knows the password/);
   });
 
@@ -209,8 +223,14 @@ Deno.test("the wire client refuses a server that never proves it knows the passw
       new DataView(out.buffer).setInt32(1, out.length - 1);
       return out;
     });
-    const error = await refusal({ ...db, port: mitm.port, user: "scram_user", password });
-    assert.match(error.message, /signature is wrong/);
+    const error = await refusal({
+      ...db,
+      port: mitm.port,
+      sslmode: "disable",
+      user: "scram_user",
+      password,
+    });
+    assert.match(error.message, /signature does not match/);
   });
 
   await t.step("a cleartext password request on a connection without TLS: not sent", async () => {
@@ -220,9 +240,10 @@ Deno.test("the wire client refuses a server that never proves it knows the passw
 
   await t.step("untouched, SCRAM through the same relay still works", async () => {
     await using mitm = manInTheMiddle(db, (_kind, m) => m);
-    using connection = await WireConnection.connect({
+    using connection = await PgConnection.connect({
       ...db,
       port: mitm.port,
+      sslmode: "disable", // the relay passes no SSLRequest answer
       user: "scram_user",
       password,
     });
