@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { PgConnection } from "../src/postgres/pg_connection.ts";
 import { connect } from "../src/postgres/database.ts";
-import { sql, startPostgres } from "./support/harness.ts";
+import { sql, startPostgres, waitForSql } from "./support/harness.ts";
+import { deadline } from "./support/deadline.ts";
 
 Deno.test("a connection queries, reports errors with their SQLSTATE, and copies out", async (t) => {
   await using postgres = await startPostgres();
@@ -249,4 +250,18 @@ Deno.test("connections refuse a server that never proves it knows the password, 
     });
     assert.deepEqual((await connection.query("SELECT current_user")).rows, [["scram_user"]]);
   });
+});
+
+Deno.test("a query in progress is cancelled by a CancelRequest", async () => {
+  await using postgres = await startPostgres();
+  using connection = await PgConnection.connect(postgres.database);
+  const sleeping = connection.query("SELECT pg_sleep(600)").then(() => undefined, (e) => e);
+  await waitForSql(
+    postgres.database,
+    "SELECT count(*) = 1 AS ok FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'",
+  );
+  await connection.cancel();
+  const error = await deadline(sleeping, "the cancelled query to end");
+  assert.equal(error?.code, "57014", String(error)); // query_canceled
+  assert.deepEqual((await connection.query("SELECT 4")).rows, [["4"]], "the connection goes on");
 });
