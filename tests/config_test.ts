@@ -3,6 +3,7 @@ import { ENV_VARS, loadConfig } from "../src/config.ts";
 import { withValueSettings } from "../src/postgres/database.ts";
 import { runtimeFlags, taskEnv, taskWords } from "./support/harness.ts";
 import { serverFlags } from "../src/permissions.ts";
+import { poolerHint } from "../src/postgres/preflight.ts";
 
 const env = (vars: Record<string, string>) => (name: string) => vars[name];
 
@@ -199,4 +200,22 @@ Deno.test("loadConfig() reads the log and metrics settings and names a bad value
   assert.throws(() => loadConfig(env({ LOG_LEVEL: "verbose" })), /LOG_LEVEL="verbose" is invalid/);
   assert.throws(() => loadConfig(env({ LOG_FORMAT: "xml" })), /LOG_FORMAT="xml" is invalid/);
   assert.throws(() => loadConfig(env({ METRICS_TOKEN: "short" })), /METRICS_TOKEN is invalid/);
+});
+
+Deno.test("a URL that looks like a transaction pooler's is named at start", () => {
+  const db = (url: string) => loadConfig(env({ DATABASE_URL: url })).database;
+  assert.match(
+    poolerHint(db("postgresql://u:secret@ep-cool-1-pooler.eu-central-1.aws.neon.tech/d"))!,
+    /looks like a connection pooler.*direct \(session\) URL/,
+  );
+  assert.match(
+    poolerHint(db("postgresql://u@aws-0-eu.pooler.supabase.com:6543/postgres"))!,
+    /6543/,
+  );
+  assert.equal(poolerHint(db("postgresql://u@db.abc.supabase.co:5432/postgres")), undefined);
+  assert.doesNotMatch(
+    poolerHint(db("postgresql://u:secret@x-pooler.neon.tech/d"))!,
+    /secret/,
+    "no password in the warning",
+  );
 });
