@@ -13,11 +13,12 @@ import {
 } from "../replication/replication_service.ts";
 import type { SessionRegistry } from "../streams/session_registry.ts";
 import {
+  ConsumerSession,
   type SessionMonitor,
   type SessionObserver,
-  StreamSession,
   truncateReason,
-} from "../streams/stream_session.ts";
+} from "../streams/consumer_session.ts";
+import { replicationSource } from "../streams/replication_source.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 import type pg from "pg";
 import { formatLsn } from "../lsn.ts";
@@ -119,7 +120,8 @@ export async function acceptStream(
     const resumeFrom = await resumePosition(host.pool, target.slotName);
     const { socket, response } = Deno.upgradeWebSocket(request);
     const metrics = host.metrics?.session(target.stream);
-    const session = new StreamSession(socket, service, {
+    const session = new ConsumerSession(socket, replicationSource(service), {
+      label: target.label,
       observer: both(target.observer, metrics),
       expiresAt: target.expiresAt,
       monitor: target.monitor,

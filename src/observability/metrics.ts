@@ -13,8 +13,6 @@
 import process from "node:process";
 import client from "prom-client";
 import type { Lsn } from "../lsn.ts";
-import type { Frame } from "../replication/pgoutput_decoder.ts";
-import type { SessionObserver } from "../streams/stream_session.ts";
 
 /** The label value of v1 slots. */
 export const V1_STREAM_LABEL = "v1";
@@ -40,8 +38,21 @@ export interface RelayReading {
   consumers: { id: string; pending: number }[];
 }
 
-/** A session's view of the metrics: an observer of its frames and acks, and its end. */
-export interface SessionMetrics extends SessionObserver {
+/** What the metrics count of a frame sent: its text and position, and its changes and commit time. */
+export interface SentFrame {
+  text: string;
+  nextLsn: Lsn;
+  partial: boolean;
+  changes?: number;
+  commitTime?: number;
+}
+
+/** A session's view of the metrics: what it sent and had acknowledged, and its end. */
+export interface SessionMetrics {
+  /** A frame was written to the consumer's socket (or, relay mode, to the log). */
+  sent(frame: SentFrame): void;
+  /** The consumer acknowledged a position. */
+  acknowledged(lsn: Lsn): void;
   /** The session ended. */
   ended(): void;
 }
@@ -275,15 +286,17 @@ export class Metrics {
     const highest = this.#highest;
     connected.inc();
     return {
-      sent(frame: Frame) {
+      sent(frame: SentFrame) {
         frames.inc();
-        changes.inc(frame.changes);
+        changes.inc(frame.changes ?? 0);
         bytes.inc(utf8Bytes(frame.text));
         const top = highest.get(stream) ?? 0n;
         // A partial chunk carries the previous transaction's nextlsn: only below the top is it a repeat.
         if (frame.partial ? frame.nextLsn < top : frame.nextLsn <= top) redelivered.inc();
         else if (!frame.partial) highest.set(stream, frame.nextLsn);
-        latency.observe(Math.max(0, Date.now() - frame.commitTime) / 1000);
+        if (frame.commitTime !== undefined) {
+          latency.observe(Math.max(0, Date.now() - frame.commitTime) / 1000);
+        }
       },
       acknowledged() {
         acks.inc();

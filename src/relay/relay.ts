@@ -12,7 +12,8 @@ import { CloseCode, type CloseCodeValue } from "../protocol.ts";
 import type { StreamManager } from "../streams/stream_manager.ts";
 import { sendToTail, type TailHub } from "../streams/tail_hub.ts";
 import { JetStreamLog, logName, type LogState } from "./jetstream_log.ts";
-import { RelaySession } from "./relay_session.ts";
+import { acceptRelayConsumer } from "./relay_session.ts";
+import type { ConsumerSession } from "../streams/consumer_session.ts";
 import { RelayPublishers } from "./stream_publisher.ts";
 
 /** Relay mode: an instance's database connections are named this, then the instance's name. */
@@ -38,7 +39,8 @@ export class Relay implements AsyncDisposable {
   readonly config: RelayConfig;
   readonly log: JetStreamLog;
   readonly publishers: RelayPublishers;
-  readonly #sessions = new Set<RelaySession>();
+  /** Open consumer sessions, with their stream. */
+  readonly #sessions = new Map<ConsumerSession, string>();
   /** The server's tails: relay tails are counted, expired and closed as direct ones are. */
   readonly #tails: TailHub;
 
@@ -80,7 +82,7 @@ export class Relay implements AsyncDisposable {
     request: Request,
     target: { stream: string; consumer: string; startSeq: number; expiresAt?: number },
   ): Promise<Response> {
-    return RelaySession.accept(
+    return acceptRelayConsumer(
       request,
       this.log,
       { ...target, instance: this.config.instance },
@@ -108,8 +110,8 @@ export class Relay implements AsyncDisposable {
 
   /** Closes the consumers and tails of `stream` (every one, for no stream). */
   close(stream: string | undefined, code: CloseCodeValue, reason: string): void {
-    for (const session of this.#sessions) {
-      if (stream === undefined || session.stream === stream) session.close(code, reason);
+    for (const [session, of] of this.#sessions) {
+      if (stream === undefined || of === stream) session.close(code, reason);
     }
     if (stream === undefined) this.#tails.closeAll(code, reason);
     else this.#tails.close(stream, code, reason);

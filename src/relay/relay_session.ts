@@ -1,13 +1,13 @@
 /**
- * Relay mode's consumers: a websocket attached to a durable JetStream
- * consumer of a stream's log, one connection per consumer id at a time
- * (a lease in NATS, renewed while connected, so a crashed instance's lease
- * lapses within seconds). Frames and acknowledgements are those of v1/v2:
- * the log's messages are the frames, verbatim; `{"lsn"}` acknowledges every
- * frame up to it (the consumer acknowledges "all"). Each connection starts
- * exactly after the consumer's acknowledged position: the durable consumer
- * is re-created from its acknowledgement floor, so nothing sent and not
- * acknowledged waits for a redelivery timeout, and nothing comes out of order.
+ * Relay mode's consumers: a consumer session (the same core as a plain
+ * stream's: frames, partial frames, acks, close codes) whose source is a
+ * durable JetStream consumer of the stream's log, one connection per
+ * consumer id at a time (a lease in NATS, renewed while connected, so a
+ * crashed instance's lease lapses within seconds). The log's messages are
+ * the frames, verbatim. Each connection starts exactly after the consumer's
+ * acknowledged position: the durable consumer is re-created from its
+ * acknowledgement floor, so nothing sent and not acknowledged waits for a
+ * redelivery timeout, and nothing comes out of order.
  * @module
  */
 
@@ -18,13 +18,16 @@ import {
   DeliverPolicy,
   type JsMsg,
 } from "@nats-io/jetstream";
-import { atTime } from "../deadline_timer.ts";
 import { ConflictError } from "../errors.ts";
 import { type Lsn, parseLsn, ZERO_LSN } from "../lsn.ts";
 import { errorMessage, log } from "../observability/log.ts";
-import { CloseCode, type CloseCodeValue } from "../protocol.ts";
-import { drained, SOCKET_HIGH_WATER_BYTES, truncateReason } from "../streams/stream_session.ts";
-import { readAck } from "../streams/ack_message.ts";
+import { CloseCode } from "../protocol.ts";
+import {
+  ConsumerSession,
+  type FrameSource,
+  type OutgoingFrame,
+  SourceClosed,
+} from "../streams/consumer_session.ts";
 import { consumerName, type JetStreamLog, LEASE_TTL_MS, logName } from "./jetstream_log.ts";
 
 /** Messages delivered and not acknowledged, at most, before JetStream waits for acks. */
@@ -46,180 +49,138 @@ export interface RelayConsumerTarget {
   instance: string;
 }
 
-/** One websocket consumer of a stream's log. */
-export class RelaySession {
-  readonly stream: string;
-  readonly consumer: string;
-  readonly #socket: WebSocket;
-  readonly #abort = new AbortController();
+/** `{"nextlsn":"X/Y"`: a frame's own position, at its start. */
+const FRAME_HEAD = /^\{"nextlsn":"([0-9A-F]+\/[0-9A-F]+)"/;
+
+/**
+ * A consumer's frames from the stream's log, as a consumer session's
+ * {@link FrameSource}: its durable JetStream consumer's messages in order,
+ * from `start`, pulled batch after batch; acknowledgements confirm every
+ * frame up to them (the consumer acknowledges "all"). A position older than
+ * the log, or a gap in it, ends the source with 4411: nothing is skipped
+ * silently.
+ */
+class LogSource implements FrameSource {
+  readonly #relay: JetStreamLog;
+  readonly #target: RelayConsumerTarget;
+  readonly #stream: string;
+  readonly #name: string;
+  /** The next sequence this consumer must get, or why it cannot start. */
+  #expected: number | "beyond retention";
+  /** Whole frames sent and not acknowledged, with their messages (acknowledging one confirms all before). */
   readonly #pending: { lsn: Lsn; message: JsMsg }[] = [];
-  #delivered: Lsn = ZERO_LSN;
-  #acked: Lsn = ZERO_LSN;
+  /** The last whole frame sent: what acknowledging a partial chunk after it confirms. */
+  #lastWhole: Lsn = ZERO_LSN;
+  #consumer: Consumer | undefined;
   #messages: ConsumerMessages | undefined;
-  /** Settles once the socket closed and the lease was let go. */
-  readonly done: Promise<void>;
-
-  private constructor(socket: WebSocket, target: RelayConsumerTarget) {
-    this.stream = target.stream;
-    this.consumer = target.consumer;
-    this.#socket = socket;
-    socket.addEventListener("message", (event) => this.#onMessage(event));
-    const closed = new Promise<void>((resolve) =>
-      socket.addEventListener("close", () => resolve(), { once: true })
-    );
-    void closed.then(() => this.#abort.abort());
-    if (target.expiresAt !== undefined) {
-      const cancel = atTime(
-        target.expiresAt,
-        () => this.close(CloseCode.TokenExpired, "token expired; reconnect with a fresh token"),
-      );
-      this.#abort.signal.addEventListener("abort", cancel, { once: true });
-    }
-    this.done = closed;
-  }
-
+  #iterator: AsyncIterator<JsMsg> | undefined;
   /**
-   * Takes the consumer's lease (a {@link ConflictError} if it is connected
-   * elsewhere), positions its durable consumer after its last acknowledgement,
-   * and upgrades `request`; a position older than the log closes with 4411.
+   * The durable consumer must be (re-)created at `#expected`: frames went
+   * missing, or it is gone (a reposition cut short between its delete and
+   * its add, say). Until that succeeds every pull would fail.
    */
-  static async accept(
-    request: Request,
+  #recreate = false;
+  #closed = false;
+
+  constructor(
     relay: JetStreamLog,
     target: RelayConsumerTarget,
-    sessions: Set<RelaySession>,
-  ): Promise<Response> {
-    const leaseKey = `${target.stream}.${target.consumer}`;
-    try {
-      await relay.leases.create(leaseKey, target.instance);
-    } catch {
-      throw new ConflictError(
-        `Cannot stream: consumer "${target.consumer}" of stream "${target.stream}" is connected ` +
-          `elsewhere; one connection per consumer id (retry in ${
-            LEASE_TTL_MS / 1000
-          } s if it died)`,
-      );
-    }
-    const renew = setInterval(
-      () => void relay.leases.put(leaseKey, target.instance).catch(() => {}),
-      LEASE_TTL_MS / 3,
-    );
-    const release = () => {
-      clearInterval(renew);
-      void relay.leases.delete(leaseKey).catch(() => {});
-    };
-    try {
-      await relay.ensure(target.stream);
-      const start = await position(relay, target);
-      const { socket, response } = Deno.upgradeWebSocket(request);
-      const session = new RelaySession(socket, target);
-      sessions.add(session);
-      void session.done.finally(() => {
-        sessions.delete(session);
-        release();
-      });
-      socket.addEventListener("open", () => {
-        if (start === "beyond retention") {
-          log.info("consumer.refused", "a relay consumer's position is older than its log", {
-            stream: target.stream,
-            consumer: target.consumer,
-          });
-          return session.close(CloseCode.BeyondRetention, beyondRetentionReason(target.stream));
-        }
-        log.info(
-          "consumer.connected",
-          `consumer "${target.consumer}" of stream "${target.stream}" connected`,
-          {
-            stream: target.stream,
-            consumer: target.consumer,
-            fromSeq: start,
-          },
-        );
-        void session.#pump(relay, start);
-      }, { once: true });
-      return response;
-    } catch (error) {
-      release();
-      throw error;
-    }
+    start: number | "beyond retention",
+  ) {
+    this.#relay = relay;
+    this.#target = target;
+    this.#stream = logName(target.stream);
+    this.#name = consumerName(target.consumer);
+    this.#expected = start;
   }
 
-  async #pump(relay: JetStreamLog, startSeq: number): Promise<void> {
-    const signal = this.#abort.signal;
-    const stream = logName(this.stream);
-    const name = consumerName(this.consumer);
-    let expected = startSeq;
-    // Set when the durable consumer must be (re-)created at `expected`: frames went missing, or
-    // it is gone (a reposition cut short between its delete and its add, say). Until that
-    // succeeds every pull would fail, so it is retried first, each time round.
-    let recreate = false;
-    // Looked up once (an info request to JetStream), and again only after a failure.
-    let consumer: Consumer | undefined;
-    while (!signal.aborted) {
+  async read(): Promise<OutgoingFrame | undefined> {
+    if (this.#expected === "beyond retention") {
+      throw new SourceClosed(CloseCode.BeyondRetention, beyondRetentionReason(this.#target.stream));
+    }
+    while (!this.#closed) {
+      let result: IteratorResult<JsMsg>;
       try {
-        if (recreate) {
-          consumer = undefined;
-          await reposition(relay, stream, name, expected);
-          this.#pending.length = 0;
-          recreate = false;
-        }
-        consumer ??= await relay.js.consumers.get(stream, name);
-        // Batches pulled one after another, each yielding its frames as they arrive.
-        const messages = await consumer.fetch({ max_messages: 256, expires: 5000 });
-        this.#messages = messages;
-        for await (const message of messages) {
-          if (signal.aborted) break;
-          // Sent on this socket already (a redelivery): not again.
-          if (message.seq < expected) continue;
-          if (message.seq > expected) {
-            const { first_seq } = (await relay.jsm.streams.info(stream)).state;
-            if (expected < first_seq) {
-              // Retention dropped frames this consumer had not read: never skip them silently.
-              return this.close(CloseCode.BeyondRetention, beyondRetentionReason(this.stream));
-            }
-            // Frames lost on the way (a NATS reconnect): start the consumer again where we are.
-            log.warn("relay.reposition", "a relay consumer missed frames in transit; resuming", {
-              stream: this.stream,
-              consumer: this.consumer,
-              expected,
-              got: message.seq,
-            });
-            recreate = true;
-            break;
-          }
-          expected = message.seq + 1;
-          const id = message.headers?.get("Nats-Msg-Id") ?? "";
-          this.#socket.send(message.string());
-          if (!id.includes("+")) {
-            const lsn = parseLsn(id);
-            this.#delivered = lsn;
-            this.#pending.push({ lsn, message });
-          }
-          if (this.#socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) {
-            await drained(this.#socket, signal);
-          }
-        }
+        if (this.#iterator === undefined) await this.#pull();
+        result = await this.#iterator!.next();
       } catch (error) {
-        if (signal.aborted) return;
-        consumer = undefined;
-        if ((error as Error).name === "ConsumerNotFoundError") recreate = true;
+        if (this.#closed) break;
+        this.#consumer = undefined;
+        this.#iterator = undefined;
+        if ((error as Error).name === "ConsumerNotFoundError") this.#recreate = true;
         // A pull that failed (missed heartbeats, a NATS reconnect): pull again; what it had in
         // flight is redelivered after the ack wait, and what was sent already is skipped.
         log.debug("relay.fetch_failed", "a relay consumer's pull failed; pulling again", {
-          stream: this.stream,
-          consumer: this.consumer,
+          stream: this.#target.stream,
+          consumer: this.#target.consumer,
           error: errorMessage(error),
         });
         await new Promise((resolve) => setTimeout(resolve, 100));
+        continue;
       }
+      if (result.done) {
+        this.#iterator = undefined; // the batch is over: the next read pulls another
+        continue;
+      }
+      const message = result.value;
+      const expected = this.#expected as number;
+      // Sent on this socket already (a redelivery): not again.
+      if (message.seq < expected) continue;
+      if (message.seq > expected) {
+        const { first_seq } = (await this.#relay.jsm.streams.info(this.#stream)).state;
+        if (expected < first_seq) {
+          // Retention dropped frames this consumer had not read: never skip them silently.
+          throw new SourceClosed(
+            CloseCode.BeyondRetention,
+            beyondRetentionReason(this.#target.stream),
+          );
+        }
+        // Frames lost on the way (a NATS reconnect): start the consumer again where we are.
+        log.warn("relay.reposition", "a relay consumer missed frames in transit; resuming", {
+          stream: this.#target.stream,
+          consumer: this.#target.consumer,
+          expected,
+          got: message.seq,
+        });
+        this.#recreate = true;
+        this.#iterator = undefined;
+        void this.#messages?.close().catch(() => {});
+        continue;
+      }
+      this.#expected = message.seq + 1;
+      const text = message.string();
+      const id = message.headers?.get("Nats-Msg-Id") ?? "";
+      if (id.includes("+")) {
+        // A chunk: its text's nextlsn is the publisher's last whole frame, acknowledged already
+        // or sent on this socket; acking it confirms nothing new.
+        const head = FRAME_HEAD.exec(text.slice(0, 40));
+        const own = head === null ? ZERO_LSN : parseLsn(head[1]);
+        return { text, nextLsn: own > this.#lastWhole ? own : this.#lastWhole, partial: true };
+      }
+      const lsn = parseLsn(id);
+      this.#lastWhole = lsn;
+      this.#pending.push({ lsn, message });
+      return { text, nextLsn: lsn, partial: false };
     }
+    return undefined;
   }
 
-  #onMessage(event: MessageEvent): void {
-    const lsn = readAck(event.data, this.#delivered);
-    if (typeof lsn !== "bigint") return this.close(lsn.code, lsn.reason);
-    if (lsn <= this.#acked) return;
-    this.#acked = lsn;
+  /** The next batch, its durable consumer (re-)created first where it must be. */
+  async #pull(): Promise<void> {
+    if (this.#recreate) {
+      this.#consumer = undefined;
+      await reposition(this.#relay, this.#stream, this.#name, this.#expected as number);
+      this.#pending.length = 0;
+      this.#recreate = false;
+    }
+    // Looked up once (an info request to JetStream), and again only after a failure.
+    this.#consumer ??= await this.#relay.js.consumers.get(this.#stream, this.#name);
+    // Batches pulled one after another, each yielding its frames as they arrive.
+    this.#messages = await this.#consumer.fetch({ max_messages: 256, expires: 5000 });
+    this.#iterator = this.#messages[Symbol.asyncIterator]();
+  }
+
+  acknowledge(lsn: Lsn): void {
     // "All" acknowledgement: the latest whole frame at or before lsn confirms every one before it.
     let last: JsMsg | undefined;
     while (this.#pending.length > 0 && this.#pending[0].lsn <= lsn) {
@@ -228,15 +189,65 @@ export class RelaySession {
     last?.ack();
   }
 
-  /** Closes the socket with `code` and `reason`. */
-  close(code: CloseCodeValue, reason: string): void {
-    this.#abort.abort();
-    void this.#messages?.close().catch(() => {});
-    if (this.#socket.readyState <= WebSocket.OPEN) {
-      try {
-        this.#socket.close(code, truncateReason(reason));
-      } catch { /* closing */ }
+  close(): Promise<void> {
+    this.#closed = true;
+    return this.#messages?.close().then(() => {}, () => {}) ?? Promise.resolve();
+  }
+}
+
+/**
+ * Takes the consumer's lease (a {@link ConflictError} if it is connected
+ * elsewhere), positions its durable consumer after its last
+ * acknowledgement, and upgrades `request` to a consumer session of the
+ * stream's log; a position older than the log closes with 4411.
+ */
+export async function acceptRelayConsumer(
+  request: Request,
+  relay: JetStreamLog,
+  target: RelayConsumerTarget,
+  sessions: Map<ConsumerSession, string>,
+): Promise<Response> {
+  const leaseKey = `${target.stream}.${target.consumer}`;
+  try {
+    await relay.leases.create(leaseKey, target.instance);
+  } catch {
+    throw new ConflictError(
+      `Cannot stream: consumer "${target.consumer}" of stream "${target.stream}" is connected ` +
+        `elsewhere; one connection per consumer id (retry in ${LEASE_TTL_MS / 1000} s if it died)`,
+    );
+  }
+  const renew = setInterval(
+    () => void relay.leases.put(leaseKey, target.instance).catch(() => {}),
+    LEASE_TTL_MS / 3,
+  );
+  const release = () => {
+    clearInterval(renew);
+    void relay.leases.delete(leaseKey).catch(() => {});
+  };
+  try {
+    await relay.ensure(target.stream);
+    const start = await position(relay, target);
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    const label = `consumer "${target.consumer}" of stream "${target.stream}"`;
+    const session = new ConsumerSession(socket, new LogSource(relay, target, start), {
+      label,
+      expiresAt: target.expiresAt,
+    });
+    sessions.set(session, target.stream);
+    void session.done.finally(() => {
+      sessions.delete(session);
+      release();
+    });
+    const fields = { stream: target.stream, consumer: target.consumer };
+    if (start === "beyond retention") {
+      log.info("consumer.refused", "a relay consumer's position is older than its log", fields);
+    } else {
+      log.info("consumer.connected", `${label} connected`, { ...fields, fromSeq: start });
     }
+    return response;
+  } catch (error) {
+    release();
+    throw error;
   }
 }
 

@@ -9,19 +9,19 @@
 
 import { ConflictError } from "../errors.ts";
 import type { CloseCodeValue } from "../protocol.ts";
-import type { StreamSession } from "./stream_session.ts";
+import type { ConsumerSession } from "./consumer_session.ts";
 
 /** A slot claimed for a session being started: attach the session, or release the claim. */
 export interface SessionClaim {
   /** The session now holds the slot, until it is done. */
-  attach(session: StreamSession): void;
+  attach(session: ConsumerSession): void;
   /** The start failed: the slot is free again. */
   release(): void;
 }
 
 /** The open sessions, by slot name. */
 export class SessionRegistry {
-  readonly #sessions = new Map<string, StreamSession | "starting">();
+  readonly #sessions = new Map<string, ConsumerSession | "starting">();
   readonly #busyTimeoutMs: number;
 
   /** Waits at most `busyTimeoutSeconds` for an ending session to let its slot go. */

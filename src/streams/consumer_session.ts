@@ -1,30 +1,104 @@
 /**
- * One websocket client streaming one slot: frames out through a sink that
- * respects the socket's `bufferedAmount`, acknowledgements in, validated
- * against what this socket was actually sent.
+ * One consumer's websocket, whatever its frames come from: the one place
+ * where the rules about frames and acknowledgements are kept (invariants
+ * 2–4, 10 and the close codes of `docs/protocol.md`). It sends what its
+ * {@link FrameSource} yields, pausing while the socket's buffer is full;
+ * remembers what this socket was sent; takes only acknowledgements of it
+ * (`4400` otherwise) and passes them on; closes with `4401` when the
+ * credential expires, `4422` when a monitor says the definition broke, and
+ * the code its source ends with (`1013` lost, `4422`, `4411`). A plain
+ * stream and a relayed one differ only in the source they give it.
  * @module
  */
 
 import { atTime } from "../deadline_timer.ts";
 import { type Lsn, ZERO_LSN } from "../lsn.ts";
-import { readAck } from "./ack_message.ts";
-import { type Frame, StreamScopeError } from "../replication/pgoutput_decoder.ts";
-import { CloseCode, type CloseCodeValue } from "../protocol.ts";
-import {
-  ReplicationLostError,
-  type ReplicationService,
-} from "../replication/replication_service.ts";
 import { errorMessage, log } from "../observability/log.ts";
+import { CloseCode, type CloseCodeValue } from "../protocol.ts";
+import { readAck } from "./ack_message.ts";
 
-/** Socket buffer above which sending pauses, and below which it resumes. */
+/** Socket buffer above which sending pauses. */
 export const SOCKET_HIGH_WATER_BYTES = 1 << 20;
-/** Socket buffer below which a paused sink resumes sending. */
+/** Socket buffer below which a paused session resumes sending. */
 export const SOCKET_LOW_WATER_BYTES = 256 << 10;
 
 /** Longest run of sending before the event loop gets a turn to read acks. */
 const YIELD_EVERY_MS = 5;
-/** A gap between frames this long means the sink waited for the next one (a live stream). */
+/** A gap between frames this long means the session waited for the next one (a live stream). */
 const WAITED_MS = 1;
+
+/** A frame as a session sends it. */
+export interface OutgoingFrame {
+  /** The frame's JSON text, sent as is. */
+  text: string;
+  /**
+   * What acknowledging it confirms: its transaction's `nextlsn`, or, for a
+   * partial chunk, the last complete transaction's (acking it changes nothing).
+   */
+  nextLsn: Lsn;
+  partial: boolean;
+  /** Changes in it, and its transaction's commit time (ms), where the source knows them. */
+  changes?: number;
+  commitTime?: number;
+}
+
+/** Where a consumer's frames come from and where its acknowledgements go: a slot, or a log. */
+export interface FrameSource {
+  /**
+   * The next frame; `undefined` when the source ended normally. Rejects
+   * with a {@link SourceClosed} for a close code the consumer should get.
+   */
+  read(): Promise<OutgoingFrame | undefined>;
+  /** The consumer acknowledged every frame up to `lsn`, a `nextlsn` this socket was sent. */
+  acknowledge(lsn: Lsn): void;
+  /** Stops reading and lets go of what it holds (a walsender, a JetStream consumer). */
+  close(): Promise<void>;
+}
+
+/** A source ended in a way its consumer is told by close code: lost (1013), broken (4422), too old (4411). */
+export class SourceClosed extends Error {
+  /** The close code the consumer gets. */
+  readonly code: CloseCodeValue;
+
+  /** `reason` is the consumer's close reason (at most 123 bytes); `options.cause` what happened. */
+  constructor(code: CloseCodeValue, reason: string, options?: ErrorOptions) {
+    super(reason, options);
+    this.name = "SourceClosed";
+    this.code = code;
+  }
+}
+
+/** What a session tells whoever watches it (tails, metrics). */
+export interface SessionObserver {
+  /** A frame was written to the consumer's socket. */
+  sent?(frame: OutgoingFrame): void;
+  /** The consumer acknowledged everything up to `lsn`. */
+  acknowledged?(lsn: Lsn): void;
+}
+
+/** A check a session repeats while it is open; a reason it returns closes it with 4422. */
+export interface SessionMonitor {
+  check(): Promise<string | undefined>;
+  intervalMs: number;
+}
+
+/** What a session is given besides its socket and source. */
+export interface SessionOptions {
+  /** What it is, for the log: `stream "orders"`, `slot "delta_x1"`. */
+  label: string;
+  observer?: SessionObserver;
+  /** When the client's credential expires (ms since the epoch): the socket closes with 4401. */
+  expiresAt?: number;
+  monitor?: SessionMonitor;
+}
+
+/** How a session's socket closed, who closed it, and the last position acknowledged on it. */
+export interface SessionOutcome {
+  code?: number;
+  reason?: string;
+  by?: "server" | "client";
+  acked: Lsn;
+}
 
 /** Waits until the socket's outgoing buffer drains below the low-water mark (or the socket closes). */
 export async function drained(socket: WebSocket, signal: AbortSignal): Promise<void> {
@@ -37,47 +111,32 @@ export async function drained(socket: WebSocket, signal: AbortSignal): Promise<v
   }
 }
 
-/** What a session tells whoever watches it (tails, metrics). */
-export interface SessionObserver {
-  /** A frame was written to the consumer's socket. */
-  sent?(frame: Frame): void;
-  /** The consumer acknowledged everything up to `lsn`. */
-  acknowledged?(lsn: Lsn): void;
+/** Close reasons are limited to 123 UTF-8 bytes: `reason`, shortened to fit. */
+export function truncateReason(reason: string): string {
+  const bytes = new TextEncoder().encode(reason);
+  if (bytes.length <= 123) return reason;
+  return new TextDecoder().decode(bytes.slice(0, 120)).replace(/\uFFFD$/, "") + "...";
 }
 
-/** A check a session repeats while it is open; a reason it returns closes it with 4422. */
-export interface SessionMonitor {
-  check(): Promise<string | undefined>;
-  intervalMs: number;
-}
-
-/** What a session is given besides its socket and replication. */
-export interface SessionOptions {
-  observer?: SessionObserver;
-  /** When the client's credential expires (ms since the epoch): the socket closes with 4401. */
-  expiresAt?: number;
-  monitor?: SessionMonitor;
-}
-
-/** A websocket bound to a {@link ReplicationService} until either side ends. */
-export class StreamSession {
-  readonly slotName: string;
+/** A websocket bound to a {@link FrameSource} until either side ends. */
+export class ConsumerSession {
+  readonly label: string;
   readonly #socket: WebSocket;
-  readonly #service: ReplicationService;
+  readonly #source: FrameSource;
   readonly #abort = new AbortController();
   readonly #observer: SessionObserver;
   #delivered: Lsn = ZERO_LSN;
   #acked: Lsn = ZERO_LSN;
-  #closed: { code: number; reason: string; by: "server" | "client" } | undefined;
-  /** Settles when the socket is closed and the replication connection ended. */
+  #closed: Omit<SessionOutcome, "acked"> | undefined;
+  /** Settles when the socket is closed and the source let go. */
   readonly done: Promise<void>;
 
-  /** Binds `socket` (from `Deno.upgradeWebSocket`) to `service`. */
-  constructor(socket: WebSocket, service: ReplicationService, options: SessionOptions = {}) {
+  /** Binds `socket` (from `Deno.upgradeWebSocket`) to `source`. */
+  constructor(socket: WebSocket, source: FrameSource, options: SessionOptions) {
     const { observer = {}, expiresAt, monitor } = options;
-    this.slotName = service.slotName;
+    this.label = options.label;
     this.#socket = socket;
-    this.#service = service;
+    this.#source = source;
     this.#observer = observer;
     if (monitor !== undefined) this.#watch(monitor);
     if (expiresAt !== undefined) {
@@ -100,7 +159,7 @@ export class StreamSession {
     );
     this.done = Promise.race([opened, closed]).then(() => this.#pump()).finally(async () => {
       this.#abort.abort();
-      await service.close();
+      await source.close();
     });
     // The client leaving ends the pump at once.
     void closed.then(() => this.#abort.abort());
@@ -120,7 +179,7 @@ export class StreamSession {
   }
 
   /** How the socket closed, who closed it, and the last position acknowledged on it. */
-  get outcome(): { code?: number; reason?: string; by?: string; acked: Lsn } {
+  get outcome(): SessionOutcome {
     return { ...this.#closed, acked: this.#acked };
   }
 
@@ -133,14 +192,13 @@ export class StreamSession {
     const socket = this.#socket;
     const signal = this.#abort.signal;
     if (socket.readyState !== WebSocket.OPEN) return;
-    const reader = this.#service.readable.getReader();
-    const cancel = () => void reader.cancel().catch(() => {});
-    signal.addEventListener("abort", cancel, { once: true });
+    const stop = () => void this.#source.close();
+    signal.addEventListener("abort", stop, { once: true });
     let lastYield = performance.now();
     // Every wait comes before the next read, while no frame is held: a frame held across a wait
     // lives through young-generation collections (the decoder keeps allocating) and is moved to
     // the old generation, where a large transaction's frames piled up until a full collection.
-    let result: ReadableStreamReadResult<Frame> | undefined;
+    let frame: OutgoingFrame | undefined;
     try {
       for (;;) {
         if (socket.bufferedAmount > SOCKET_HIGH_WATER_BYTES) {
@@ -154,34 +212,31 @@ export class StreamSession {
         }
         if (signal.aborted || socket.readyState !== WebSocket.OPEN) return;
         const asked = performance.now();
-        result = await reader.read();
-        if (result.done) break;
+        frame = await this.#source.read();
+        if (frame === undefined) break;
         const now = performance.now();
         // A frame that was waited for came through the event loop, which read the acks meanwhile.
         if (now - asked > WAITED_MS) lastYield = now;
         if (socket.readyState !== WebSocket.OPEN) return;
-        socket.send(result.value.text);
-        this.#delivered = result.value.nextLsn;
-        this.#observer.sent?.(result.value);
-        result = undefined;
+        socket.send(frame.text);
+        if (frame.nextLsn > this.#delivered) this.#delivered = frame.nextLsn;
+        this.#observer.sent?.(frame);
+        frame = undefined;
       }
       this.close(CloseCode.Normal, "stream ended");
     } catch (error) {
       if (signal.aborted) return;
-      if (error instanceof ReplicationLostError && error.cause instanceof StreamScopeError) {
-        this.close(CloseCode.DefinitionBroken, error.cause.message);
-      } else if (error instanceof ReplicationLostError) {
-        log.warn("replication.lost", "the replication connection was lost", {
-          slot: this.slotName,
-          error: errorMessage(error.cause),
-        });
-        this.close(
-          CloseCode.TryAgainLater,
-          "replication connection lost; reconnect to resume after your last ack",
-        );
+      if (error instanceof SourceClosed) {
+        if (error.code === CloseCode.TryAgainLater) {
+          log.warn("replication.lost", "the replication connection was lost", {
+            label: this.label,
+            error: errorMessage(error.cause ?? error),
+          });
+        }
+        this.close(error.code, error.message);
       } else {
-        log.error("stream.failed", `the stream of slot "${this.slotName}" failed`, {
-          slot: this.slotName,
+        log.error("stream.failed", `the stream of ${this.label} failed`, {
+          label: this.label,
           error: errorMessage(error),
         });
         this.close(
@@ -190,8 +245,7 @@ export class StreamSession {
         );
       }
     } finally {
-      signal.removeEventListener("abort", cancel);
-      cancel();
+      signal.removeEventListener("abort", stop);
     }
   }
 
@@ -201,7 +255,7 @@ export class StreamSession {
     // An ack at or below the last one (say, of a re-delivered frame) changes nothing.
     if (lsn <= this.#acked) return;
     this.#acked = lsn;
-    this.#service.acknowledge(lsn);
+    this.#source.acknowledge(lsn);
     this.#observer.acknowledged?.(lsn);
   }
 
@@ -217,11 +271,4 @@ export class StreamSession {
       } catch { /* already closing */ }
     }
   }
-}
-
-/** Close reasons are limited to 123 UTF-8 bytes: `reason`, shortened to fit. */
-export function truncateReason(reason: string): string {
-  const bytes = new TextEncoder().encode(reason);
-  if (bytes.length <= 123) return reason;
-  return new TextDecoder().decode(bytes.slice(0, 120)).replace(/\uFFFD$/, "") + "...";
 }
