@@ -16,6 +16,22 @@ export interface ErrorBody {
   error: string;
 }
 
+/** What `GET /v2/status` reports (and `/healthz`, reduced to its status). */
+export interface HealthReport {
+  status: "ok" | "stopping" | "degraded";
+  database: { reachable: boolean; walLevel?: string; currentLsn?: string; error?: string };
+  slots?: {
+    slotName: string;
+    ownedByPgdeltastream: boolean;
+    exists: boolean;
+    plugin: string | null;
+    activePid: number | null;
+    confirmedFlushLsn: string | null;
+    streaming: boolean;
+    snapshotHeld: boolean;
+  }[];
+}
+
 /** `GET|POST /v1/init` response. */
 export interface InitResponse {
   /** Name of the new logical replication slot: `delta_<word><number>`. */

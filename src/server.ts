@@ -10,10 +10,11 @@ import { Authenticator } from "./auth/authenticator.ts";
 import type { Config } from "./config.ts";
 import { UnavailableError } from "./errors.ts";
 import { createHttpApp } from "./http/app.ts";
+import type { HttpHost } from "./http/host.ts";
 import { createPool } from "./postgres/database.ts";
 import { ensureSchema, type SchemaNames, schemaNames } from "./postgres/server_schema.ts";
 import { TypeNames } from "./postgres/type_names.ts";
-import { CloseCode } from "./protocol.ts";
+import { CloseCode, type HealthReport } from "./protocol.ts";
 import { v1Scope } from "./replication/pgoutput_decoder.ts";
 import type { ReplicationOptions } from "./replication/replication_service.ts";
 import { type SlotInfo, SlotManager } from "./slots/slot_manager.ts";
@@ -25,25 +26,10 @@ import { Metrics, type RelayReading, V1_STREAM_LABEL } from "./observability/met
 import { TailHub } from "./streams/tail_hub.ts";
 import { WalGuard } from "./streams/wal_guard.ts";
 import { Relay, RELAY_APPLICATION_PREFIX } from "./relay/relay.ts";
-
-/** What `/healthz` reports. */
-export interface HealthReport {
-  status: "ok" | "stopping" | "degraded";
-  database: { reachable: boolean; walLevel?: string; currentLsn?: string; error?: string };
-  slots?: {
-    slotName: string;
-    ownedByPgdeltastream: boolean;
-    exists: boolean;
-    plugin: string | null;
-    activePid: number | null;
-    confirmedFlushLsn: string | null;
-    streaming: boolean;
-    snapshotHeld: boolean;
-  }[];
-}
+import type { StreamLog } from "./streams/stream_log.ts";
 
 /** The server's state: everything a request may use, and a clean shutdown of all of it. */
-export class Server implements AsyncDisposable {
+export class Server implements HttpHost, AsyncDisposable {
   readonly config: Config;
   /** Short metadata queries: catalog look-ups, bookkeeping. */
   readonly pool: pg.Pool;
@@ -65,6 +51,10 @@ export class Server implements AsyncDisposable {
   readonly authenticator: Authenticator;
   /** Relay mode's NATS side: publishers, consumers, tails; none without `NATS_URL`. */
   relay: Relay | undefined;
+  /** The streams' logs (the relay's), as the stream manager sees them. */
+  get log(): StreamLog | undefined {
+    return this.relay;
+  }
   /** Weighs every stream against its WAL limits, on a timer. */
   readonly guard: WalGuard;
   /** The Prometheus metrics; none with `METRICS=off`. */

@@ -85,10 +85,10 @@ function remoteHost(c: Context): string | undefined {
 /** Decides principals and access for every route; see the module's documentation. */
 export class AccessControl {
   readonly #config: AuthConfig;
-  readonly #authenticator: Authenticator;
+  readonly #authenticator: Pick<Authenticator, "authenticate">;
 
   /** Guards with `config`, checking credentials with `authenticator`. */
-  constructor(config: AuthConfig, authenticator: Authenticator) {
+  constructor(config: AuthConfig, authenticator: Pick<Authenticator, "authenticate">) {
     this.#config = config;
     this.#authenticator = authenticator;
   }

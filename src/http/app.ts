@@ -5,7 +5,7 @@
  */
 
 import { Hono } from "hono";
-import type { Server } from "../server.ts";
+import type { HttpHost } from "./host.ts";
 import { errorBody, errorResponse } from "./error_mapper.ts";
 import { AccessControl } from "./access.ts";
 import { json, open, Routes, scraper } from "./routes.ts";
@@ -15,7 +15,7 @@ import { v2Routes } from "./v2_routes.ts";
 import { viewerRoutes } from "./viewer_routes.ts";
 
 /** The request handler of `server`'s API. */
-export function createHttpApp(server: Server): Hono {
+export function createHttpApp(server: HttpHost): Hono {
   const app = new Hono();
   app.onError((error) => errorResponse(error));
   app.notFound((c) => errorBody(404, `Not found: ${new URL(c.req.url).pathname}`));

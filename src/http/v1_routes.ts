@@ -7,7 +7,7 @@
 import type { Hono } from "hono";
 import { InvalidRequestError, NotFoundError } from "../errors.ts";
 import { API_PREFIX, CloseCode, type InitResponse } from "../protocol.ts";
-import type { Server } from "../server.ts";
+import type { HttpHost } from "./host.ts";
 import { v1SnapshotOwner } from "../slots/slot_manager.ts";
 import { isValidSlotName } from "../slots/slot_names.ts";
 import { exportRows } from "../snapshots/snapshot_export.ts";
@@ -20,7 +20,7 @@ import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 import { V1_STREAM_LABEL } from "../observability/metrics.ts";
 
 /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
-async function snapshotSource(server: Server, slotName: string): Promise<SnapshotSource> {
+async function snapshotSource(server: HttpHost, slotName: string): Promise<SnapshotSource> {
   if (!server.snapshots.has(slotName) && await server.slots.find(slotName) === undefined) {
     throw new NotFoundError(`Cannot read snapshot: slot "${slotName}" does not exist`);
   }
@@ -36,7 +36,7 @@ async function snapshotSource(server: Server, slotName: string): Promise<Snapsho
 }
 
 /** Adds the v1 routes of `server` to `routes`. */
-export function v1Routes(server: Server, routes: Routes<Hono>): void {
+export function v1Routes(server: HttpHost, routes: Routes<Hono>): void {
   const init = async () => {
     server.assertOpen();
     const slotName = await server.slots.init((slot) =>

@@ -12,7 +12,7 @@ import type { Principal } from "../auth/principal.ts";
 import { mayRead } from "../auth/principal.ts";
 import { ConflictError, ForbiddenError, InvalidRequestError } from "../errors.ts";
 import { CONSUMER_ID, V2_PREFIX } from "../protocol.ts";
-import type { Server } from "../server.ts";
+import type { HttpHost } from "./host.ts";
 import { exportRows } from "../snapshots/snapshot_export.ts";
 import { readPage } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
@@ -41,7 +41,7 @@ function expiry(principal: Principal): number | undefined {
 }
 
 /** Adds the v2 routes of `server` to `routes`. */
-export function v2Routes(server: Server, routes: Routes<Hono>): void {
+export function v2Routes(server: HttpHost, routes: Routes<Hono>): void {
   const streams = server.streams;
   const base = `${V2_PREFIX}/streams`;
 

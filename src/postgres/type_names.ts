@@ -7,7 +7,11 @@
  */
 
 import type pg from "pg";
-import type { ColumnType } from "../replication/pgoutput_decoder.ts";
+/** One column's type as pgoutput's Relation message describes it. */
+export interface ColumnType {
+  oid: number;
+  typmod: number;
+}
 
 /** The first OID of user-defined objects (`FirstNormalObjectId`). */
 const FIRST_USER_OID = 16384;

@@ -9,7 +9,8 @@ import { DeliverPolicy } from "@nats-io/jetstream";
 import type { DatabaseConfig, RelayConfig } from "../config.ts";
 import type { Metrics } from "../observability/metrics.ts";
 import { CloseCode, type CloseCodeValue } from "../protocol.ts";
-import type { StreamManager } from "../streams/stream_manager.ts";
+import type { StreamLog } from "../streams/stream_log.ts";
+import type { PublishedStreams } from "./stream_publisher.ts";
 import { sendToTail, type TailHub } from "../streams/tail_hub.ts";
 import { JetStreamLog, logName, type LogState } from "./jetstream_log.ts";
 import { acceptRelayConsumer } from "./relay_session.ts";
@@ -35,7 +36,7 @@ export interface RelayStateBody {
 }
 
 /** The relay of one instance. */
-export class Relay implements AsyncDisposable {
+export class Relay implements StreamLog, AsyncDisposable {
   readonly config: RelayConfig;
   readonly log: JetStreamLog;
   readonly publishers: RelayPublishers;
@@ -61,7 +62,7 @@ export class Relay implements AsyncDisposable {
     config: RelayConfig,
     deps: {
       database: DatabaseConfig;
-      streams: StreamManager;
+      streams: PublishedStreams;
       metrics?: Metrics;
       busyTimeoutSeconds: number;
       tails: TailHub;
@@ -131,8 +132,9 @@ export class Relay implements AsyncDisposable {
     return await this.log.lastSequence(stream) + 1;
   }
 
-  /** Which instance publishes `stream`, and its log's state. */
-  async state(stream: string, publisher: string | null): Promise<RelayStateBody> {
+  /** Which instance publishes `stream` (`walsender`: its slot's connection's name), and its log's state. */
+  async state(stream: string, walsender: string | null): Promise<RelayStateBody> {
+    const publisher = instanceOf(walsender);
     const state = await this.log.state(stream);
     if (state === undefined) return { publisher, log: null, consumers: [] };
     const { consumers, ...rest } = state;

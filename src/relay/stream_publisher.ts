@@ -26,8 +26,12 @@ import { errorMessage, log } from "../observability/log.ts";
 import type { Metrics } from "../observability/metrics.ts";
 import { connect } from "../postgres/database.ts";
 import type { Frame } from "../replication/pgoutput_decoder.ts";
-import { type ReplicationService, startReplication } from "../replication/replication_service.ts";
-import type { StreamManager } from "../streams/stream_manager.ts";
+import {
+  type ReplicationOptions,
+  type ReplicationService,
+  startReplication,
+} from "../replication/replication_service.ts";
+import type { StoredStream } from "../streams/stream_store.ts";
 import { headers } from "@nats-io/transport-node";
 import { END_CHANGE_HEADER, type JetStreamLog, logSubject } from "./jetstream_log.ts";
 
@@ -61,11 +65,19 @@ function after(a: Position, b: Position): boolean {
   return a[0] > b[0] || (a[0] === b[0] && a[1] > b[1]);
 }
 
+/** What publishing needs of the streams: which there are, and how each is replicated. */
+export interface PublishedStreams {
+  listStored(): Promise<StoredStream[]>;
+  /** The stored stream `name` (rejects when there is none). */
+  require(name: string): Promise<StoredStream>;
+  replicationPlan(stream: StoredStream): Promise<{ options: ReplicationOptions }>;
+}
+
 /** What publishing needs. */
 export interface PublisherDependencies {
   database: DatabaseConfig;
   log: JetStreamLog;
-  streams: StreamManager;
+  streams: PublishedStreams;
   metrics?: Metrics;
   instance: string;
   busyTimeoutSeconds: number;

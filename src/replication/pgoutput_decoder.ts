@@ -14,6 +14,7 @@
  */
 
 import { Buffer } from "node:buffer";
+import type { ColumnType } from "../postgres/type_names.ts";
 import { FrameBuilder } from "./frame_builder.ts";
 import type { Lsn } from "../lsn.ts";
 import { formatLsnAt, readLsn } from "../lsn.ts";
@@ -61,11 +62,7 @@ export interface ResumePoint {
 /** Default size at which a transaction's changes are sent as a partial frame. */
 export const DEFAULT_CHUNK_BYTES = 1 << 20;
 
-/** One column's type as pgoutput's Relation message describes it. */
-export interface ColumnType {
-  oid: number;
-  typmod: number;
-}
+export type { ColumnType };
 
 /** Resolves type OIDs and modifiers to `format_type()` names, e.g. `character varying(20)`. */
 export type TypeNameResolver = (types: ColumnType[]) => Promise<string[]>;

@@ -12,8 +12,7 @@ import { ConflictError, ForbiddenError, InvalidRequestError, NotFoundError } fro
 import { RAW_TEXT_TYPES, SqlState, sqlState } from "../postgres/database.ts";
 import type { SortOrder } from "../protocol.ts";
 import { type ResolvedTable, resolveTable } from "../postgres/resolve_table.ts";
-import { conditionsSql } from "../replication/row_filter.ts";
-import type { StoredCondition } from "../streams/stream_definition.ts";
+import { type Condition, conditionsSql } from "../replication/row_filter.ts";
 import type { HeldSnapshot } from "./snapshot_store.ts";
 
 /** What a snapshot read needs besides the request: the snapshot, the database as it is now, and what to hide. */
@@ -230,10 +229,15 @@ export async function jsonSelectList(
   return rows[0]?.expr ?? "'{}'";
 }
 
+/** A condition of a view, with its column's type (`format_type()`) to cast its values to. */
+export interface ViewCondition extends Condition {
+  typeName: string;
+}
+
 /** The part of a table a view lets a reader see: its columns (null: every one) and rows. */
 export interface ViewedTable {
   columns: string[] | null;
-  where: StoredCondition[];
+  where: ViewCondition[];
 }
 
 /**

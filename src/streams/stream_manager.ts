@@ -39,7 +39,7 @@ import { standing } from "./wal_limits.ts";
 import { type StoredStream, StreamStore } from "./stream_store.ts";
 import type { TailHub } from "./tail_hub.ts";
 import type { Metrics } from "../observability/metrics.ts";
-import { instanceOf, type Relay } from "../relay/relay.ts";
+import type { StreamLog } from "./stream_log.ts";
 import { errorMessage, log } from "../observability/log.ts";
 
 /** What creating a stream takes, validated. */
@@ -62,8 +62,8 @@ export interface StreamDependencies {
   tails: TailHub;
   typeNames: TypeNames;
   metrics?: Metrics;
-  /** Relay mode's NATS side, read when needed (it connects after the manager is made). */
-  readonly relay?: Relay;
+  /** Relay mode's log of each stream, read when needed (it connects after the manager is made). */
+  readonly log?: StreamLog;
 }
 
 /** The close reason of an invalidated stream or slot (at most 123 bytes): what was lost, what to do. */
@@ -181,7 +181,7 @@ export class StreamManager {
   async invalidate(stream: Pick<StoredStream, "name" | "slotName">, reason: string): Promise<void> {
     await this.#store.invalidate(stream.name, reason);
     const close = streamInvalidatedReason(stream.name);
-    this.#deps.relay?.close(stream.name, CloseCode.StreamInvalidated, close);
+    this.#deps.log?.close(stream.name, CloseCode.StreamInvalidated, close);
     await this.#teardown(
       stream,
       CloseCode.StreamInvalidated,
@@ -220,9 +220,9 @@ export class StreamManager {
     await this.#teardown(old, CloseCode.SlotDropped, "stream reset", "the stream was reset");
     const stream = await this.#store.replaceSlot(name, slotNameFor(name));
     try {
-      const relay = this.#deps.relay;
+      const log = this.#deps.log;
       // The log's frames belong to the old slot: consumers positioned there are told (4411).
-      if (relay !== undefined) await this.#store.setRelayStart(name, await relay.reset(name));
+      if (log !== undefined) await this.#store.setRelayStart(name, await log.reset(name));
       await this.#makeSlot(stream);
     } catch (error) {
       // Invalidating releases the new snapshot and drops the new slot, if they were made.
@@ -324,9 +324,7 @@ export class StreamManager {
       tails: this.#deps.tails.count(stream.name),
       health,
       retainedBytes: retained,
-      ...(this.#deps.relay
-        ? { relay: await this.#deps.relay.state(stream.name, instanceOf(slot.app)) }
-        : {}),
+      ...(this.#deps.log ? { relay: await this.#deps.log.state(stream.name, slot.app) } : {}),
       lastActivityAt: (active ? new Date() : stream.lastActivity).toISOString(),
       ...(stream.invalidated
         ? {
@@ -344,7 +342,7 @@ export class StreamManager {
     const stream = await this.require(name, "Cannot delete stream");
     await this.#teardown(stream, CloseCode.SlotDropped, "stream deleted", "the stream was deleted");
     await this.#store.delete(name);
-    await this.#deps.relay?.deleted(name);
+    await this.#deps.log?.deleted(name);
     log.info("stream.dropped", `stream "${name}" was deleted and its slot dropped`, {
       stream: name,
       slot: stream.slotName,
