@@ -13,7 +13,7 @@ import type { StreamLog } from "../streams/stream_log.ts";
 import type { PublishedStreams } from "./stream_publisher.ts";
 import { sendToTail, type TailHub } from "../streams/tail_hub.ts";
 import { JetStreamLog, logName, type LogState } from "./jetstream_log.ts";
-import { acceptRelayConsumer } from "./relay_session.ts";
+import { acceptRelayConsumer, type RelaySessionEntry } from "./relay_session.ts";
 import type { ConsumerSession } from "../streams/consumer_session.ts";
 import { RelayPublishers } from "./stream_publisher.ts";
 
@@ -40,8 +40,8 @@ export class Relay implements StreamLog, AsyncDisposable {
   readonly config: RelayConfig;
   readonly log: JetStreamLog;
   readonly publishers: RelayPublishers;
-  /** Open consumer sessions, with their stream. */
-  readonly #sessions = new Map<ConsumerSession, string>();
+  /** Open consumer sessions, with their stream and lease. */
+  readonly #sessions = new Map<ConsumerSession, RelaySessionEntry>();
   /** The server's tails: relay tails are counted, expired and closed as direct ones are. */
   readonly #tails: TailHub;
 
@@ -111,8 +111,8 @@ export class Relay implements StreamLog, AsyncDisposable {
 
   /** Closes the consumers and tails of `stream` (every one, for no stream). */
   close(stream: string | undefined, code: CloseCodeValue, reason: string): void {
-    for (const [session, of] of this.#sessions) {
-      if (stream === undefined || of === stream) session.close(code, reason);
+    for (const [session, entry] of this.#sessions) {
+      if (stream === undefined || entry.stream === stream) session.close(code, reason);
     }
     if (stream === undefined) this.#tails.closeAll(code, reason);
     else this.#tails.close(stream, code, reason);

@@ -81,6 +81,8 @@ class LogSource implements FrameSource {
    */
   #recreate = false;
   #closed = false;
+  /** Settles when the source is closed: a pull in progress is not waited for. */
+  readonly #closing = Promise.withResolvers<IteratorResult<JsMsg>>();
 
   constructor(
     relay: JetStreamLog,
@@ -102,7 +104,7 @@ class LogSource implements FrameSource {
       let result: IteratorResult<JsMsg>;
       try {
         if (this.#iterator === undefined) await this.#pull();
-        result = await this.#iterator!.next();
+        result = await Promise.race([this.#iterator!.next(), this.#closing.promise]);
       } catch (error) {
         if (this.#closed) break;
         this.#consumer = undefined;
@@ -191,8 +193,16 @@ class LogSource implements FrameSource {
 
   close(): Promise<void> {
     this.#closed = true;
+    this.#closing.resolve({ done: true, value: undefined });
     return this.#messages?.close().then(() => {}, () => {}) ?? Promise.resolve();
   }
+}
+
+/** An open relay consumer session: its stream, its lease's key, and its end (lease let go). */
+export interface RelaySessionEntry {
+  stream: string;
+  key: string;
+  ended: Promise<void>;
 }
 
 /**
@@ -205,9 +215,12 @@ export async function acceptRelayConsumer(
   request: Request,
   relay: JetStreamLog,
   target: RelayConsumerTarget,
-  sessions: Map<ConsumerSession, string>,
+  sessions: Map<ConsumerSession, RelaySessionEntry>,
 ): Promise<Response> {
   const leaseKey = `${target.stream}.${target.consumer}`;
+  // A reconnect right after a close here: its old session lets the lease go as it winds down.
+  const previous = [...sessions].find(([session, open]) => open.key === leaseKey && session.ending);
+  if (previous !== undefined) await deadlineFor(previous[1].ended, LEASE_TTL_MS);
   try {
     await relay.leases.create(leaseKey, target.instance);
   } catch {
@@ -220,9 +233,11 @@ export async function acceptRelayConsumer(
     () => void relay.leases.put(leaseKey, target.instance).catch(() => {}),
     LEASE_TTL_MS / 3,
   );
+  let released: Promise<void> | undefined;
   const release = () => {
     clearInterval(renew);
-    void relay.leases.delete(leaseKey).catch(() => {});
+    released ??= relay.leases.delete(leaseKey).then(() => {}, () => {});
+    return released;
   };
   try {
     await relay.ensure(target.stream);
@@ -233,11 +248,12 @@ export async function acceptRelayConsumer(
       label,
       expiresAt: target.expiresAt,
     });
-    sessions.set(session, target.stream);
-    void session.done.finally(() => {
+    // The session counts as ended once its lease is let go, so that a reconnect here can take it.
+    const ended = session.done.finally(async () => {
+      await release();
       sessions.delete(session);
-      release();
     });
+    sessions.set(session, { stream: target.stream, key: leaseKey, ended });
     const fields = { stream: target.stream, consumer: target.consumer };
     if (start === "beyond retention") {
       log.info("consumer.refused", "a relay consumer's position is older than its log", fields);
@@ -293,4 +309,14 @@ async function reposition(
     // A delivery lost in transit comes again after this; one sent already is skipped.
     ack_wait: 10e9,
   });
+}
+
+/** Resolves when `promise` settles, or after `ms`, whichever comes first. */
+async function deadlineFor(promise: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    promise.catch(() => {}),
+    new Promise((resolve) => (timer = setTimeout(resolve, ms))),
+  ]);
+  clearTimeout(timer);
 }

@@ -34,7 +34,7 @@ import {
   missingTables,
   streamPublications,
 } from "./stream_publication.ts";
-import { streamScope } from "./stream_scope.ts";
+import { StreamView } from "./stream_view.ts";
 import { standing } from "./wal_limits.ts";
 import { type StoredStream, StreamStore } from "./stream_store.ts";
 import type { TailHub } from "./tail_hub.ts";
@@ -355,18 +355,22 @@ export class StreamManager {
     await this.#deps.snapshots.release(stream.slotName, "it was released by DELETE .../snapshot");
   }
 
-  /** The stream's snapshot, seen through the stream's definition. */
+  /** What `stream` lets its consumers see: its frames, its snapshot's reads, their order. */
+  viewOf(stream: StoredStream): StreamView {
+    return new StreamView(stream.name, stream.definition, this.#deps.pool);
+  }
+
+  /** The stream's snapshot, seen through the stream's view. */
   async snapshotSource(name: string): Promise<SnapshotSource> {
     const stream = await this.require(name, "Cannot read snapshot");
     const owner = this.snapshotOwner(name);
-    const tables = new Map(stream.definition.tables.map((t) => [t.oid, t]));
     const metrics = this.#deps.metrics;
     return {
       snapshot: this.#deps.snapshots.get(stream.slotName, owner),
       current: this.#deps.pool,
       ownSchema: this.#deps.names.schema,
       remedy: owner.remedy,
-      view: { table: (oid) => tables.get(oid) },
+      view: this.viewOf(stream),
       // Only where something records them: counting an export's rows scans every chunk.
       countRows: metrics && ((rows) => metrics.snapshotRows(name, rows)),
     };
@@ -390,7 +394,7 @@ export class StreamManager {
         slotName: stream.slotName,
         publications: streamPublications(names, stream.definition, own),
         resolveTypes: (types) => typeNames.resolve(types),
-        scope: streamScope(stream.name, stream.definition, pool),
+        scope: this.viewOf(stream).scope,
         chunkBytes: config.frameChunkBytes,
         receiveTimeoutMs: config.replicationTimeoutMs,
       },
