@@ -8,6 +8,25 @@ import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observability/log.t
 import type { StreamLimits } from "./protocol.ts";
 import { parseConnectionUri } from "./postgres/connection_uri.ts";
 
+/** libpq's `target_session_attrs`: which of several hosts a connection may use. */
+export const SESSION_ATTRS = [
+  "any",
+  "read-write",
+  "read-only",
+  "primary",
+  "standby",
+  "prefer-standby",
+] as const;
+
+/** A value of {@link SESSION_ATTRS}. */
+export type SessionAttrs = typeof SESSION_ATTRS[number];
+
+/** One host of a connection: a name, an address or a socket directory, and its port. */
+export interface DatabaseHost {
+  host: string;
+  port: number;
+}
+
 /** libpq's `sslmode`s, weakest first. */
 export const SSL_MODES = [
   "disable",
@@ -27,9 +46,19 @@ export type SslMode = typeof SSL_MODES[number];
  * the default. Every connection of the server is made from it.
  */
 export interface DatabaseConfig {
-  /** A host name, an IP address, or a Unix-socket directory (starting with `/`). */
+  /** A host name, an IP address, or a Unix-socket directory (starting with `/`): the first of `hosts`. */
   host: string;
   port: number;
+  /**
+   * Every host to try, in order (`host=h1,h2`, `PGHOST=h1,h2`): a
+   * connection goes to the first that answers and fits `targetSessionAttrs`.
+   * Absent: `host` and `port` alone.
+   */
+  hosts?: DatabaseHost[];
+  /** Which host fits (libpq's `target_session_attrs`); default `any`, `read-write` with several hosts. */
+  targetSessionAttrs?: SessionAttrs;
+  /** Try the hosts in random order (`load_balance_hosts=random`). */
+  loadBalanceHosts?: boolean;
   user: string;
   /** The password given (`PGPASSWORD`, the URL); else the password file is asked. */
   password?: string;
@@ -153,6 +182,8 @@ export const ENV_VARS = [
   "PGSSLCERT",
   "PGSSLKEY",
   "PGSSLNEGOTIATION",
+  "PGTARGETSESSIONATTRS",
+  "PGLOADBALANCEHOSTS",
   "PGAPPNAME",
   "PGCONNECT_TIMEOUT",
   "PGCLIENT_ENCODING",
@@ -387,14 +418,35 @@ function loadDatabase(env: EnvReader): DatabaseConfig {
   const pick = (keyword: keyof typeof uri, ...names: string[]) =>
     uri[keyword] !== undefined && uri[keyword] !== "" ? uri[keyword] : nonEmpty(env, ...names);
   const user = pick("user", "PGUSER", "USER") ?? "postgres";
-  const portText = pick("port", "PGPORT");
-  const port = portText === undefined ? 5432 : Number(portText);
-  if (!/^\d+$/.test(portText ?? "5432") || port < 1 || port > 65535) {
+  const hostNames = (pick("host", "PGHOST") ?? "localhost").split(",").map((h) => h || "localhost");
+  const portTexts = (pick("port", "PGPORT") ?? "5432").split(",").map((p) => p || "5432");
+  const portsFrom = uri.port !== undefined ? "DATABASE_URL's port" : "PGPORT";
+  if (portTexts.length !== 1 && portTexts.length !== hostNames.length) {
     throw new RangeError(
-      `${
-        uri.port !== undefined ? "DATABASE_URL's port" : "PGPORT"
-      } is invalid: expected 1 to 65535`,
+      `${portsFrom} is invalid: give one port, or one for each of the ${hostNames.length} hosts`,
     );
+  }
+  const hosts = hostNames.map((host, i) => {
+    const text = portTexts[portTexts.length === 1 ? 0 : i];
+    const port = Number(text);
+    if (!/^\d+$/.test(text) || port < 1 || port > 65535) {
+      throw new RangeError(`${portsFrom} is invalid: expected 1 to 65535`);
+    }
+    return { host, port };
+  });
+  const attrs = pick("target_session_attrs", "PGTARGETSESSIONATTRS") ??
+    // The server needs a primary: given several hosts, one that takes writes is what to look for.
+    (hosts.length > 1 ? "read-write" : "any");
+  if (!(SESSION_ATTRS as readonly string[]).includes(attrs)) {
+    throw new RangeError(
+      `target_session_attrs=${JSON.stringify(attrs)} is invalid: expected one of ${
+        SESSION_ATTRS.join(", ")
+      }`,
+    );
+  }
+  const balance = pick("load_balance_hosts", "PGLOADBALANCEHOSTS") ?? "disable";
+  if (balance !== "disable" && balance !== "random") {
+    throw new RangeError("load_balance_hosts is invalid: expected disable or random");
   }
   const sslmode = pick("sslmode", "PGSSLMODE");
   if (sslmode !== undefined && !(SSL_MODES as readonly string[]).includes(sslmode)) {
@@ -427,8 +479,11 @@ function loadDatabase(env: EnvReader): DatabaseConfig {
   const home = nonEmpty(env, "HOME");
   const timeout = pick("connect_timeout", "PGCONNECT_TIMEOUT");
   return {
-    host: pick("host", "PGHOST") ?? "localhost",
-    port,
+    host: hosts[0].host,
+    port: hosts[0].port,
+    ...(hosts.length > 1 ? { hosts } : {}),
+    targetSessionAttrs: attrs as SessionAttrs,
+    loadBalanceHosts: balance === "random",
     user,
     password: uri.password ?? password(env),
     database: pick("dbname", "DBNAME", "PGDATABASE") ?? user,
@@ -450,10 +505,14 @@ function loadDatabase(env: EnvReader): DatabaseConfig {
   };
 }
 
-/** `host:port/database` for messages (a socket as its path); never the password. */
+/** `host:port` of one host (a socket as its path). */
+export function describeHost({ host, port }: DatabaseHost): string {
+  return host.startsWith("/")
+    ? `${host}/.s.PGSQL.${port}`
+    : `${host.includes(":") ? `[${host}]` : host}:${port}`;
+}
+
+/** `host:port/database` for messages (every host, a socket as its path); never the password. */
 export function describeDatabase(db: DatabaseConfig): string {
-  const host = db.host.startsWith("/")
-    ? `${db.host}/.s.PGSQL.${db.port}`
-    : `${db.host.includes(":") ? `[${db.host}]` : db.host}:${db.port}`;
-  return `${host}/${db.database}`;
+  return `${(db.hosts ?? [db]).map(describeHost).join(",")}/${db.database}`;
 }

@@ -103,6 +103,26 @@ export async function main(): Promise<number> {
       );
     }
   }
+  const failover = await server.app.slots.ensureFailover().catch(() => [])
+    .then(async (changed) => ({ changed, ready: (await server.app.health()).failover }));
+  if (failover.changed.length > 0) {
+    log.info("startup.failover", `now failover slots: ${failover.changed.join(", ")}`);
+  }
+  if (failover.ready !== undefined) {
+    if (failover.ready.ready) {
+      log.info(
+        "startup.failover",
+        `slots survive a failover: failover slots, synchronized_standby_slots = ${
+          failover.ready.synchronizedStandbySlots.join(",")
+        }`,
+      );
+    } else {
+      log.warn(
+        "startup.failover",
+        `slots may not survive a failover of the database: ${failover.ready.problems.join("; ")}`,
+      );
+    }
+  }
   log.info("startup.auth", `authentication: ${describeAuth(config.auth)}`);
   log.info(
     "startup.metrics",

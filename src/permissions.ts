@@ -24,8 +24,9 @@ export function databasePaths(db: DatabaseConfig): { read: string[]; write: stri
   for (const file of [db.sslrootcert, db.sslcert, db.sslkey, passfile]) {
     if (file !== undefined && file !== "system") read.add(file);
   }
-  if (db.host.startsWith("/")) {
-    const socket = `${db.host}/.s.PGSQL.${db.port}`;
+  for (const { host, port } of db.hosts ?? [db]) {
+    if (!host.startsWith("/")) continue;
+    const socket = `${host}/.s.PGSQL.${port}`;
     read.add(socket);
     write.add(socket);
   }

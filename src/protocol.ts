@@ -16,6 +16,22 @@ export interface ErrorBody {
   error: string;
 }
 
+/** Whether the server's slots can outlive a failover of the database, as far as the primary shows. */
+export interface FailoverReadiness {
+  /** PostgreSQL 17+: failover slots exist. */
+  supported: boolean;
+  /** The primary's `synchronized_standby_slots`. */
+  synchronizedStandbySlots: string[];
+  /** Each of those physical slots: whether it exists, and whether its standby is connected. */
+  standbys: { slot: string; exists: boolean; active: boolean }[];
+  /** The server's own slots that are not failover slots (yet). */
+  notFailover: string[];
+  /** Nothing stands in the way. */
+  ready: boolean;
+  /** What stands in the way, in an operator's words. */
+  problems: string[];
+}
+
 /** What `GET /v2/status` reports (and `/healthz`, reduced to its status). */
 export interface HealthReport {
   status: "ok" | "stopping" | "degraded";
@@ -30,6 +46,8 @@ export interface HealthReport {
     streaming: boolean;
     snapshotHeld: boolean;
   }[];
+  /** Whether the slots can outlive a failover. */
+  failover?: FailoverReadiness;
 }
 
 /** `GET|POST /v1/init` response. */
@@ -292,6 +310,11 @@ export interface StreamStateBody extends StreamDefinitionBody {
   lastActivityAt: string;
   /** Why and when the stream was invalidated, when it was. */
   invalidated?: { at: string; reason: string };
+  /**
+   * What the stream waits for, when PostgreSQL holds its changes back: a
+   * standby of `synchronized_standby_slots` that is not connected.
+   */
+  waitingFor?: string;
   /** Relay mode: the instance publishing it, its log, and each consumer's standing in it. */
   relay?: {
     publisher: string | null;

@@ -18,6 +18,7 @@ import { CloseCode, type HealthReport } from "./protocol.ts";
 import { v1Scope } from "./replication/pgoutput_decoder.ts";
 import type { ReplicationOptions } from "./replication/replication_service.ts";
 import { type SlotInfo, SlotManager } from "./slots/slot_manager.ts";
+import { failoverReadiness } from "./slots/failover.ts";
 import { type ReleaseDetail, SnapshotStore } from "./snapshots/snapshot_store.ts";
 import { log } from "./observability/log.ts";
 import { SessionRegistry } from "./streams/session_registry.ts";
@@ -223,11 +224,12 @@ export class Server implements HttpHost, AsyncDisposable {
   /** The database, every slot of it, and what this server does with each. */
   async health(): Promise<HealthReport> {
     try {
-      const [{ rows }, slots] = await Promise.all([
+      const [{ rows }, slots, failover] = await Promise.all([
         this.pool.query<{ wal_level: string; lsn: string }>(
           "SELECT current_setting('wal_level') AS wal_level, pg_current_wal_lsn()::text AS lsn",
         ),
         this.slots.list(),
+        failoverReadiness(this.pool, this.names.schema).catch(() => undefined),
       ]);
       const held = new Set(this.snapshots.slots());
       return {
@@ -243,6 +245,7 @@ export class Server implements HttpHost, AsyncDisposable {
           streaming: this.sessions.has(s.slot_name),
           snapshotHeld: held.has(s.slot_name),
         })),
+        failover,
       };
     } catch (error) {
       return {

@@ -377,7 +377,7 @@ export class EmbeddedPostgres implements AsyncDisposable {
           this.#recentLog.push(line);
           if (this.#recentLog.length > 50) this.#recentLog.shift();
           this.#onLog(line);
-          if (line.includes("ready to accept connections")) ready.resolve();
+          if (/ready to accept (read-only )?connections/.test(line)) ready.resolve();
         }
       }
       if (pending !== "") this.#recentLog.push(pending);
@@ -444,6 +444,30 @@ export class EmbeddedPostgres implements AsyncDisposable {
       } catch { /* gone meanwhile */ }
     }
     await this.#exited;
+  }
+
+  /** Kills the postmaster with SIGKILL, as a crash of its machine would, and waits for it to go. */
+  async kill(): Promise<void> {
+    const process = this.#process;
+    if (process === undefined) return;
+    this.#process = undefined;
+    try {
+      process.kill("SIGKILL");
+    } catch { /* already gone */ }
+    await this.#exited;
+  }
+
+  /** Promotes a standby to a primary (`pg_ctl promote`), waiting until it accepts writes. */
+  async promote(): Promise<void> {
+    const { success, stderr } = await new Deno.Command(`${this.#binDir}/pg_ctl`, {
+      args: ["promote", "-w", "-t", "120", "-D", this.dataDir],
+      env: { LC_ALL: "C" },
+      cwd: "/",
+      ...this.#user,
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    if (!success) throw new Error(`pg_ctl promote failed: ${new TextDecoder().decode(stderr)}`);
   }
 
   /** Starts a stopped server again on the same port and data. */

@@ -28,7 +28,10 @@ export interface HttpHost {
   readonly pool: pg.Pool;
   readonly names: { readonly schema: string };
   readonly snapshots: Pick<SnapshotStore, "has" | "get">;
-  readonly slots: Pick<SlotManager, "init" | "find" | "isInvalidated" | "syncPublication">;
+  readonly slots: Pick<
+    SlotManager,
+    "init" | "find" | "isInvalidated" | "invalidateIfLost" | "syncPublication"
+  >;
   readonly sessions: SessionRegistry;
   readonly tails: Pick<TailHub, "add" | "publish">;
   readonly streams: StreamManager;

@@ -18,6 +18,7 @@ import { admin, json, ndjson, type Routes } from "./routes.ts";
 import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
 import { V1_STREAM_LABEL } from "../observability/metrics.ts";
+import { lostSlotReason } from "../streams/stream_manager.ts";
 
 /** The held snapshot of `slotName`: 404 if the slot does not exist, 410 if its snapshot is gone. */
 async function snapshotSource(server: HttpHost, slotName: string): Promise<SnapshotSource> {
@@ -75,7 +76,13 @@ export function v1Routes(server: HttpHost, routes: Routes<Hono>): void {
         );
       }
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
-      if (await server.slots.isInvalidated(slotName)) {
+      const lost = () =>
+        server.slots.invalidateIfLost(
+          slotName,
+          (at) => lostSlotReason(slotName, at),
+          (slot) => server.sessions.close(slot, CloseCode.StreamInvalidated, "slot invalidated"),
+        );
+      if (await server.slots.isInvalidated(slotName) || await lost()) {
         return refuseInvalidated(c.req.raw, "slot", slotName);
       }
       return await acceptStream(c.req.raw, server, {

@@ -117,7 +117,9 @@ export function v2Routes(server: HttpHost, routes: Routes<Hono>): void {
       const name = streamName(c);
       assertWebSocketHandshake(c.req.raw, "Cannot stream");
       const stream = await streams.require(name, "Cannot stream");
-      if (stream.invalidated !== null) return refuseInvalidated(c.req.raw, "stream", name);
+      if (stream.invalidated !== null || await streams.invalidateIfLost(stream)) {
+        return refuseInvalidated(c.req.raw, "stream", name);
+      }
       const relay = server.relay;
       if (relay !== undefined) {
         // Relay mode: any number of consumers, each with its own id and position in the log. A

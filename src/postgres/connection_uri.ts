@@ -29,6 +29,8 @@ export const CONNECTION_KEYWORDS = [
   "connect_timeout",
   "keepalives",
   "keepalives_idle",
+  "target_session_attrs",
+  "load_balance_hosts",
 ] as const;
 
 /** A keyword of {@link CONNECTION_KEYWORDS}. */
@@ -80,18 +82,22 @@ export function parseConnectionUri(uri: string): ConnectionParameters {
     if (colon !== -1) out.password = decode(userinfo.slice(colon + 1), "password");
   }
   if (hostport !== "") {
-    if (hostport.includes(",")) {
-      throw new RangeError("DATABASE_URL is invalid: several hosts are not supported yet");
+    // Several hosts, as libpq takes them: host1:port1,host2:port2 (a port each, or none).
+    const hosts: string[] = [];
+    const ports: string[] = [];
+    for (const part of hostport.split(",")) {
+      const v6 = /^\[([^\]]*)\](?::(.*))?$/.exec(part);
+      const colon = part.lastIndexOf(":");
+      const [host, port] = v6 !== null
+        ? [v6[1], v6[2]]
+        : colon === -1
+        ? [part, undefined]
+        : [part.slice(0, colon), part.slice(colon + 1)];
+      hosts.push(decode(host, "host"));
+      ports.push(port === undefined ? "" : decode(port, "port"));
     }
-    const v6 = /^\[([^\]]*)\](?::(.*))?$/.exec(hostport);
-    const [host, port] = v6 !== null ? [v6[1], v6[2]] : hostport.includes(":")
-      ? [
-        hostport.slice(0, hostport.lastIndexOf(":")),
-        hostport.slice(hostport.lastIndexOf(":") + 1),
-      ]
-      : [hostport, undefined];
-    if (host !== "") out.host = decode(host, "host");
-    if (port !== undefined && port !== "") out.port = decode(port, "port");
+    if (hosts.some((h) => h !== "")) out.host = hosts.join(",");
+    if (ports.some((p) => p !== "")) out.port = ports.join(",");
   }
   if (path !== undefined && path !== "") out.dbname = decode(path, "database name");
   for (const pair of (query ?? "").split("&").filter(Boolean)) {

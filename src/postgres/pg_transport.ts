@@ -32,7 +32,14 @@ import { Buffer } from "node:buffer";
 import { EventEmitter } from "node:events";
 import net from "node:net";
 import tls from "node:tls";
-import type { DatabaseConfig, SslMode } from "../config.ts";
+import {
+  type DatabaseConfig,
+  type DatabaseHost,
+  describeHost,
+  type SessionAttrs,
+  type SslMode,
+} from "../config.ts";
+import { log } from "../observability/log.ts";
 
 /** The SSLRequest and CancelRequest codes. */
 const SSL_REQUEST = 80877103;
@@ -141,6 +148,18 @@ export class PgTransport extends EventEmitter {
   #path: string | undefined;
   #host = "";
   #port = 0;
+  /** The hosts to try, the next one's index, what each tried one said, and what must fit. */
+  #candidates: DatabaseHost[] = [];
+  #next = 0;
+  readonly #tried: string[] = [];
+  #attrs: SessionAttrs = "any";
+  /**
+   * After AuthenticationOk, while `target_session_attrs` is being judged:
+   * the messages pg gets once this host fits (copies), and what the server
+   * reported of itself.
+   */
+  readonly #held: Uint8Array[] = [];
+  readonly #reported = new Map<string, string>();
   /** pg's first write, the startup message: sent again when `allow` retries over TLS. */
   #startup: Uint8Array | undefined;
   /** Before the first authentication request, under `allow`: a refusal retries over TLS. */
@@ -148,6 +167,8 @@ export class PgTransport extends EventEmitter {
   #sasl = false;
   #saslFinal = false;
   #authenticated = false;
+  /** Between AuthenticationOk and ReadyForQuery, when the host is to be judged. */
+  #judging = false;
   #keepAlive: [boolean, number] | undefined;
   /** The bytes of a message that straddles socket reads, and how many of them are here. */
   #partial = new Uint8Array(64 << 10);
@@ -163,30 +184,81 @@ export class PgTransport extends EventEmitter {
   }
 
   /** As net.Socket's: pg connects with `(port, host)`, or `(path)` for a Unix socket. */
-  connect(portOrPath: number | string, host?: string): this {
-    if (typeof portOrPath === "string" && host === undefined) {
-      this.#path = portOrPath;
-      this.#host = portOrPath.slice(0, portOrPath.lastIndexOf("/"));
-      this.#port = this.#db.port;
-    } else {
-      this.#port = Number(portOrPath);
-      this.#host = host ?? "localhost";
+  /**
+   * As net.Socket's, but where to is the settings' business, not pg's: each
+   * host of `hosts` in turn (shuffled under `load_balance_hosts=random`),
+   * the first that answers and fits `target_session_attrs` kept.
+   */
+  connect(_portOrPath?: number | string, _host?: string): this {
+    const hosts = [...(this.#db.hosts ?? [{ host: this.#db.host, port: this.#db.port }])];
+    if (this.#db.loadBalanceHosts) {
+      for (let i = hosts.length - 1; i > 0; i--) {
+        const j = Math.floor(Math.random() * (i + 1));
+        [hosts[i], hosts[j]] = [hosts[j], hosts[i]];
+      }
     }
-    this.#open(this.#db.sslmode ?? "prefer").then(
-      () => {
-        if (this.destroyed) return;
-        this.writable = true;
-        this.emit("connect");
-      },
-      (error) => this.#fail(error),
-    );
+    this.#candidates = hosts;
+    this.#attrs = this.#db.targetSessionAttrs ?? "any";
+    void this.#nextHost();
     return this;
+  }
+
+  /** Tries the next candidate host; the first whose socket opens is announced to pg (`connect`). */
+  async #nextHost(): Promise<void> {
+    for (;;) {
+      const target = this.#candidates[this.#next++];
+      if (target === undefined) {
+        // prefer-standby: no standby answered, so any host will do, from the first again.
+        if (this.#attrs === "prefer-standby") {
+          this.#attrs = "any";
+          this.#next = 0;
+          continue;
+        }
+        return this.#fail(this.#noHostFits());
+      }
+      this.#host = target.host;
+      this.#port = target.port;
+      this.#path = target.host.startsWith("/")
+        ? `${target.host}/.s.PGSQL.${target.port}`
+        : undefined;
+      this.#sasl = false;
+      this.#saslFinal = false;
+      this.#authenticated = false;
+      this.#held.length = 0;
+      this.#partialLength = 0;
+      try {
+        await this.#open(this.#db.sslmode ?? "prefer");
+      } catch (error) {
+        this.#tried.push(`${this.where}: ${(error as Error).message}`);
+        if (this.#candidates.length === 1) return this.#fail(error as Error);
+        continue;
+      }
+      if (this.destroyed) return;
+      if (!this.writable) {
+        this.writable = true;
+        this.emit("connect"); // pg sends its startup message now
+      } else {
+        this.#socket!.write(this.#startup!); // another host: the same startup message
+      }
+      return;
+    }
+  }
+
+  /** Why no host would do, each one's reason. */
+  #noHostFits(): Error {
+    return Object.assign(
+      new Error(
+        `Cannot connect to PostgreSQL: no host fits target_session_attrs=${
+          this.#db.targetSessionAttrs ?? "any"
+        }: ${this.#tried.join("; ")}`,
+      ),
+      { code: "ENOHOST" },
+    );
   }
 
   /** `host:port`, or the socket's path: where this connects, for messages. */
   get where(): string {
-    return this.#path ??
-      `${this.#host.includes(":") ? `[${this.#host}]` : this.#host}:${this.#port}`;
+    return describeHost({ host: this.#host, port: this.#port });
   }
 
   /** A plain socket to the server, connected. */
@@ -270,6 +342,8 @@ export class PgTransport extends EventEmitter {
 
   #closed(socket: net.Socket): void {
     if (socket !== this.#socket || this.destroyed) return;
+    // A server that ends the session while its host is judged (a FATAL error): pg reads why.
+    for (const held of this.#held.splice(0)) this.#toPg(held);
     this.destroyed = true;
     this.writable = false;
     this.emit("close");
@@ -317,6 +391,7 @@ export class PgTransport extends EventEmitter {
       const whole = this.#partial.subarray(0, this.#partialLength);
       this.#partialLength = 0;
       const pending = this.#message(whole);
+      if (pending === "stop") return;
       if (pending !== undefined) return this.#pause(pending, chunk, at);
     }
     let view: DataView | undefined;
@@ -334,7 +409,16 @@ export class PgTransport extends EventEmitter {
         if (pending !== undefined) return this.#pause(pending, chunk, at);
         continue;
       }
-      if (!this.#inspect(view, at, tag)) return;
+      const verdict = this.#inspect(view, at, tag);
+      if (verdict === "stop") return;
+      if (verdict === "hold") {
+        if (run < at) this.#toPg(chunk.subarray(run, at));
+        const held = chunk.slice(at, at + size);
+        at += size;
+        run = at;
+        if (!this.#hold(held, tag)) return;
+        continue;
+      }
       at += size;
       if (this.#copy !== undefined && (tag === this.#copy.trigger || tag === TAG_READY)) {
         // The copy starts (or a failure ended it): what follows is its data, or pg's again.
@@ -352,13 +436,15 @@ export class PgTransport extends EventEmitter {
    * which nothing overwrites before the copy's handler returns or its promise
    * settles): to the copy in place, or to pg as a copy (pg may keep it).
    */
-  #message(bytes: Uint8Array): Promise<void> | void {
+  #message(bytes: Uint8Array): Promise<void> | "stop" | void {
     const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     const tag = bytes[0];
     if (this.#copy?.active && tag === TAG_COPY_DATA) {
       return this.#copy.onData(bytes, view, 5, bytes.length);
     }
-    if (!this.#inspect(view, 0, tag)) return;
+    const verdict = this.#inspect(view, 0, tag);
+    if (verdict === "stop") return "stop";
+    if (verdict === "hold") return this.#hold(bytes.slice(), tag) ? undefined : "stop";
     this.#toPg(Buffer.from(bytes));
     if (this.#copy !== undefined && (tag === this.#copy.trigger || tag === TAG_READY)) {
       this.#switchCopy(tag);
@@ -405,19 +491,40 @@ export class PgTransport extends EventEmitter {
    * proof, and, under `allow`, retries a refused plain connection over TLS.
    * False when the connection was failed (or is being retried) instead.
    */
-  #inspect(view: DataView, at: number, tag: number): boolean {
+  #inspect(view: DataView, at: number, tag: number): "pass" | "hold" | "stop" {
+    if (this.#judging) {
+      if (tag === 0x53) { // S: ParameterStatus, name\0value\0
+        const body = new Uint8Array(
+          view.buffer,
+          view.byteOffset + at + 5,
+          view.getInt32(at + 1) - 4,
+        );
+        const [name, value] = new TextDecoder().decode(body).split("\0");
+        this.#reported.set(name, value);
+      }
+    }
     if (this.#authenticated) {
       if (tag === TAG_KEY_DATA) {
         this.backendKey = { pid: view.getInt32(at + 5), secret: view.getInt32(at + 9) };
       }
-      return true;
+      return this.#judging ? "hold" : "pass";
     }
     if (tag === TAG_ERROR && this.#mayRetryEncrypted) {
       this.#mayRetryEncrypted = false;
       void this.#retryEncrypted();
-      return false;
+      return "stop";
     }
-    if (tag !== TAG_AUTH) return true;
+    if (tag === TAG_ERROR && this.#next < this.#candidates.length) {
+      // A server starting up, shutting down or in recovery without hot standby: the next host.
+      const code = errorCode(view, at);
+      if (code === "57P03" || code === "57P01" || code === "57P02") {
+        this.#tried.push(`${this.where}: not accepting connections (${code})`);
+        this.#dropSocket();
+        void this.#nextHost();
+        return "stop";
+      }
+    }
+    if (tag !== TAG_AUTH) return "pass";
     this.#mayRetryEncrypted = false;
     const kind = view.getInt32(at + 5);
     if (kind === AUTH_CLEARTEXT && !this.encrypted) {
@@ -428,7 +535,7 @@ export class PgTransport extends EventEmitter {
             "(sslmode=require or stricter) or scram-sha-256 authentication",
         ),
       );
-      return false;
+      return "stop";
     }
     if (kind === AUTH_SASL) this.#sasl = true;
     if (kind === AUTH_SASL_FINAL) this.#saslFinal = true;
@@ -441,19 +548,60 @@ export class PgTransport extends EventEmitter {
               "in the middle?)",
           ),
         );
-        return false;
+        return "stop";
       }
       this.#authenticated = true;
+      // What follows (the server's parameters, up to ReadyForQuery) says whether this host fits.
+      this.#judging = this.#attrs !== "any" || this.#candidates.length > 1;
+      this.#reported.clear();
     }
+    return "pass";
+  }
+
+  /**
+   * Keeps `message` (a copy) until ReadyForQuery, then judges the host: one
+   * that fits `target_session_attrs` gets its messages handed to pg; one that
+   * does not is left for the next. False when this host was left.
+   */
+  #hold(message: Uint8Array, tag: number): boolean {
+    this.#held.push(message);
+    if (tag !== TAG_READY) return true;
+    const standby = this.#reported.get("in_hot_standby") === "on";
+    const readOnly = standby || this.#reported.get("default_transaction_read_only") === "on";
+    const fits = {
+      "any": true,
+      "read-write": !readOnly,
+      "read-only": readOnly,
+      "primary": !standby,
+      "standby": standby,
+      "prefer-standby": standby,
+    }[this.#attrs];
+    const role = standby ? "a standby" : readOnly ? "read-only" : "a primary";
+    if (!fits) {
+      this.#tried.push(`${this.where}: ${role}`);
+      this.#dropSocket();
+      void this.#nextHost();
+      return false;
+    }
+    this.#judging = false;
+    if (this.#candidates.length > 1) chosen(this.where, role, this.#tried);
+    for (const held of this.#held.splice(0)) this.#toPg(held);
     return true;
+  }
+
+  /** Lets go of the current socket quietly (pg is not told): another host follows. */
+  #dropSocket(): void {
+    const old = this.#socket;
+    this.#socket = undefined;
+    old?.removeAllListeners("close");
+    old?.removeAllListeners("data");
+    old?.destroy();
+    this.#raw?.destroy();
   }
 
   /** `allow`: the server refused the plain connection; the same startup again over TLS. */
   async #retryEncrypted(): Promise<void> {
-    const old = this.#socket!;
-    this.#socket = undefined;
-    old.removeAllListeners("close");
-    old.destroy();
+    this.#dropSocket();
     this.#partialLength = 0;
     try {
       const raw = await this.#dial();
@@ -593,6 +741,35 @@ export class PgTransport extends EventEmitter {
       raw.destroy();
     }
   }
+}
+
+/** The SQLSTATE of the ErrorResponse at `at` of `view`. */
+function errorCode(view: DataView, at: number): string | undefined {
+  const end = at + 1 + view.getInt32(at + 1);
+  const bytes = new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+  for (let pos = at + 5; pos < end && bytes[pos] !== 0;) {
+    const type = bytes[pos];
+    const stop = bytes.indexOf(0, pos + 1);
+    if (type === 0x43) return new TextDecoder().decode(bytes.subarray(pos + 1, stop)); // C
+    pos = stop + 1;
+  }
+  return undefined;
+}
+
+/** The host the server's connections went to last, so that a change of it is logged once. */
+let lastChosen: string | undefined;
+
+/** Logs a host chosen among several, when it is not the one chosen before. */
+function chosen(where: string, role: string, passedOver: string[]): void {
+  if (where === lastChosen) return;
+  lastChosen = where;
+  log.info(
+    "database.host",
+    `connections go to PostgreSQL at ${where} (${role})${
+      passedOver.length > 0 ? `; passed over: ${passedOver.join("; ")}` : ""
+    }`,
+    { host: where },
+  );
 }
 
 /** The size of the message whose header (at least 5 bytes) starts `bytes`: tag and length. */

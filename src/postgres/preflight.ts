@@ -50,6 +50,9 @@ function connectionProblem(db: DatabaseConfig, error: unknown, replication: bool
       return `Database missing at ${where}: ${message}. Set DBNAME (or PGDATABASE, DATABASE_URL) to an existing database.`;
     case "ETLS":
       return message;
+    case "ENOHOST":
+      return `${message}. The server needs the primary: list it among the hosts (or wait for a ` +
+        "standby's promotion).";
   }
   return `Cannot connect to PostgreSQL at ${where}${
     replication ? " for replication" : ""
@@ -87,14 +90,24 @@ export async function preflight(db: DatabaseConfig): Promise<PreflightReport> {
       can_replicate: boolean;
       free_slots: number;
       version: number;
+      standby: boolean;
     }>(
       `SELECT current_setting('wal_level') AS wal_level,
               (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) AS can_replicate,
               current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int
                 AS free_slots,
-              current_setting('server_version_num')::int AS version`,
+              current_setting('server_version_num')::int AS version,
+              pg_is_in_recovery() AS standby`,
     );
     const facts = rows[0];
+    if (facts.standby) {
+      problems.push(
+        `PostgreSQL at ${describeDatabase(db)} is a standby (in recovery), but the server needs ` +
+          "the primary: it makes its slots, publications and schema there. Point DATABASE_URL at " +
+          "the primary, or list every host with target_session_attrs=read-write.",
+      );
+      return { problems, warnings };
+    }
     if (facts.version < 100000) {
       problems.push(
         `PostgreSQL ${facts.version} is too old: logical replication with pgoutput needs 10 or later.`,

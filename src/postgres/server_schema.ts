@@ -65,6 +65,15 @@ ALTER TABLE ${n.schema}.streams ADD COLUMN IF NOT EXISTS limits jsonb,
 ALTER TABLE ${n.schema}.slots ADD COLUMN IF NOT EXISTS last_activity timestamptz NOT NULL DEFAULT now(),
   ADD COLUMN IF NOT EXISTS invalidated_at timestamptz,
   ADD COLUMN IF NOT EXISTS invalidation_reason text;
+-- Whether the record's slot was made: a record whose slot was made and is gone (a failover to a
+-- server that did not keep it) is invalidated, never recreated silently. Records from before this
+-- column whose slot exists count as made.
+ALTER TABLE ${n.schema}.streams ADD COLUMN IF NOT EXISTS slot_ready boolean NOT NULL DEFAULT false;
+ALTER TABLE ${n.schema}.slots ADD COLUMN IF NOT EXISTS slot_ready boolean NOT NULL DEFAULT false;
+UPDATE ${n.schema}.streams t SET slot_ready = true
+ WHERE NOT slot_ready AND EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = t.slot_name);
+UPDATE ${n.schema}.slots t SET slot_ready = true
+ WHERE NOT slot_ready AND EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = t.slot_name);
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.inserts}') THEN
     CREATE PUBLICATION ${n.inserts} FOR ALL TABLES WITH (publish = 'insert');

@@ -26,6 +26,14 @@ export interface SlotInfo {
   v1: boolean;
 }
 
+/** `server_version_num` of the database `pool` reaches. */
+async function serverVersion(pool: pg.Pool): Promise<number> {
+  const { rows } = await pool.query<{ version: number }>(
+    "SELECT current_setting('server_version_num')::int AS version",
+  );
+  return rows[0].version;
+}
+
 /** Whose snapshot a v1 slot's is, and what its reader does once it is gone. */
 export function v1SnapshotOwner(slotName: string): SnapshotOwner {
   return { label: `slot "${slotName}"`, remedy: "call /v1/init for a new slot and snapshot" };
@@ -110,6 +118,33 @@ export class SlotManager {
     await beforeDrop(slotName);
     await this.#snapshots.release(slotName, `the slot was invalidated: ${reason}`);
     await this.dropSlot(slotName);
+  }
+
+  /**
+   * Whether the v1 slot `slotName` was made and is gone (a failover to a
+   * server that did not keep it): then it is invalidated now, with `reason`
+   * made of where it is missing, and its consumer told 4410.
+   */
+  async invalidateIfLost(
+    slotName: string,
+    reason: (server: string | null) => string,
+    beforeDrop: BeforeDrop,
+  ): Promise<boolean> {
+    const { rows: [row] } = await this.#pool.query<{ lost: boolean; server: string | null }>(
+      `SELECT t.slot_ready AND s.slot_name IS NULL AS lost,
+              host(inet_server_addr()) || ':' || inet_server_port() AS server
+         FROM ${this.#names.schema}.slots t
+         LEFT JOIN pg_replication_slots s ON s.slot_name = t.slot_name
+        WHERE t.slot_name = $1 AND t.invalidated_at IS NULL`,
+      [slotName],
+    );
+    if (row?.lost !== true) return false;
+    const why = reason(row.server);
+    log.error("stream.invalidated", `v1 slot "${slotName}" was invalidated: ${why}`, {
+      slot: slotName,
+    });
+    await this.invalidate(slotName, why, beforeDrop);
+    return true;
   }
 
   /** The slot named `slotName` in this database, or undefined. */
@@ -211,13 +246,55 @@ export class SlotManager {
     if (!isValidSlotName(slotName)) throw new TypeError(`Not a slot name: ${slotName}`);
     const replication = await connect(this.#db, true);
     try {
+      // PostgreSQL 17+: a failover slot, which a standby with sync_replication_slots keeps (the
+      // option list cannot be mixed with the older EXPORT_SNAPSHOT keyword).
+      const failover = await serverVersion(this.#pool) >= 170000;
       // The exported snapshot lives only while this connection stays idle: import it before anything else.
       const { rows } = await replication.query(
-        `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput EXPORT_SNAPSHOT`,
+        failover
+          ? `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)`
+          : `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput EXPORT_SNAPSHOT`,
       );
       await this.#snapshots.hold(slotName, owner, rows[0].snapshot_name);
+      for (const table of ["slots", "streams"]) {
+        await this.#pool.query(
+          `UPDATE ${this.#names.schema}.${table} SET slot_ready = true WHERE slot_name = $1`,
+          [slotName],
+        );
+      }
     } finally {
       await replication.end().catch(() => {});
     }
+  }
+
+  /**
+   * PostgreSQL 17+: makes the server's own slots that are not failover slots
+   * (made by an older version) failover slots, where no walsender holds them
+   * (ALTER_REPLICATION_SLOT needs that); returns the ones changed.
+   */
+  async ensureFailover(): Promise<string[]> {
+    if (await serverVersion(this.#pool) < 170000) return [];
+    const { rows } = await this.#pool.query<{ slot_name: string }>(
+      `SELECT s.slot_name::text FROM pg_replication_slots s
+        WHERE s.slot_type = 'logical' AND NOT s.failover AND NOT s.active
+          AND NOT coalesce((to_jsonb(s) ->> 'synced')::boolean, false)
+          AND (s.slot_name IN (SELECT slot_name FROM ${this.#names.schema}.slots)
+               OR s.slot_name IN (SELECT slot_name FROM ${this.#names.schema}.streams))`,
+    );
+    if (rows.length === 0) return [];
+    const replication = await connect(this.#db, true);
+    const changed: string[] = [];
+    try {
+      for (const { slot_name } of rows) {
+        if (!isValidSlotName(slot_name)) continue;
+        await replication.query(`ALTER_REPLICATION_SLOT "${slot_name}" (FAILOVER true)`).then(
+          () => changed.push(slot_name),
+          () => {}, // taken by a walsender meanwhile: next time
+        );
+      }
+    } finally {
+      await replication.end().catch(() => {});
+    }
+    return changed;
   }
 }

@@ -71,6 +71,13 @@ function invalidatedReason(what: string, remedy: string): string {
   return `${what} invalidated: changes lost; ${remedy} for a new snapshot`;
 }
 
+/** Why a stream or v1 slot whose slot was made and is gone now is invalidated. */
+export function lostSlotReason(slotName: string, server: string | null): string {
+  return `its slot ${slotName} does not exist on the PostgreSQL at ${
+    server ?? "its socket"
+  } (a failover to a server that did not keep it, or a drop by hand)`;
+}
+
 /** The close reason for consumers of the invalidated stream `name`, now and on every later connection. */
 export function streamInvalidatedReason(name: string): string {
   return invalidatedReason(`stream ${name}`, "POST .../reset");
@@ -268,6 +275,31 @@ export class StreamManager {
     };
   }
 
+  /**
+   * Whether the stream's slot was made and is gone (a failover to a server
+   * that did not keep it): then the stream is invalidated now, so that its
+   * consumer is told 4410 rather than 404, and never given a new slot.
+   */
+  async invalidateIfLost(stream: StoredStream): Promise<boolean> {
+    const { rows: [row] } = await this.#deps.pool.query<{ lost: boolean; server: string | null }>(
+      `SELECT t.slot_ready AND s.slot_name IS NULL AS lost,
+              host(inet_server_addr()) || ':' || inet_server_port() AS server
+         FROM ${this.#deps.names.schema}.streams t
+         LEFT JOIN pg_replication_slots s ON s.slot_name = t.slot_name
+        WHERE t.name = $1`,
+      [stream.name],
+    );
+    if (row?.lost !== true) return false;
+    const reason = lostSlotReason(stream.slotName, row.server);
+    log.error("stream.invalidated", `stream "${stream.name}" was invalidated: ${reason}`, {
+      stream: stream.name,
+      slot: stream.slotName,
+    });
+    await this.invalidate(stream, reason);
+    this.#deps.metrics?.invalidated(stream.name);
+    return true;
+  }
+
   /** Each stream as stored (no state: no database round trip per stream). */
   async listStored(): Promise<StoredStream[]> {
     return await this.#store.list();
@@ -293,9 +325,14 @@ export class StreamManager {
         retained: string | null;
         idle: number;
         app: string | null;
+        waiting: string | null;
       }
     >(
       `SELECT s.active, s.confirmed_flush_lsn::text AS confirmed,
+              (SELECT string_agg(trim(n), ', ')
+                 FROM unnest(string_to_array(current_setting('synchronized_standby_slots', true), ',')) n
+                 LEFT JOIN pg_replication_slots p ON p.slot_name = trim(n)
+                WHERE trim(n) <> '' AND NOT coalesce(p.active, false)) AS waiting,
               (SELECT application_name FROM pg_stat_activity WHERE pid = s.active_pid) AS app,
               pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8::text AS lag,
               pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::int8::text AS retained,
@@ -316,6 +353,12 @@ export class StreamManager {
     const expires = this.#deps.snapshots.expiresAt(stream.slotName);
     return {
       ...await this.#body(stream),
+      ...(slot.waiting && stream.invalidated === null
+        ? {
+          waitingFor: `standby slot ${slot.waiting} is not connected: PostgreSQL holds the ` +
+            "stream's changes back until it is (synchronized_standby_slots)",
+        }
+        : {}),
       active,
       confirmedLsn: slot.confirmed,
       lagBytes,

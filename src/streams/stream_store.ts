@@ -105,7 +105,7 @@ export class StreamStore {
   async replaceSlot(name: string, slotName: string): Promise<StoredStream> {
     const { rows } = await this.#pool.query<Row>(
       `UPDATE ${this.#table} SET slot_name = $2, last_activity = now(), invalidated_at = NULL,
-              invalidation_reason = NULL
+              invalidation_reason = NULL, slot_ready = false
         WHERE name = $1 RETURNING *`,
       [name, slotName],
     );

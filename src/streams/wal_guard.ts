@@ -23,7 +23,7 @@ import { errorMessage, log } from "../observability/log.ts";
 import type { StreamLimits } from "../protocol.ts";
 import type { SchemaNames } from "../postgres/server_schema.ts";
 import type { SlotManager } from "../slots/slot_manager.ts";
-import { slotInvalidatedReason, type StreamManager } from "./stream_manager.ts";
+import { lostSlotReason, slotInvalidatedReason, type StreamManager } from "./stream_manager.ts";
 import type { SessionRegistry } from "./session_registry.ts";
 import { CloseCode } from "../protocol.ts";
 import { prettyBytes, standing } from "./wal_limits.ts";
@@ -48,6 +48,10 @@ interface Guarded {
   idle: number;
   invalidated: boolean;
   exists: boolean;
+  /** Its slot was made once (so one that does not exist now was lost, not still being made). */
+  slot_ready: boolean;
+  /** The server's address as it sees it (`host:port`), for the reason of a lost slot. */
+  server: string | null;
   active: boolean;
   lag: number | null;
   retained: number | null;
@@ -138,6 +142,8 @@ export class WalGuard implements AsyncDisposable {
   }
 
   async #checkAll(client: pg.PoolClient): Promise<void> {
+    // Slots of an older version become failover slots once no walsender holds them (17+).
+    await this.#deps.slots.ensureFailover().catch(() => []);
     const schema = this.#deps.names.schema;
     // A connected consumer is activity: move the idle clocks of streams being read.
     for (const table of ["streams", "slots"]) {
@@ -150,6 +156,7 @@ export class WalGuard implements AsyncDisposable {
     const { keepSize, lostReason } = this.#settings;
     const columns = `t.slot_name, extract(epoch FROM now() - t.last_activity)::float8 AS idle,
         t.invalidated_at IS NOT NULL AS invalidated, s.slot_name IS NOT NULL AS exists,
+        t.slot_ready, host(inet_server_addr()) || ':' || inet_server_port() AS server,
         coalesce(s.active, false) AS active,
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::float8 AS lag,
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::float8 AS retained,
@@ -177,7 +184,16 @@ export class WalGuard implements AsyncDisposable {
       } else {
         this.#deps.metrics?.limits(label, lagRatio, idleRatio, row.invalidated);
       }
-      if (row.invalidated || !row.exists) continue;
+      if (row.invalidated) continue;
+      if (!row.exists) {
+        // Made once and gone now: the database failed over to a server that did not keep it (no
+        // failover slots, or not synced yet), or someone dropped it. A new slot would skip what
+        // the consumer has not acknowledged: the consumer is told instead (4410).
+        if (row.slot_ready) {
+          await this.#invalidate(row, lostSlotReason(row.slot_name, row.server));
+        }
+        continue;
+      }
       const what = row.kind === "v1" ? `v1 slot "${row.name}"` : `stream "${row.name}"`;
       if (row.lost !== null) {
         await this.#invalidate(
