@@ -13,6 +13,7 @@ import { CloseCode } from "../src/protocol.ts";
 import { deadline, poll } from "./support/deadline.ts";
 import { createStream, init, ServerProcess, sql, streamState } from "./support/harness.ts";
 import { startStandbyPair } from "./support/standby.ts";
+import { hasNats, NatsServer } from "./support/nats.ts";
 
 const SETUP = "CREATE TABLE items(id int primary key, v int)";
 
@@ -88,11 +89,16 @@ class Writer {
 }
 
 /** A consumer (v2 stream or v1 slot) keeping an in-memory replica, acknowledging each transaction. */
-function replicaOf(url: () => URL, target: { stream: string } | { slot: string }) {
+function replicaOf(
+  url: () => URL,
+  target: { stream: string } | { slot: string },
+  consumerId?: string,
+) {
   const replica = new Map<number, number>();
   const consumer = connectStream({
     url,
     ...target,
+    consumer: consumerId,
     reconnect: { initialDelayMs: 100, maxDelayMs: 1000 },
   });
   const reading = (async () => {
@@ -278,5 +284,55 @@ Deno.test({
       );
       assert.deepEqual(slots, [], "a slot was made on the new primary");
     });
+  },
+});
+
+Deno.test({
+  name:
+    "failover in relay mode: the publisher follows the database, consumers of the log stay exact",
+  ignore: !supported || !hasNats,
+  async fn() {
+    await using pair = await startStandbyPair(SETUP, { syncSlots: true });
+    const { primary, standby } = pair;
+    await using nats = await NatsServer.start();
+    await using server = await ServerProcess.spawn(primary.database, {
+      ...serverEnv(primary.database, standby.database),
+      NATS_URL: nats.url,
+      RELAY_INSTANCE: "solo",
+    });
+    await createStream(server.url, { name: "items", tables: ["items"] });
+    const { replica, consumer, reading } = replicaOf(() => server.url, { stream: "items" }, "c1");
+    const writer = new Writer(primary.database);
+    await poll(
+      async () => {
+        await sql(primary.database, "SELECT pg_log_standby_snapshot()");
+        const [{ ready }] = await sql<{ ready: number }>(
+          standby.database,
+          "SELECT count(*)::int AS ready FROM pg_replication_slots WHERE synced AND NOT temporary",
+        );
+        return ready >= 1;
+      },
+      "the stream's slot to be synced to the standby",
+      { intervalMs: 200 },
+    );
+    await poll(() => replica.size > 20, "the replica to fill");
+    await primary.kill();
+    await standby.promote();
+    writer.moveTo(standby.database);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    await writer.stop();
+    await sql(standby.database, "INSERT INTO items VALUES (1000000, -1)");
+    await poll(() => replica.get(1000000) === -1, "the last row, through the log", { ms: 120_000 });
+    const want = await table(standby.database);
+    const missing = [...want.keys()].filter((id) => !replica.has(id));
+    const phantom = [...replica.keys()].filter((id) => !want.has(id));
+    const wrong = [...want].filter(([id, v]) => replica.has(id) && replica.get(id) !== v);
+    console.log(
+      `failover (relay): ${want.size} rows, ${missing.length} missing, ${phantom.length} phantom, ` +
+        `${wrong.length} wrong`,
+    );
+    assert.deepEqual({ missing, phantom, wrong }, { missing: [], phantom: [], wrong: [] });
+    await consumer.close();
+    await reading;
   },
 });
