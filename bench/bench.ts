@@ -19,7 +19,7 @@ import { startStandbyPair } from "../tests/support/standby.ts";
 
 const args = new Set(Deno.args);
 const QUICK = args.has("--quick");
-/** `--only=P1,M2` runs just those phases (P1 P1M P1S P2 P3 P5 M1 M2 F1); default all. */
+/** `--only=P1,M2` runs just those phases (P1 P1M P1S P2 P2CPU P3 P5 M1 M2 F1); default all. */
 const ONLY = Deno.args.find((a) => a.startsWith("--only="))?.slice(7).split(",");
 const want = (phase: string) => ONLY === undefined || ONLY.includes(phase);
 /** `--profile=DIR`: run the server under V8's CPU profiler and print where its time went. */
@@ -674,6 +674,106 @@ async function main(): Promise<void> {
         "(one-row transactions, 4 writer connections)",
       );
       await Promise.all(writers.map((w: pg.Client) => w.end()));
+    }
+    if (want("P2CPU")) {
+      // P2CPU: live OLTP, one-row transactions from pgbench (-R, 4 clients, durable commits), the
+      // server (a v2 stream, a consumer acknowledging every transaction) and pg_recvlogical
+      // (pgoutput to /dev/null) following the same load at once, both over TCP: CPU per transaction
+      // of each, at three rates, and commit -> consumer latency.
+      console.error("P2CPU live CPU per transaction ...");
+      await sql.query(
+        "CREATE TABLE oltp_t(id bigserial primary key, ts timestamptz NOT NULL DEFAULT clock_timestamp())",
+      );
+      await sql.query("CREATE PUBLICATION oltp_pub FOR TABLE oltp_t");
+      await createStream(server.url, { name: "oltp", tables: ["oltp_t"] });
+      const script = await Deno.makeTempFile({ suffix: ".sql" });
+      await Deno.writeTextFile(script, "INSERT INTO oltp_t DEFAULT VALUES;\n");
+      const seconds = QUICK ? 10 : 30;
+      for (const rate of [250, 1000, 3000]) {
+        await sql.query("SELECT pg_create_logical_replication_slot('lim_oltp', 'pgoutput')");
+        const follower = new Deno.Command("pg_recvlogical", {
+          args: recvlogicalArgs(db, "lim_oltp", undefined, "oltp_pub"),
+          stdout: "null",
+          stderr: "null",
+        }).spawn();
+        const latencies: number[] = [];
+        let transactions = 0;
+        const consumer = connectStream({
+          url: server.url,
+          stream: "oltp",
+          reconnect: { maxAttempts: 0 },
+        });
+        const consuming = (async () => {
+          for await (const tx of consumer) {
+            transactions++;
+            const now = Date.now();
+            for (const change of tx.changes) {
+              if (change.kind === "insert") {
+                latencies.push(now - Date.parse((change as RowChange).columnvalues![1] as string));
+              }
+            }
+          }
+        })().catch(() => {});
+        await sleep(500);
+        const serverBefore = await cpuSeconds(server.pid);
+        const followerBefore = await cpuSeconds(follower.pid);
+        const bench = await new Deno.Command("pgbench", {
+          args: [
+            ...connectionArgs(db),
+            "-n",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-R",
+            String(rate),
+            "-T",
+            String(seconds),
+            "-f",
+            script,
+          ],
+          stdout: "piped",
+          stderr: "piped",
+        }).output();
+        if (!bench.success) {
+          throw new Error(`pgbench failed: ${new TextDecoder().decode(bench.stderr)}`);
+        }
+        const done = Number(
+          /number of transactions actually processed: (\d+)/.exec(
+            new TextDecoder().decode(bench.stdout),
+          )?.[1] ?? 0,
+        );
+        const endLsn = (await sql.query("SELECT pg_current_wal_lsn()::text AS lsn")).rows[0].lsn;
+        const deadline = Date.now() + 60_000;
+        while (Date.now() < deadline) {
+          const { rows: [caught] } = await sql.query(
+            `SELECT bool_and(confirmed_flush_lsn >= $1::pg_lsn) AS ok FROM pg_replication_slots
+              WHERE slot_name = 'lim_oltp' OR slot_name IN (SELECT slot_name FROM pgdeltastream.streams WHERE name = 'oltp')`,
+            [endLsn],
+          );
+          if (caught.ok && transactions >= done) break;
+          await sleep(100);
+        }
+        const serverCpu = await cpuSeconds(server.pid) - serverBefore;
+        const followerCpu = await cpuSeconds(follower.pid) - followerBefore;
+        follower.kill("SIGINT");
+        await follower.status;
+        await consumer.close();
+        await consuming;
+        await sql.query("SELECT pg_drop_replication_slot('lim_oltp')");
+        latencies.sort((a, b) => a - b);
+        const us = (cpu: number) => (cpu * 1e6) / done;
+        report(
+          `P2CPU ${rate} tx/s for ${seconds} s: CPU per live transaction`,
+          `server ${us(serverCpu).toFixed(0)} µs`,
+          `pg_recvlogical ${us(followerCpu).toFixed(0)} µs`,
+          `ratio ${(serverCpu / followerCpu).toFixed(2)}x (goal <= 2x at 1000); ${done} tx, ` +
+            `${transactions} delivered; commit -> consumer p50 ${percentile(latencies, 0.5)} ms, ` +
+            `p99 ${percentile(latencies, 0.99)} ms`,
+        );
+      }
+      await Deno.remove(script);
+      await deleteAt(server.url, "/v2/streams/oltp");
     }
     if (want("P3")) {
       // P3: snapshot of a large table: streaming export and v1 pages, next to COPY.
