@@ -25,6 +25,19 @@ const want = (phase: string) => ONLY === undefined || ONLY.includes(phase);
 /** `--profile=DIR`: run the server under V8's CPU profiler and print where its time went. */
 const PROFILE_DIR = Deno.args.find((a) => a.startsWith("--profile="))?.slice(10);
 const serverFlags = PROFILE_DIR ? ["--cpu-prof", `--cpu-prof-dir=${PROFILE_DIR}`] : [];
+/** `--env=NAME=value` (repeatable): the server runs with these variables (e.g. METRICS=off). */
+const SERVER_ENV = Object.fromEntries(
+  Deno.args.filter((a) => a.startsWith("--env=")).map((a) => {
+    const [name, ...value] = a.slice(6).split("=");
+    return [name, value.join("=")];
+  }),
+);
+/** `--async-commit`: P2CPU's writer commits with synchronous_commit=off. */
+const ASYNC_COMMIT = args.has("--async-commit");
+/** `--rates=1000,3000`: P2CPU's rates (default 250, 1000, 3000). */
+const P2CPU_RATES = Deno.args.find((a) => a.startsWith("--rates="))?.slice(8).split(",").map(
+  Number,
+) ?? [250, 1000, 3000];
 
 /** Prints the functions with the most self time in the newest profile of `dir`. */
 async function printProfile(dir: string): Promise<void> {
@@ -302,7 +315,7 @@ async function main(): Promise<void> {
   sql.on("error", () => {}); // a failure surfaces through the query that meets it
   await sql.connect();
   const psqlArgs = ["-X", "-q", ...connectionArgs(db)];
-  let server = await ServerProcess.spawn(db, {}, serverFlags);
+  let server = await ServerProcess.spawn(db, SERVER_ENV, serverFlags);
   const machine = `${navigator.hardwareConcurrency} cores, ${
     Math.round(
       Number(/MemTotal:\s+(\d+)/.exec(await Deno.readTextFile("/proc/meminfo"))![1]) / 1048576,
@@ -689,7 +702,7 @@ async function main(): Promise<void> {
       const script = await Deno.makeTempFile({ suffix: ".sql" });
       await Deno.writeTextFile(script, "INSERT INTO oltp_t DEFAULT VALUES;\n");
       const seconds = QUICK ? 10 : 30;
-      for (const rate of [250, 1000, 3000]) {
+      for (const rate of P2CPU_RATES) {
         await sql.query("SELECT pg_create_logical_replication_slot('lim_oltp', 'pgoutput')");
         const follower = new Deno.Command("pg_recvlogical", {
           args: recvlogicalArgs(db, "lim_oltp", undefined, "oltp_pub"),
@@ -732,6 +745,7 @@ async function main(): Promise<void> {
             "-f",
             script,
           ],
+          env: ASYNC_COMMIT ? { PGOPTIONS: "-c synchronous_commit=off" } : {},
           stdout: "piped",
           stderr: "piped",
         }).output();
@@ -764,7 +778,9 @@ async function main(): Promise<void> {
         latencies.sort((a, b) => a - b);
         const us = (cpu: number) => (cpu * 1e6) / done;
         report(
-          `P2CPU ${rate} tx/s for ${seconds} s: CPU per live transaction`,
+          `P2CPU ${rate} tx/s for ${seconds} s${
+            ASYNC_COMMIT ? ", synchronous_commit=off" : ""
+          }: CPU per live transaction`,
           `server ${us(serverCpu).toFixed(0)} µs`,
           `pg_recvlogical ${us(followerCpu).toFixed(0)} µs`,
           `ratio ${(serverCpu / followerCpu).toFixed(2)}x (goal <= 2x at 1000); ${done} tx, ` +

@@ -42,7 +42,13 @@ export interface StreamOptions {
   token?: TokenSource;
   /** How numbers are parsed: `"string"` or `"bigint"` keep `bigint`/`numeric` values exact. */
   numbers?: NumberMode;
-  /** Acknowledge after this many handled transactions (default 1), or after `ms` at the latest. */
+  /**
+   * Acknowledge once this many transactions were handled, or `ms` after the
+   * first one not acknowledged yet, whichever comes first (default 256 and
+   * 20 ms: on a live stream one acknowledgement, and one standby status in
+   * the server and in PostgreSQL, per batch instead of per transaction; a
+   * crash re-delivers at most that much). `{ transactions: 1 }`: each one.
+   */
   ackEvery?: { transactions?: number; ms?: number };
   /** Backoff between reconnects: full jitter up to `maxDelayMs`; give up after `maxAttempts` failures. */
   reconnect?: { initialDelayMs?: number; maxDelayMs?: number; maxAttempts?: number };
@@ -60,6 +66,11 @@ export type StreamStatus =
   | { state: "open" }
   | { state: "reconnecting"; code: number; reason: string; delayMs: number }
   | { state: "closed"; code: number; reason: string };
+
+/** Transactions handled before an acknowledgement is sent, by default. */
+export const DEFAULT_ACK_TRANSACTIONS = 256;
+/** How long a handled transaction waits for its acknowledgement at most, by default. */
+export const DEFAULT_ACK_MS = 20;
 
 /** Close codes after which reconnecting cannot help (4401 is final only without a token function). */
 export const FINAL_CLOSE_CODES: ReadonlySet<number> = new Set<number>([
@@ -273,9 +284,11 @@ export class ChangeStream implements AsyncIterable<Transaction>, AsyncDisposable
     if (this.#options.tail) return;
     this.#unacked++;
     const every = this.#options.ackEvery;
-    if (this.#unacked >= (every?.transactions ?? 1)) return this.#flush();
-    if (every?.ms !== undefined && this.#ackTimer === undefined) {
-      this.#ackTimer = setTimeout(() => this.#flush(), every.ms);
+    const transactions = every?.transactions ?? DEFAULT_ACK_TRANSACTIONS;
+    if (this.#unacked >= transactions) return this.#flush();
+    const ms = every?.ms ?? (every?.transactions === undefined ? DEFAULT_ACK_MS : undefined);
+    if (ms !== undefined && this.#ackTimer === undefined) {
+      this.#ackTimer = setTimeout(() => this.#flush(), ms);
     }
   }
 

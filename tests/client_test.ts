@@ -263,6 +263,38 @@ Deno.test("client library against a real server", async (t) => {
   );
 
   await t.step(
+    "by default, transactions handled together are acknowledged together, the last without another coming",
+    async () => {
+      await createStream(api.url, { name: "batched", tables: ["accounts"] });
+      const [{ slot }] = await sql<{ slot: string }>(
+        db,
+        "SELECT slot_name AS slot FROM pgdeltastream.streams WHERE name = 'batched'",
+      );
+      const acks = async () => {
+        const text = await (await fetch(new URL("/metrics", api.url))).text();
+        return Number(/pgdeltastream_acks_total\{stream="batched"\} (\d+)/.exec(text)?.[1] ?? 0);
+      };
+      await using stream = connectStream({ url, stream: "batched" });
+      // Thirty transactions committed before the consumer reads them: one burst of frames.
+      await sql(
+        db,
+        "DO $$ BEGIN FOR i IN 7200..7229 LOOP INSERT INTO accounts VALUES (i, 1, 'eu'); COMMIT; END LOOP; END $$",
+      );
+      let last: string | undefined;
+      let handled = 0;
+      for await (const tx of stream) {
+        last = tx.lsn;
+        if (++handled === 30) break;
+      }
+      stream.acknowledge({ lsn: last!, changes: [] });
+      // The last one is acknowledged without another transaction coming.
+      await confirmedAtLeast(db, slot, last!);
+      assert.ok(await acks() < 10, `${await acks()} acknowledgements for 30 transactions`);
+      assert.equal(await deleteAt(api.url, "/v2/streams/batched"), 204);
+    },
+  );
+
+  await t.step(
     "a stream that does not exist fails with the server's 404, not endless retries",
     async () => {
       const stream = connectStream({ url, stream: "nosuch" });

@@ -103,6 +103,8 @@ function fallbackParser(mode) {
 }
 
 // client/change_stream.ts
+var DEFAULT_ACK_TRANSACTIONS = 256;
+var DEFAULT_ACK_MS = 20;
 var FINAL_CLOSE_CODES = /* @__PURE__ */ new Set([
   CloseCode.Normal,
   CloseCode.UnsupportedData,
@@ -292,9 +294,11 @@ var ChangeStream = class {
     if (this.#options.tail) return;
     this.#unacked++;
     const every = this.#options.ackEvery;
-    if (this.#unacked >= (every?.transactions ?? 1)) return this.#flush();
-    if (every?.ms !== void 0 && this.#ackTimer === void 0) {
-      this.#ackTimer = setTimeout(() => this.#flush(), every.ms);
+    const transactions = every?.transactions ?? DEFAULT_ACK_TRANSACTIONS;
+    if (this.#unacked >= transactions) return this.#flush();
+    const ms = every?.ms ?? (every?.transactions === void 0 ? DEFAULT_ACK_MS : void 0);
+    if (ms !== void 0 && this.#ackTimer === void 0) {
+      this.#ackTimer = setTimeout(() => this.#flush(), ms);
     }
   }
   #flush() {

@@ -133,6 +133,8 @@ export class ReplicationService implements AsyncDisposable {
   #acked: Lsn = ZERO_LSN;
   /** Position reported to PostgreSQL as flushed: the client's ack, or an idle advance past it. */
   #confirmed: Lsn = ZERO_LSN;
+  /** A standby status is queued for the end of this turn. */
+  #statusQueued = false;
 
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
@@ -271,7 +273,14 @@ export class ReplicationService implements AsyncDisposable {
     this.#acked = lsn;
     if (lsn <= this.#confirmed) return;
     this.#confirmed = lsn;
-    this.#sendStatus();
+    // Sent once the acks read in this turn of the event loop are taken (a microtask: no timer,
+    // no delay), so that acknowledgements arriving together make one standby status.
+    if (this.#statusQueued) return;
+    this.#statusQueued = true;
+    queueMicrotask(() => {
+      this.#statusQueued = false;
+      this.#sendStatus();
+    });
   }
 
   /** Reports the confirmed position; `reply` asks PostgreSQL to answer at once (a quiet link). */
@@ -283,6 +292,11 @@ export class ReplicationService implements AsyncDisposable {
 
   /** Ends the replication connection (after the statuses already sent) and closes `readable`. */
   async close(): Promise<void> {
+    if (this.#statusQueued) {
+      // An acknowledgement of this turn still goes out before the connection ends.
+      this.#statusQueued = false;
+      this.#sendStatus();
+    }
     this.#closing = true;
     this.#resume();
     try {
