@@ -141,17 +141,26 @@ function utf8Bytes(text: string): number {
   return !NON_ASCII.test(text) ? text.length : encoder.encode(text).length;
 }
 
+/** A stream's counts since the process started, and latencies (ms) not scraped yet. */
+interface Tally {
+  frames: number;
+  changes: number;
+  bytes: number;
+  acks: number;
+  redelivered: number;
+  latencies: number[];
+}
+
+/** Latencies kept between scrapes, at most (beyond them, until the next scrape, none are). */
+const MAX_UNSCRAPED_LATENCIES = 1_000_000;
+
 /** The server's metrics registry. */
 export class Metrics {
   /** The registry `/metrics` exposes. */
   readonly registry: client.Registry = new client.Registry();
   readonly #connected: client.Gauge<"stream">;
-  readonly #frames: client.Counter<"stream">;
-  readonly #changes: client.Counter<"stream">;
-  readonly #bytes: client.Counter<"stream">;
-  readonly #acks: client.Counter<"stream">;
-  readonly #redelivered: client.Counter<"stream">;
-  readonly #latency: client.Histogram<"stream">;
+  /** Per stream: what its sessions sent and had acknowledged, read when scraped. */
+  readonly #tallies = new Map<string, Tally>();
   readonly #snapshotRows: client.Counter<"stream">;
   readonly #http: client.Counter<"route" | "method" | "status">;
   readonly #limitRatio: client.Gauge<"stream" | "limit">;
@@ -194,21 +203,42 @@ export class Metrics {
     });
     const counter = (name: string, help: string) =>
       new client.Counter({ name, help, labelNames: stream, registers });
-    this.#frames = counter("pgdeltastream_frames_sent_total", "Transaction frames sent");
-    this.#changes = counter("pgdeltastream_changes_sent_total", "Changes sent, in frames");
-    this.#bytes = counter("pgdeltastream_bytes_sent_total", "UTF-8 bytes of the frames sent");
-    this.#acks = counter("pgdeltastream_acks_total", "Acknowledgements that moved a position");
-    this.#redelivered = counter(
+    // What sessions count per frame is kept in plain fields (the hot path pays an addition, not a
+    // label lookup), and handed to prom-client when it is scraped.
+    const tallies = this.#tallies;
+    const tallied = (name: string, help: string, field: keyof Omit<Tally, "latencies">) =>
+      new client.Counter({
+        name,
+        help,
+        labelNames: stream,
+        registers,
+        collect() {
+          this.reset();
+          for (const [name, tally] of tallies) this.inc({ stream: name }, tally[field]);
+        },
+      });
+    tallied("pgdeltastream_frames_sent_total", "Transaction frames sent", "frames");
+    tallied("pgdeltastream_changes_sent_total", "Changes sent, in frames", "changes");
+    tallied("pgdeltastream_bytes_sent_total", "UTF-8 bytes of the frames sent", "bytes");
+    tallied("pgdeltastream_acks_total", "Acknowledgements that moved a position", "acks");
+    tallied(
       "pgdeltastream_redelivered_frames_total",
       "Frames sent again after a reconnect (this process's memory of what it sent)",
+      "redelivered",
     );
     this.#snapshotRows = counter("pgdeltastream_snapshot_rows_total", "Snapshot rows returned");
-    this.#latency = new client.Histogram({
+    new client.Histogram({
       name: "pgdeltastream_commit_to_send_seconds",
       help: "From the transaction's commit timestamp to the frame's write on the socket",
       labelNames: stream,
       buckets: LATENCY_BUCKETS,
       registers,
+      collect() {
+        for (const [name, tally] of tallies) {
+          for (const ms of tally.latencies) this.observe({ stream: name }, ms / 1000);
+          tally.latencies.length = 0;
+        }
+      },
     });
     this.#http = new client.Counter({
       name: "pgdeltastream_http_requests_total",
@@ -275,31 +305,30 @@ export class Metrics {
 
   /** Counts the frames, changes, bytes and acks of a session of `stream`, and its connection. */
   session(stream: string): SessionMetrics {
-    const labels = { stream };
-    const frames = this.#frames.labels(labels);
-    const changes = this.#changes.labels(labels);
-    const bytes = this.#bytes.labels(labels);
-    const acks = this.#acks.labels(labels);
-    const redelivered = this.#redelivered.labels(labels);
-    const latency = this.#latency.labels(labels);
-    const connected = this.#connected.labels(labels);
+    let tally = this.#tallies.get(stream);
+    if (tally === undefined) {
+      tally = { frames: 0, changes: 0, bytes: 0, acks: 0, redelivered: 0, latencies: [] };
+      this.#tallies.set(stream, tally);
+    }
+    const t = tally;
+    const connected = this.#connected.labels({ stream });
     const highest = this.#highest;
     connected.inc();
     return {
       sent(frame: SentFrame) {
-        frames.inc();
-        changes.inc(frame.changes ?? 0);
-        bytes.inc(utf8Bytes(frame.text));
+        t.frames++;
+        t.changes += frame.changes ?? 0;
+        t.bytes += utf8Bytes(frame.text);
         const top = highest.get(stream) ?? 0n;
         // A partial chunk carries the previous transaction's nextlsn: only below the top is it a repeat.
-        if (frame.partial ? frame.nextLsn < top : frame.nextLsn <= top) redelivered.inc();
+        if (frame.partial ? frame.nextLsn < top : frame.nextLsn <= top) t.redelivered++;
         else if (!frame.partial) highest.set(stream, frame.nextLsn);
-        if (frame.commitTime !== undefined) {
-          latency.observe(Math.max(0, Date.now() - frame.commitTime) / 1000);
+        if (frame.commitTime !== undefined && t.latencies.length < MAX_UNSCRAPED_LATENCIES) {
+          t.latencies.push(Math.max(0, Date.now() - frame.commitTime));
         }
       },
       acknowledged() {
-        acks.inc();
+        t.acks++;
       },
       ended() {
         connected.dec();
