@@ -48,10 +48,25 @@ const byteaEncoder: ValueEncoder = (text) => `"${text.startsWith("\\x") ? text.s
 
 const stringEncoder: ValueEncoder = (text) => JSON.stringify(text);
 
+/** How wal2json writes values of a type: a bare number, a boolean, bytea's hex, or a string. */
+export type ValueKind = "number" | "boolean" | "bytea" | "string";
+
+/** The kind of values of type `typeOid` (matched on the OID itself: a domain is a string). */
+export function valueKindOf(typeOid: number): ValueKind {
+  if (NUMERIC_TYPES.has(typeOid)) return "number";
+  if (typeOid === BOOL_OID) return "boolean";
+  if (typeOid === BYTEA_OID) return "bytea";
+  return "string";
+}
+
+const ENCODERS: Record<ValueKind, ValueEncoder> = {
+  number: numberEncoder,
+  boolean: boolEncoder,
+  bytea: byteaEncoder,
+  string: stringEncoder,
+};
+
 /** The encoder wal2json applies to values of type `typeOid`. */
 export function encoderFor(typeOid: number): ValueEncoder {
-  if (NUMERIC_TYPES.has(typeOid)) return numberEncoder;
-  if (typeOid === BOOL_OID) return boolEncoder;
-  if (typeOid === BYTEA_OID) return byteaEncoder;
-  return stringEncoder;
+  return ENCODERS[valueKindOf(typeOid)];
 }

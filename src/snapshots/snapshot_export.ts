@@ -19,6 +19,7 @@
 import type pg from "pg";
 import type { DatabaseConfig } from "../config.ts";
 import { PgConnection } from "../postgres/pg_connection.ts";
+import { type CopyColumn, TextRowsToJson } from "./copy_text_json.ts";
 import {
   mapReadError,
   openViewedTable,
@@ -72,6 +73,27 @@ async function units(client: pg.PoolClient, oid: number): Promise<Unit[]> {
   }));
 }
 
+/** The visible columns of `oid` in order: quoted by PostgreSQL, with their type. */
+async function copyColumns(
+  client: pg.PoolClient,
+  oid: number,
+  visible: string[] | null,
+): Promise<(CopyColumn & { quoted: string })[]> {
+  const { rows } = await client.query<{ name: string; quoted: string; type_oid: number }>(
+    `SELECT attname::text AS name, format('%I', attname) AS quoted, atttypid::int AS type_oid
+       FROM pg_attribute
+      WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
+        AND ($2::text[] IS NULL OR attname = ANY ($2::text[]))
+      ORDER BY attnum`,
+    [oid, visible],
+  );
+  return rows.map((r: { name: string; quoted: string; type_oid: number }) => ({
+    name: r.name,
+    quoted: r.quoted,
+    typeOid: r.type_oid,
+  }));
+}
+
 /** The COPY statements of an export: block ranges of every unit, the last one of each open-ended. */
 function rangeCopies(select: string, where: string, all: Unit[]): string[] {
   const copies: string[] = [];
@@ -80,7 +102,7 @@ function rangeCopies(select: string, where: string, all: Unit[]): string[] {
       const to = from + BLOCKS_PER_RANGE;
       const upper = to < unit.blocks ? ` AND ctid < '(${to},0)'::tid` : "";
       copies.push(
-        `COPY (SELECT ${select} FROM ONLY ${unit.qualified} WHERE ctid >= '(${from},0)'::tid${upper} AND ${where}) TO STDOUT (FORMAT binary)`,
+        `COPY (SELECT ${select} FROM ONLY ${unit.qualified} WHERE ctid >= '(${from},0)'::tid${upper} AND ${where}) TO STDOUT`,
       );
     }
   }
@@ -130,82 +152,6 @@ class ChunkQueue {
 }
 
 /**
- * Turns binary COPY data of one text column into NDJSON lines in chunks.
- * Each COPY starts with a 19-byte header (plus its extension area) and ends
- * with a trailer (-1 fields); in between, each row is its field count
- * (2 bytes), its length (4) and its text, to which a newline is added. Rows
- * may be split across CopyData messages; one instance reads COPY after COPY.
- */
-class BinaryRowsToLines {
-  #carry: Uint8Array | undefined;
-  #header = true;
-  #chunk = new Uint8Array(CHUNK_BYTES);
-  #used = 0;
-  readonly #emit: (chunk: Uint8Array) => Promise<void> | undefined;
-
-  constructor(emit: (chunk: Uint8Array) => Promise<void> | undefined) {
-    this.#emit = emit;
-  }
-
-  /** Consumes one CopyData payload; returns a promise when the queue asks the reader to wait. */
-  push(data: Uint8Array): Promise<void> | undefined {
-    let bytes = data;
-    if (this.#carry !== undefined) {
-      bytes = new Uint8Array(this.#carry.length + data.length);
-      bytes.set(this.#carry);
-      bytes.set(data, this.#carry.length);
-      this.#carry = undefined;
-    }
-    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    let pos = 0;
-    let wait: Promise<void> | undefined;
-    while (pos < bytes.length) {
-      if (this.#header) {
-        if (bytes.length - pos < 19 || bytes.length - pos < 19 + view.getInt32(pos + 15)) break;
-        pos += 19 + view.getInt32(pos + 15);
-        this.#header = false;
-        continue;
-      }
-      if (pos + 2 > bytes.length) break;
-      if (view.getInt16(pos) === -1) { // the trailer: a next COPY starts with its own header
-        pos += 2;
-        this.#header = true;
-        continue;
-      }
-      if (pos + 6 > bytes.length) break;
-      const length = Math.max(view.getInt32(pos + 2), 0); // -1 (NULL) never comes: rows are objects
-      if (pos + 6 + length > bytes.length) break;
-      wait = this.#line(bytes, pos + 6, pos + 6 + length) ?? wait;
-      pos += 6 + length;
-    }
-    if (pos < bytes.length) this.#carry = bytes.slice(pos);
-    return wait;
-  }
-
-  #line(bytes: Uint8Array, start: number, end: number): Promise<void> | undefined {
-    const length = end - start;
-    let wait: Promise<void> | undefined;
-    if (this.#used + length + 1 > this.#chunk.length) {
-      wait = this.flush();
-      if (length + 1 > this.#chunk.length) this.#chunk = new Uint8Array(length + 1);
-    }
-    this.#chunk.set(bytes.subarray(start, end), this.#used);
-    this.#chunk[this.#used + length] = 0x0a;
-    this.#used += length + 1;
-    return wait;
-  }
-
-  /** Hands over what is buffered. */
-  flush(): Promise<void> | undefined {
-    if (this.#used === 0) return undefined;
-    const full = this.#chunk.subarray(0, this.#used);
-    this.#chunk = new Uint8Array(CHUNK_BYTES);
-    this.#used = 0;
-    return this.#emit(full);
-  }
-}
-
-/**
  * The whole table as of the snapshot, as NDJSON. Resolves once the table is
  * resolved, locked and found unchanged (errors until then are 4xx); the
  * stream then errors, rather than ending early, if the export is cut off.
@@ -217,17 +163,20 @@ export function exportRows(
 ): Promise<ReadableStream<Uint8Array>> {
   const ready = Promise.withResolvers<ReadableStream<Uint8Array>>();
   const work = source.snapshot.read(async (client, released) => {
-    const { table, visible, select, where } = await openViewedTable(
+    const { table, visible, where } = await openViewedTable(
       client,
       source,
       request.table,
       "literals",
     );
+    // PostgreSQL copies the columns as text (its cheapest output); the server writes the JSON.
+    const columns = await copyColumns(client, table.oid, visible);
+    const select = columns.map((c) => c.quoted).join(", ") || "NULL";
     const copies = request.orderBy !== undefined
       ? [
         `COPY (SELECT ${select} FROM ${table.qualified} WHERE ${where}${
           (await sortOrder(client, table, request, visible)).clause
-        }) TO STDOUT (FORMAT binary)`,
+        }) TO STDOUT`,
       ]
       : rangeCopies(select, where, await units(client, table.oid));
     const readers = Math.max(1, Math.min(options.readers, copies.length));
@@ -264,7 +213,7 @@ export function exportRows(
     let next = 0;
     const read = async (connection: PgConnection) => {
       try {
-        const lines = new BinaryRowsToLines((chunk) => queue.push(chunk));
+        const lines = new TextRowsToJson(columns, CHUNK_BYTES, (chunk) => queue.push(chunk));
         while (next < copies.length && !ended.signal.aborted) {
           await connection.copyOut(copies[next++], (data) => lines.push(data));
         }
