@@ -267,6 +267,9 @@ export class Server implements HttpHost, AsyncDisposable {
   }
 }
 
+/** How long a shutdown waits for HTTP responses still being written. */
+const SHUTDOWN_GRACE_MS = 2000;
+
 /** A running server: its address, its state, and a clean shutdown. */
 export interface RunningServer extends AsyncDisposable {
   readonly app: Server;
@@ -300,7 +303,14 @@ export async function startServer(config: Config): Promise<RunningServer> {
     [Symbol.asyncDispose]() {
       stopped ??= (async () => {
         await app[Symbol.asyncDispose]();
-        await server.shutdown();
+        // A client that reads nothing (a stalled export) holds its response, and a graceful
+        // shutdown with it, for as long as it likes: wait for the others, not for it.
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          server.shutdown(),
+          new Promise((resolve) => (timer = setTimeout(resolve, SHUTDOWN_GRACE_MS))),
+        ]);
+        clearTimeout(timer);
       })();
       return stopped;
     },

@@ -202,7 +202,9 @@ Deno.test("shutdown does not wait for a stalled export", async () => {
   const slotName = await init(api.url);
   const reader = await stalledExport(api.url, slotName); // now stop reading it
   await deadline(api[Symbol.asyncDispose](), "the server to shut down while an export stalls");
+  // The client that stalled lets go, and its response ends with it.
   await reader.cancel().catch(() => {});
+  await deadline(api.finished, "the stalled export's response to end once its client let go");
 });
 
 Deno.test("a stalled export holds its reader connection, never the server: reads wait, then 503 or 410", async (t) => {

@@ -182,10 +182,22 @@ export function exportRows(
     const readers = Math.max(1, Math.min(options.readers, copies.length));
     const queue = new ChunkQueue(2 * readers);
     const ended = new AbortController();
+    /** The response's stream, once it exists: a cut-off errors it at once (see below). */
+    let response: ReadableStreamDefaultController<Uint8Array> | undefined;
     const stop = (reason: unknown) => {
       if (!ended.signal.aborted) ended.abort(reason);
       queue.wake();
+      // A client that stopped reading leaves no pull waiting to see the cut-off: its response's
+      // writer is blocked on the socket. Erroring the stream here ends the response all the same,
+      // so that nothing (a shutdown, say) waits on that client.
+      try {
+        response?.error(cutOff(reason));
+      } catch { /* closed already */ }
     };
+    const cutOff = (reason: unknown) =>
+      new Error(
+        `Export of ${table.qualified} cut off: ${(reason as Error)?.message ?? String(reason)}`,
+      );
     released.addEventListener("abort", () => stop(released.reason), { once: true });
     const connections = new Set<PgConnection>();
     ended.signal.addEventListener("abort", () => {
@@ -241,7 +253,10 @@ export function exportRows(
     let done = false;
     ready.resolve(
       new ReadableStream<Uint8Array>({
-        start: resetStall,
+        start: (controller) => {
+          response = controller;
+          resetStall();
+        },
         async pull(controller) {
           resetStall();
           for (;;) {
@@ -252,10 +267,7 @@ export function exportRows(
             }
             if (ended.signal.aborted) {
               clearTimeout(stall);
-              const reason = ended.signal.reason as Error;
-              return controller.error(
-                new Error(`Export of ${table.qualified} cut off: ${reason?.message ?? reason}`),
-              );
+              return controller.error(cutOff(ended.signal.reason));
             }
             if (done) {
               clearTimeout(stall);
