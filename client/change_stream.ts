@@ -377,7 +377,9 @@ export class ChangeStream implements AsyncIterable<Transaction>, AsyncDisposable
     }
     if (final !== undefined) {
       this.#final = final;
-      this.#options.onStatus?.({ state: "closed", code, reason });
+      // A refused upgrade says why over HTTP (its status and error), not by a close code.
+      const told = final instanceof StreamClosedError ? final : { code, reason };
+      this.#options.onStatus?.({ state: "closed", code: told.code, reason: told.reason });
       throw final;
     }
     const cap = Math.min(

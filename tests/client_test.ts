@@ -297,10 +297,14 @@ Deno.test("client library against a real server", async (t) => {
   await t.step(
     "a stream that does not exist fails with the server's 404, not endless retries",
     async () => {
-      const stream = connectStream({ url, stream: "nosuch" });
+      const statuses: StreamStatus[] = [];
+      const stream = connectStream({ url, stream: "nosuch", onStatus: (s) => statuses.push(s) });
       const error = await deadline(stream.next().then(() => undefined, (e) => e), "the refusal");
       assert.ok(error instanceof StreamClosedError);
       assert.equal(error.code, 404);
+      const last = statuses.at(-1);
+      assert.equal(last?.state, "closed");
+      assert.equal(last?.state === "closed" ? last.code : undefined, 404, "onStatus says 404");
       assert.match(error.message, /does not exist/);
     },
   );

@@ -21,7 +21,11 @@ async function accepts(port: number): Promise<boolean> {
 }
 
 /** `src/dev/dev.ts` with the dev task's flags, in `cwd` (a fresh, private directory: mode 700). */
-async function spawnDev(cwd: string, env: Record<string, string>): Promise<ChildProcess> {
+async function spawnDev(
+  cwd: string,
+  env: Record<string, string>,
+  args: string[] = [],
+): Promise<ChildProcess> {
   return await ChildProcess.spawn({
     name: "deno task dev",
     args: [
@@ -30,6 +34,7 @@ async function spawnDev(cwd: string, env: Record<string, string>): Promise<Child
       `${REPO}deno.json`,
       ...await runtimeFlags("dev"),
       `${REPO}src/dev/dev.ts`,
+      ...args,
     ],
     cwd,
     env: {
@@ -43,7 +48,7 @@ async function spawnDev(cwd: string, env: Record<string, string>): Promise<Child
 
 /** Where the launcher said its data is (relocated under /var/tmp when postgres cannot reach `cwd`). */
 function dataDirOf(output: string): string {
-  return /data in (\S+)\)/.exec(output)![1];
+  return /data in ([^\s;)]+)/.exec(output)![1];
 }
 
 Deno.test("deno task dev stops its PostgreSQL on every signal it can catch, and recovers from one it cannot", async (t) => {
@@ -108,6 +113,26 @@ Deno.test("deno task dev stops its PostgreSQL on every signal it can catch, and 
       },
     );
 
+    await t.step("--reset starts with an empty database; a plain restart keeps it", async () => {
+      const slotNames = async (dev: ChildProcess): Promise<string[]> => {
+        const response = await fetch(`${dev.ready}/v2/status`);
+        const report = await response.json() as { slots?: { slotName: string }[] };
+        return (report.slots ?? []).map((slot) => slot.slotName);
+      };
+      const first = await spawnDev(cwd, env);
+      const { slotName } = await (await fetch(`${first.ready}/v1/init`)).json();
+      assert.equal((await first.kill("SIGTERM")).code, 0);
+
+      const second = await spawnDev(cwd, env);
+      assert.ok((await slotNames(second)).includes(slotName), "the slot survives a restart");
+      assert.equal((await second.kill("SIGTERM")).code, 0);
+
+      const third = await spawnDev(cwd, env, ["--reset"]);
+      assert.deepEqual(await slotNames(third), [], "a slot is left after --reset");
+      assert.equal((await third.kill("SIGTERM")).code, 0);
+      assert.match(await third.output, /Removed the dev database in \S+/);
+    });
+
     await t.step("when PostgreSQL cannot start, its own log says why", async () => {
       const taken = Deno.listen({ hostname: "127.0.0.1", port: pgPort });
       try {
@@ -143,7 +168,11 @@ Deno.test("deno task dev stops its PostgreSQL on every signal it can catch, and 
       }
     });
   } finally {
-    for (const dir of [cwd, ...dataDirs]) {
+    // A data directory relocated under /var/tmp goes with the folder made for it (dev-<id>).
+    const relocated = [...dataDirs].filter((d) => d.startsWith("/var/tmp/")).map((d) =>
+      d.replace(/\/postgres$/, "")
+    );
+    for (const dir of [cwd, ...dataDirs, ...relocated]) {
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     }
   }

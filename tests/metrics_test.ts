@@ -49,6 +49,10 @@ Deno.test("metrics: /metrics shows per-stream delivery, lag, latency and request
   await createStream(api.url, { name: "items-feed", tables: ["items"] });
   const stream = { stream: "items-feed" };
 
+  await t.step("a stream no consumer has connected to yet shows as 0, not as missing", async () => {
+    assert.equal(sample(await scrape(), "pgdeltastream_stream_connected", stream), 0);
+  });
+
   await t.step(
     "frames, changes, bytes, acks and latency count what one consumer was sent",
     async () => {

@@ -72,12 +72,15 @@ Deno.test({
           assert.equal(health.status, 200);
           await health.body?.cancel();
           assert.equal((await dev.kill("SIGINT")).code, 0);
-          dataDir = /data in (\S+)\)/.exec(await dev.output)?.[1];
+          dataDir = /data in ([^\s;)]+)/.exec(await dev.output)?.[1];
         },
       );
     } finally {
       await Deno.remove(home, { recursive: true });
-      if (dataDir?.startsWith("/var/tmp/")) await Deno.remove(dataDir, { recursive: true });
+      if (dataDir?.startsWith("/var/tmp/")) {
+        // With the folder made for it (dev-<id>), not only the data inside it.
+        await Deno.remove(dataDir.replace(/\/postgres$/, ""), { recursive: true });
+      }
     }
   },
 });

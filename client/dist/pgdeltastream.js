@@ -390,10 +390,14 @@ var ChangeStream = class {
     }
     if (final !== void 0) {
       this.#final = final;
-      this.#options.onStatus?.({
-        state: "closed",
+      const told = final instanceof StreamClosedError ? final : {
         code,
         reason
+      };
+      this.#options.onStatus?.({
+        state: "closed",
+        code: told.code,
+        reason: told.reason
       });
       throw final;
     }

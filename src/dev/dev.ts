@@ -7,7 +7,13 @@
  */
 
 import { loadConfig } from "../config.ts";
-import { canReach, EmbeddedPostgres, rootCacheDir, serverUser } from "./embedded_postgres.ts";
+import {
+  canReach,
+  clearLeftover,
+  EmbeddedPostgres,
+  rootCacheDir,
+  serverUser,
+} from "./embedded_postgres.ts";
 import { preflight } from "../postgres/preflight.ts";
 import { startServer } from "../server.ts";
 
@@ -35,7 +41,15 @@ async function main(): Promise<number> {
   const stop = Promise.withResolvers<string>();
   for (const signal of STOP_SIGNALS) Deno.addSignalListener(signal, () => stop.resolve(signal));
   const dataDir = await dataDirectory();
-  console.log(`Starting PostgreSQL (data in ${dataDir}) ...`);
+  if (Deno.args.includes("--reset")) {
+    // A fresh database: whatever a previous run left there (a PostgreSQL still running included).
+    await clearLeftover(dataDir, (line) => console.log(line));
+    await Deno.remove(dataDir, { recursive: true }).catch((error) => {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    });
+    console.log(`Removed the dev database in ${dataDir}`);
+  }
+  console.log(`Starting PostgreSQL (data in ${dataDir}; deno task dev --reset starts afresh) ...`);
   let postgres: EmbeddedPostgres;
   try {
     postgres = await EmbeddedPostgres.start({

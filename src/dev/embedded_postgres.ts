@@ -194,7 +194,7 @@ async function commandLine(pid: number): Promise<string | undefined> {
  * stopped, fast, then immediately if it does not go; a lock file whose
  * process is gone, or is something else, is stale and removed.
  */
-async function clearLeftover(dataDir: string, log: (line: string) => void): Promise<void> {
+export async function clearLeftover(dataDir: string, log: (line: string) => void): Promise<void> {
   const lockFile = `${dataDir}/postmaster.pid`;
   let text;
   try {

@@ -173,6 +173,10 @@ export class Metrics {
   constructor(sources: MetricSources) {
     const registers = [this.registry];
     const stream = ["stream"] as const;
+    // One reading of the slots per scrape, for every metric that needs it (they collect at once).
+    let reading: Promise<Map<string, number | null>> | undefined;
+    const lags = () =>
+      reading ??= sources.lag().finally(() => setTimeout(() => (reading = undefined), 0));
     new client.Gauge({
       name: "pgdeltastream_stream_lag_bytes",
       help: "WAL between the database's current position and the stream's confirmed position",
@@ -180,7 +184,7 @@ export class Metrics {
       registers,
       async collect() {
         this.reset();
-        for (const [name, lag] of await sources.lag()) {
+        for (const [name, lag] of await lags()) {
           if (lag !== null) this.set({ stream: name }, lag);
         }
       },
@@ -190,6 +194,10 @@ export class Metrics {
       help: "1 while a consumer is connected to the stream",
       labelNames: stream,
       registers,
+      async collect() {
+        // Every stream has the series, 0 until a consumer connects (an absent one alerts nobody).
+        for (const name of (await lags().catch(() => new Map())).keys()) this.inc({ stream: name }, 0);
+      },
     });
     new client.Gauge({
       name: "pgdeltastream_tail_clients",
