@@ -116,7 +116,12 @@ export interface Config {
   /** Relay mode (`NATS_URL`): v2 streams go through NATS JetStream logs; none: direct. */
   relay?: RelayConfig;
   /** Prometheus metrics (`METRICS=off` turns them off); `METRICS_TOKEN` may read them besides admins. */
-  metrics: { enabled: boolean; token?: string };
+  metrics: {
+    enabled: boolean;
+    token?: string;
+    /** How often the history of `GET /v2/metrics/history` is sampled (5 s). */
+    historyIntervalMs: number;
+  };
   /**
    * A replication connection that receives nothing for this long is taken
    * for dead and replaced (`REPLICATION_TIMEOUT_SECONDS`, default 60, as
@@ -331,7 +336,11 @@ function loadMetrics(env: EnvReader): Config["metrics"] {
   if (token !== undefined && token.length < 16) {
     throw new RangeError("METRICS_TOKEN is invalid: it must be at least 16 characters");
   }
-  return { enabled: choice(env, "METRICS", ["on", "off"], "on") === "on", token };
+  return {
+    enabled: choice(env, "METRICS", ["on", "off"], "on") === "on",
+    token,
+    historyIntervalMs: 5000,
+  };
 }
 
 /** Relay mode's settings, when `NATS_URL` is set. */

@@ -45,6 +45,16 @@ export interface HealthReport {
     confirmedFlushLsn: string | null;
     streaming: boolean;
     snapshotHeld: boolean;
+    /** A v1 slot (init's); otherwise a v2 stream's, or not this server's. */
+    v1: boolean;
+    /** WAL between the current position and the confirmed one: what is not acknowledged yet. */
+    lagBytes: number | null;
+    /** WAL the slot holds back (from its restart position). */
+    retainedBytes: number | null;
+    /** v1 slots: standing against the server's limits (`STREAM_MAX_*`). */
+    health?: StreamHealth;
+    /** v1 slots: when the WAL guard invalidated it. */
+    invalidatedAt?: string;
   }[];
   /** Whether the slots can outlive a failover. */
   failover?: FailoverReadiness;
@@ -308,6 +318,12 @@ export interface StreamStateBody extends StreamDefinitionBody {
   retainedBytes: number | null;
   /** When a consumer was last connected (the idle clock starts there). */
   lastActivityAt: string;
+  /**
+   * The consumer this instance serves, while one is connected: since when,
+   * and how long the oldest frame it was sent and has not acknowledged has
+   * been committed (0: it acknowledged everything it was sent).
+   */
+  consumer?: { connectedAt: string; unackedSeconds: number };
   /** Why and when the stream was invalidated, when it was. */
   invalidated?: { at: string; reason: string };
   /**
@@ -321,6 +337,49 @@ export interface StreamStateBody extends StreamDefinitionBody {
     log: { messages: number; bytes: number; firstSeq: number; lastSeq: number } | null;
     consumers: { id: string; pending: number; ackFloor: number }[];
   };
+}
+
+/** One event: its place in the ring, when, how serious, its name, message and fields. */
+export interface ServerEvent {
+  /** Increasing from 1: `?after=` the last one seen asks for the newer ones. */
+  id: number;
+  /** ISO 8601, UTC. */
+  time: string;
+  /** The log line's level (`debug` lines are not kept). */
+  level: "info" | "warn" | "error";
+  /** The log line's event name: `consumer.connected`, `stream.invalidated`, … */
+  event: string;
+  message: string;
+  fields: Record<string, string | number | boolean | null>;
+}
+
+/** `GET /v2/events` (admin): the process's recent events, oldest first. */
+export interface EventListBody {
+  events: ServerEvent[];
+}
+
+/** One stream's figures over one interval of the metric history. */
+export interface StreamSample {
+  /** Slot lag at the end of the interval (null: no slot). */
+  lagBytes: number | null;
+  changesPerSecond: number;
+  bytesPerSecond: number;
+  /** Commit to socket, of the frames sent in the interval (null: none were). */
+  latencyP50Ms: number | null;
+  latencyP99Ms: number | null;
+}
+
+/** The figures of every stream (v1 slots: `v1`) at the end of one interval. */
+export interface HistorySample {
+  /** ISO 8601, UTC. */
+  time: string;
+  streams: Record<string, StreamSample>;
+}
+
+/** `GET /v2/metrics/history` (admin): the last samples, oldest first. */
+export interface MetricHistoryBody {
+  intervalSeconds: number;
+  samples: HistorySample[];
 }
 
 /** `GET /v2/streams`. */

@@ -26,6 +26,7 @@ import { StreamManager } from "./streams/stream_manager.ts";
 import { Metrics, type RelayReading, V1_STREAM_LABEL } from "./observability/metrics.ts";
 import { TailHub } from "./streams/tail_hub.ts";
 import { WalGuard } from "./streams/wal_guard.ts";
+import { standing } from "./streams/wal_limits.ts";
 import { Relay, RELAY_APPLICATION_PREFIX } from "./relay/relay.ts";
 import type { StreamLog } from "./streams/stream_log.ts";
 
@@ -61,6 +62,9 @@ export class Server implements HttpHost, AsyncDisposable {
   /** The Prometheus metrics; none with `METRICS=off`. */
   readonly metrics: Metrics | undefined;
   #closing = false;
+  #sampler: ReturnType<typeof setInterval> | undefined;
+  /** The history sample being taken, if one is. */
+  #sample: Promise<void> | undefined;
 
   private constructor(config: Config, pool: pg.Pool) {
     this.config = config;
@@ -135,7 +139,19 @@ export class Server implements HttpHost, AsyncDisposable {
       server.relay.start();
     }
     server.guard.start();
+    server.#startSampling();
     return server;
+  }
+
+  /** Samples the metric history on a timer (one sample in flight at most). */
+  #startSampling(): void {
+    const metrics = this.metrics;
+    if (metrics === undefined) return;
+    const ms = this.config.metrics.historyIntervalMs;
+    metrics.historyIntervalMs = ms;
+    this.#sampler = setInterval(() => {
+      this.#sample ??= metrics.sample().finally(() => (this.#sample = undefined));
+    }, ms);
   }
 
   /** Throws an {@link UnavailableError} once shutdown has begun. */
@@ -244,6 +260,20 @@ export class Server implements HttpHost, AsyncDisposable {
           confirmedFlushLsn: s.confirmed_flush_lsn,
           streaming: this.sessions.has(s.slot_name),
           snapshotHeld: held.has(s.slot_name),
+          v1: s.v1,
+          lagBytes: s.lag_bytes,
+          retainedBytes: s.retained_bytes,
+          ...(s.v1
+            ? {
+              health: standing(
+                this.config.streamLimits,
+                s.lag_bytes,
+                s.active_pid !== null || this.sessions.has(s.slot_name) ? 0 : s.idle_seconds ?? 0,
+                s.invalidated_at !== null,
+              ).health,
+              ...(s.invalidated_at ? { invalidatedAt: s.invalidated_at.toISOString() } : {}),
+            }
+            : {}),
         })),
         failover,
       };
@@ -258,6 +288,8 @@ export class Server implements HttpHost, AsyncDisposable {
   /** Closes every stream with 1001, releases snapshots and connections. Slots are kept. */
   async [Symbol.asyncDispose](): Promise<void> {
     this.#closing = true;
+    clearInterval(this.#sampler);
+    await this.#sample;
     await this.guard[Symbol.asyncDispose]();
     await this.relay?.[Symbol.asyncDispose]();
     this.tails.closeAll(CloseCode.GoingAway, "server shutting down");

@@ -257,7 +257,7 @@ Deno.test("METRICS_TOKEN reads /metrics and nothing else; METRICS=off turns them
   });
 
   await t.step("METRICS=off answers 404", async () => {
-    await using off = await startApi(db, { metrics: { enabled: false } });
+    await using off = await startApi(db, { metrics: { enabled: false, historyIntervalMs: 5000 } });
     const response = await fetch(new URL("/metrics", off.url));
     assert.equal(response.status, 404);
     assert.match((await response.json()).error, /METRICS=off/);

@@ -115,7 +115,7 @@ export class AccessControl {
           status: 204,
           headers: {
             "access-control-allow-origin": origin,
-            "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
+            "access-control-allow-methods": "GET, POST, PATCH, DELETE, OPTIONS",
             "access-control-allow-headers": "authorization, content-type",
             "access-control-max-age": "600",
             vary: "origin",

@@ -16,6 +16,7 @@ import {
   MAX_SNAPSHOT_LIMIT,
   type SortOrder,
   STREAM_NAME,
+  type StreamLimits,
 } from "../protocol.ts";
 import { OPERATORS } from "../replication/row_filter.ts";
 import { isValidSlotName } from "../slots/slot_names.ts";
@@ -220,16 +221,27 @@ const STREAM_TABLE = z.preprocess(
   }),
 );
 
+/** A stream's limits, either or both. */
+const LIMITS = z.strictObject({
+  maxLagBytes: optional(z.number().int().min(0).max(Number.MAX_SAFE_INTEGER)),
+  maxIdleSeconds: optional(z.number().int().min(0).max(10 * 365 * 86400)),
+});
+
+/** What a request says of limits that is wrong. */
+const LIMITS_MESSAGES = {
+  limits:
+    '"limits" must be {"maxLagBytes"?, "maxIdleSeconds"?}, each a whole number >= 0 (0: no limit)',
+  "limits.maxLagBytes": '"maxLagBytes" must be a whole number of bytes >= 0 (0: no limit)',
+  "limits.maxIdleSeconds": '"maxIdleSeconds" must be a whole number of seconds >= 0 (0: no limit)',
+};
+
 /** `POST /v2/streams`. */
 export const V2_CREATE: RequestSchema<CreateStream> = {
   zod: z.strictObject({
     name: STREAM_NAME_SCHEMA,
     tables: z.array(STREAM_TABLE).min(1).max(1000),
     operations: optional(z.array(OPERATION).min(1)),
-    limits: optional(z.strictObject({
-      maxLagBytes: optional(z.number().int().min(0).max(Number.MAX_SAFE_INTEGER)),
-      maxIdleSeconds: optional(z.number().int().min(0).max(10 * 365 * 86400)),
-    })),
+    limits: optional(LIMITS),
   }).transform((body) => ({
     name: body.name,
     tables: body.tables,
@@ -248,12 +260,14 @@ export const V2_CREATE: RequestSchema<CreateStream> = {
       '[column, op, value], [column, "in", [values]] or [column, "is null" | "is not null"], ' +
       `op one of ${OPERATORS.join(", ")}`,
     operations: '"operations" must be a non-empty list of insert, update, delete, truncate',
-    limits:
-      '"limits" must be {"maxLagBytes"?, "maxIdleSeconds"?}, each a whole number >= 0 (0: no limit)',
-    "limits.maxLagBytes": '"maxLagBytes" must be a whole number of bytes >= 0 (0: no limit)',
-    "limits.maxIdleSeconds":
-      '"maxIdleSeconds" must be a whole number of seconds >= 0 (0: no limit)',
+    ...LIMITS_MESSAGES,
   },
+};
+
+/** `PATCH /v2/streams/{name}`: what may change of a running stream (its limits). */
+export const V2_UPDATE: RequestSchema<{ limits: Partial<StreamLimits> }> = {
+  zod: z.strictObject({ limits: LIMITS }),
+  messages: LIMITS_MESSAGES,
 };
 
 /** `POST /v2/streams/{name}/snapshot`. */

@@ -10,13 +10,22 @@
 import type { Context, Hono } from "hono";
 import type { Principal } from "../auth/principal.ts";
 import { mayRead } from "../auth/principal.ts";
-import { ConflictError, ForbiddenError, InvalidRequestError } from "../errors.ts";
-import { CONSUMER_ID, V2_PREFIX } from "../protocol.ts";
+import { ConflictError, ForbiddenError, InvalidRequestError, NotFoundError } from "../errors.ts";
+import { CONSUMER_ID, type EventListBody, V2_PREFIX } from "../protocol.ts";
+import { DEFAULT_EVENT_CAPACITY } from "../observability/event_log.ts";
+import { log } from "../observability/log.ts";
 import type { HttpHost } from "./host.ts";
 import { exportRows } from "../snapshots/snapshot_export.ts";
 import { readPage } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
-import { STREAM_NAME_SCHEMA, V2_CREATE, V2_EXPORT, V2_PAGE, V2_TOKEN } from "./request_schemas.ts";
+import {
+  STREAM_NAME_SCHEMA,
+  V2_CREATE,
+  V2_EXPORT,
+  V2_PAGE,
+  V2_TOKEN,
+  V2_UPDATE,
+} from "./request_schemas.ts";
 import { admin, json, ndjson, reader, type Routes, signedIn } from "./routes.ts";
 import { acceptStream, refuseInvalidated } from "./stream_upgrade.ts";
 import { CHECK_INTERVAL_MS } from "../streams/stream_publication.ts";
@@ -33,6 +42,15 @@ export function streamName(c: Context): string {
     );
   }
   return name!;
+}
+
+/** The query parameter `name` as a whole number ≥ 0 (`fallback` when absent); a 400 if not. */
+function wholeNumber(text: string | undefined, name: string, fallback: number): number {
+  if (text === undefined) return fallback;
+  if (!/^\d{1,15}$/.test(text)) {
+    throw new InvalidRequestError(`Invalid request: "${name}" must be a whole number >= 0`);
+  }
+  return Number(text);
 }
 
 /** When the credential of `principal` expires (its open websockets close then), if it does. */
@@ -58,6 +76,11 @@ export function v2Routes(server: HttpHost, routes: Routes<Hono>): void {
 
   routes.add(`${base}/:name`, {
     GET: reader(async (c) => json(await streams.get(streamName(c)))),
+    PATCH: admin(async (c) => {
+      const name = streamName(c);
+      const { limits } = await readBody(c.req.raw, V2_UPDATE);
+      return json(await streams.setLimits(name, limits));
+    }),
     DELETE: admin(async (c) => {
       await streams.delete(streamName(c));
       return new Response(null, { status: 204 });
@@ -180,6 +203,23 @@ export function v2Routes(server: HttpHost, routes: Routes<Hono>): void {
     GET: admin(async () => {
       const report = await server.health();
       return json(report, report.status === "ok" ? 200 : 503);
+    }),
+  });
+
+  routes.add(`${V2_PREFIX}/events`, {
+    // The process's recent events, oldest first; `after` the last id seen, `limit` the newest n.
+    GET: admin((c) => {
+      const after = wholeNumber(c.req.query("after"), "after", 0);
+      const limit = wholeNumber(c.req.query("limit"), "limit", DEFAULT_EVENT_CAPACITY);
+      return json({ events: log.events.list(after, limit) } satisfies EventListBody);
+    }),
+  });
+
+  routes.add(`${V2_PREFIX}/metrics/history`, {
+    // The last 15 minutes of each stream's lag, rates and latency: the console's charts.
+    GET: admin(() => {
+      if (server.metrics === undefined) throw new NotFoundError("Metrics are off (METRICS=off)");
+      return json(server.metrics.history());
     }),
   });
 }

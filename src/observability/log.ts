@@ -7,6 +7,8 @@
  * @module
  */
 
+import { EventLog } from "./event_log.ts";
+
 /** Severity of a log line, lowest first. */
 export type LogLevel = "debug" | "info" | "warn" | "error";
 
@@ -36,6 +38,8 @@ export class Logger {
   #threshold = 1;
   #format: LogFormat = "text";
   #sink: LogSink = consoleSink;
+  /** The lines at `info` and above, kept whatever the level written: `GET /v2/events`. */
+  readonly events: EventLog = new EventLog();
 
   /** Sets the format, the lowest level written, and (for tests) where lines go. */
   configure(options: { format?: LogFormat; level?: LogLevel; sink?: LogSink }): void {
@@ -51,12 +55,16 @@ export class Logger {
 
   /** Writes `event` with `message` and `fields` at `level`. */
   write(level: LogLevel, event: string, message: string, fields: LogFields = {}): void {
-    if (!this.enabled(level)) return;
+    if (level === "debug" && !this.enabled(level)) return;
     const time = new Date().toISOString();
     const defined = Object.entries(fields).filter(([, v]) => v !== undefined) as [
       string,
       string | number | boolean | null,
     ][];
+    if (level !== "debug") {
+      this.events.add({ time, level, event, message, fields: Object.fromEntries(defined) });
+    }
+    if (!this.enabled(level)) return;
     if (this.#format === "json") {
       this.#sink(
         level,

@@ -13,6 +13,7 @@
 import process from "node:process";
 import client from "prom-client";
 import type { Lsn } from "../lsn.ts";
+import type { HistorySample, MetricHistoryBody, StreamSample } from "../protocol.ts";
 
 /** The label value of v1 slots. */
 export const V1_STREAM_LABEL = "v1";
@@ -149,6 +150,36 @@ interface Tally {
   acks: number;
   redelivered: number;
   latencies: number[];
+  /** Latencies (ms) since the last history sample. */
+  recent: number[];
+  /** `changes` and `bytes` at the last history sample. */
+  sampled: { changes: number; bytes: number };
+}
+
+/**
+ * A connected consumer: since when, and a coarse record of what it was sent
+ * and has not acknowledged (a frame's position and commit time, at most one
+ * per {@link UNACKED_STEP_MS}): the first entry is the oldest unacknowledged.
+ */
+interface Consumer {
+  connectedAt: Date;
+  unacked: { lsn: Lsn; commitTime: number }[];
+  head: number;
+  lastRecorded: number;
+}
+
+/** How often a consumer's unacknowledged frames are recorded, at most. */
+const UNACKED_STEP_MS = 100;
+/** Unacknowledged frames recorded per consumer, at most (beyond: its age is not less than told). */
+const MAX_UNACKED_RECORDS = 10_000;
+/** Latencies kept per stream between history samples, at most. */
+const MAX_RECENT_LATENCIES = 100_000;
+/** History kept: 15 minutes of samples at the default interval. */
+export const HISTORY_SECONDS = 15 * 60;
+
+/** The `q` quantile (0–1) of `sorted`, which is ascending and not empty. */
+function quantile(sorted: number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
 }
 
 /** Latencies kept between scrapes, at most (beyond them, until the next scrape, none are). */
@@ -168,9 +199,16 @@ export class Metrics {
   readonly #invalidations: client.Counter<"stream">;
   /** The highest nextlsn sent per stream in this process: a frame at or below it is sent again. */
   readonly #highest = new Map<string, Lsn>();
+  /** Consumers connected to this instance, per stream. */
+  readonly #consumers = new Map<string, Set<Consumer>>();
+  readonly #sources: MetricSources;
+  readonly #history: HistorySample[] = [];
+  #historyIntervalMs = 5000;
+  #lastSample = performance.now();
 
   /** Metrics whose scrape-time values come from `sources`. */
   constructor(sources: MetricSources) {
+    this.#sources = sources;
     const registers = [this.registry];
     const stream = ["stream"] as const;
     // One reading of the slots per scrape, for every metric that needs it (they collect at once).
@@ -196,7 +234,9 @@ export class Metrics {
       registers,
       async collect() {
         // Every stream has the series, 0 until a consumer connects (an absent one alerts nobody).
-        for (const name of (await lags().catch(() => new Map())).keys()) this.inc({ stream: name }, 0);
+        for (const name of (await lags().catch(() => new Map())).keys()) {
+          this.inc({ stream: name }, 0);
+        }
       },
     });
     new client.Gauge({
@@ -214,7 +254,11 @@ export class Metrics {
     // What sessions count per frame is kept in plain fields (the hot path pays an addition, not a
     // label lookup), and handed to prom-client when it is scraped.
     const tallies = this.#tallies;
-    const tallied = (name: string, help: string, field: keyof Omit<Tally, "latencies">) =>
+    const tallied = (
+      name: string,
+      help: string,
+      field: keyof Omit<Tally, "latencies" | "recent" | "sampled">,
+    ) =>
       new client.Counter({
         name,
         help,
@@ -315,13 +359,25 @@ export class Metrics {
   session(stream: string): SessionMetrics {
     let tally = this.#tallies.get(stream);
     if (tally === undefined) {
-      tally = { frames: 0, changes: 0, bytes: 0, acks: 0, redelivered: 0, latencies: [] };
+      tally = {
+        frames: 0,
+        changes: 0,
+        bytes: 0,
+        acks: 0,
+        redelivered: 0,
+        latencies: [],
+        recent: [],
+        sampled: { changes: 0, bytes: 0 },
+      };
       this.#tallies.set(stream, tally);
     }
     const t = tally;
     const connected = this.#connected.labels({ stream });
     const highest = this.#highest;
     connected.inc();
+    const consumer: Consumer = { connectedAt: new Date(), unacked: [], head: 0, lastRecorded: 0 };
+    const consumers = this.#consumers.get(stream) ?? new Set();
+    this.#consumers.set(stream, consumers.add(consumer));
     return {
       sent(frame: SentFrame) {
         t.frames++;
@@ -331,17 +387,96 @@ export class Metrics {
         // A partial chunk carries the previous transaction's nextlsn: only below the top is it a repeat.
         if (frame.partial ? frame.nextLsn < top : frame.nextLsn <= top) t.redelivered++;
         else if (!frame.partial) highest.set(stream, frame.nextLsn);
-        if (frame.commitTime !== undefined && t.latencies.length < MAX_UNSCRAPED_LATENCIES) {
-          t.latencies.push(Math.max(0, Date.now() - frame.commitTime));
+        if (frame.commitTime === undefined) return;
+        const now = Date.now();
+        const ms = Math.max(0, now - frame.commitTime);
+        if (t.latencies.length < MAX_UNSCRAPED_LATENCIES) t.latencies.push(ms);
+        if (t.recent.length < MAX_RECENT_LATENCIES) t.recent.push(ms);
+        const pending = consumer.unacked.length - consumer.head;
+        if (
+          (pending === 0 || now - consumer.lastRecorded >= UNACKED_STEP_MS) &&
+          pending < MAX_UNACKED_RECORDS
+        ) {
+          consumer.unacked.push({ lsn: frame.nextLsn, commitTime: frame.commitTime });
+          consumer.lastRecorded = now;
         }
       },
-      acknowledged() {
+      acknowledged(lsn: Lsn) {
         t.acks++;
+        const records = consumer.unacked;
+        while (consumer.head < records.length && records[consumer.head].lsn <= lsn) consumer.head++;
+        if (consumer.head === records.length) {
+          records.length = 0;
+          consumer.head = 0;
+        } else if (consumer.head > 1024) {
+          records.splice(0, consumer.head);
+          consumer.head = 0;
+        }
       },
       ended() {
         connected.dec();
+        consumers.delete(consumer);
       },
     };
+  }
+
+  /**
+   * The consumer of `stream` this instance serves (of several, the longest
+   * connected, and the oldest unacknowledged age among them), if any.
+   */
+  consumerOf(stream: string): { connectedAt: string; unackedSeconds: number } | undefined {
+    const consumers = [...this.#consumers.get(stream) ?? []];
+    if (consumers.length === 0) return undefined;
+    const now = Date.now();
+    const since = Math.min(...consumers.map((c) => c.connectedAt.getTime()));
+    const oldest = Math.min(
+      ...consumers.map((c) => c.unacked[c.head]?.commitTime ?? now),
+    );
+    return {
+      connectedAt: new Date(since).toISOString(),
+      unackedSeconds: Math.max(0, now - oldest) / 1000,
+    };
+  }
+
+  /** Samples are taken every `ms` (the server's timer); the history keeps 15 minutes of them. */
+  set historyIntervalMs(ms: number) {
+    this.#historyIntervalMs = ms;
+  }
+
+  /**
+   * Adds a sample to the history: each stream's lag now, and its changes and
+   * bytes per second and commit-to-socket p50/p99 since the previous sample.
+   */
+  async sample(): Promise<void> {
+    const lags = await this.#sources.lag().catch(() => new Map<string, number | null>());
+    const now = performance.now();
+    const seconds = Math.max(0.001, (now - this.#lastSample) / 1000);
+    this.#lastSample = now;
+    const streams: Record<string, StreamSample> = {};
+    const names = new Set([...lags.keys(), ...this.#tallies.keys()]);
+    for (const name of names) {
+      const t = this.#tallies.get(name);
+      const sorted = t === undefined ? [] : t.recent.sort((a, b) => a - b);
+      streams[name] = {
+        lagBytes: lags.get(name) ?? null,
+        changesPerSecond: t === undefined ? 0 : (t.changes - t.sampled.changes) / seconds,
+        bytesPerSecond: t === undefined ? 0 : (t.bytes - t.sampled.bytes) / seconds,
+        latencyP50Ms: sorted.length === 0 ? null : quantile(sorted, 0.5),
+        latencyP99Ms: sorted.length === 0 ? null : quantile(sorted, 0.99),
+      };
+      if (t !== undefined) {
+        t.sampled = { changes: t.changes, bytes: t.bytes };
+        t.recent = [];
+      }
+    }
+    this.#history.push({ time: new Date().toISOString(), streams });
+    const keep = Math.max(1, Math.ceil(HISTORY_SECONDS * 1000 / this.#historyIntervalMs));
+    if (this.#history.length > keep) this.#history.splice(0, this.#history.length - keep);
+  }
+
+  /** The history: the last 15 minutes of samples, oldest first. */
+  history(): MetricHistoryBody {
+    return { intervalSeconds: this.#historyIntervalMs / 1000, samples: [...this.#history] };
   }
 
   /** The WAL guard's latest reading of `stream`. */

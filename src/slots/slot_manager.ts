@@ -24,6 +24,12 @@ export interface SlotInfo {
   owned: boolean;
   /** Created by v1's init (and dropped by the next one). */
   v1: boolean;
+  /** WAL from the confirmed position, and from the restart position, to the current one. */
+  lag_bytes: number | null;
+  retained_bytes: number | null;
+  /** v1: seconds since a consumer was last connected, and when the WAL guard invalidated it. */
+  idle_seconds: number | null;
+  invalidated_at: Date | null;
 }
 
 /** `server_version_num` of the database `pool` reaches. */
@@ -85,10 +91,16 @@ export class SlotManager {
     const { rows } = await this.#pool.query<SlotInfo>(
       `SELECT coalesce(s.slot_name, o.slot_name)::text AS slot_name, s.plugin::text, s.database::text,
               s.active_pid, s.confirmed_flush_lsn::text, o.slot_name IS NOT NULL AS owned,
-              o.v1 IS TRUE AS v1
+              o.v1 IS TRUE AS v1,
+              pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::float8 AS lag_bytes,
+              pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::float8 AS retained_bytes,
+              extract(epoch FROM now() - o.last_activity)::float8 AS idle_seconds,
+              o.invalidated_at
          FROM (SELECT * FROM pg_replication_slots WHERE database = current_database()) s
-         FULL JOIN (SELECT slot_name, true AS v1 FROM ${this.#names.schema}.slots
-                    UNION ALL SELECT slot_name, false FROM ${this.#names.schema}.streams) o
+         FULL JOIN (SELECT slot_name, true AS v1, last_activity, invalidated_at
+                      FROM ${this.#names.schema}.slots
+                    UNION ALL SELECT slot_name, false, NULL, NULL
+                      FROM ${this.#names.schema}.streams) o
            ON o.slot_name = s.slot_name
         ORDER BY 1`,
     );

@@ -351,6 +351,7 @@ export class StreamManager {
       stream.invalidated !== null,
     );
     const expires = this.#deps.snapshots.expiresAt(stream.slotName);
+    const consumer = this.#deps.metrics?.consumerOf(stream.name);
     return {
       ...await this.#body(stream),
       ...(slot.waiting && stream.invalidated === null
@@ -369,6 +370,7 @@ export class StreamManager {
       retainedBytes: retained,
       ...(this.#deps.log ? { relay: await this.#deps.log.state(stream.name, slot.app) } : {}),
       lastActivityAt: (active ? new Date() : stream.lastActivity).toISOString(),
+      ...(consumer ? { consumer } : {}),
       ...(stream.invalidated
         ? {
           invalidated: {
@@ -390,6 +392,25 @@ export class StreamManager {
       stream: name,
       slot: stream.slotName,
     });
+  }
+
+  /**
+   * Changes the limits of the stream `name` (those not given stay): the WAL
+   * guard weighs it against them from its next round.
+   */
+  async setLimits(name: string, limits: Partial<StreamLimits>): Promise<StreamStateBody> {
+    const stream = await this.require(name, "Cannot change stream");
+    const updated = { ...this.limitsOf(stream), ...limits };
+    const stored = await this.#store.setLimits(name, updated);
+    if (stored === undefined) {
+      throw new NotFoundError(`Cannot change stream: stream "${name}" does not exist`);
+    }
+    log.info("stream.limits_changed", `the limits of stream "${name}" were changed`, {
+      stream: name,
+      maxLagBytes: updated.maxLagBytes,
+      maxIdleSeconds: updated.maxIdleSeconds,
+    });
+    return await this.#state(stored);
   }
 
   /** Releases the stream's snapshot before its time-to-live (it holds back vacuum). */

@@ -112,6 +112,15 @@ export class StreamStore {
     return fromRow(rows[0]);
   }
 
+  /** Sets the limits of the stream `name`; undefined if there is none. */
+  async setLimits(name: string, limits: StreamLimits): Promise<StoredStream | undefined> {
+    const { rows } = await this.#pool.query<Row>(
+      `UPDATE ${this.#table} SET limits = $2 WHERE name = $1 RETURNING *`,
+      [name, JSON.stringify(limits)],
+    );
+    return rows[0] && fromRow(rows[0]);
+  }
+
   /** Relay mode: the current slot's frames begin at `seq` of the stream's log. */
   async setRelayStart(name: string, seq: number): Promise<void> {
     await this.#pool.query(`UPDATE ${this.#table} SET relay_start_seq = $2 WHERE name = $1`, [
