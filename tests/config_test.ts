@@ -195,8 +195,16 @@ Deno.test("loadConfig() reads the log and metrics settings and names a bad value
     env({ LOG_FORMAT: "json", LOG_LEVEL: "warn", METRICS: "off", METRICS_TOKEN: "m".repeat(16) }),
   );
   assert.deepEqual(config.log, { format: "json", level: "warn" });
-  assert.deepEqual(config.metrics, { enabled: false, token: "m".repeat(16) });
-  assert.deepEqual(loadConfig(env({})).metrics, { enabled: true, token: undefined });
+  assert.deepEqual(config.metrics, {
+    enabled: false,
+    token: "m".repeat(16),
+    historyIntervalMs: 5000,
+  });
+  assert.deepEqual(loadConfig(env({})).metrics, {
+    enabled: true,
+    token: undefined,
+    historyIntervalMs: 5000,
+  });
   assert.throws(() => loadConfig(env({ LOG_LEVEL: "verbose" })), /LOG_LEVEL="verbose" is invalid/);
   assert.throws(() => loadConfig(env({ LOG_FORMAT: "xml" })), /LOG_FORMAT="xml" is invalid/);
   assert.throws(() => loadConfig(env({ METRICS_TOKEN: "short" })), /METRICS_TOKEN is invalid/);
