@@ -6,7 +6,7 @@
  */
 
 import type { Hono } from "hono";
-import { CLIENT_JS, INDEX_HTML, VIEWER_JS } from "../viewer/assets.ts";
+import { CHARTS_JS, CLIENT_JS, ICON_SVG, INDEX_HTML, VIEWER_JS } from "../viewer/assets.ts";
 import { open, type Routes } from "./routes.ts";
 
 /** Only this origin's scripts, styles inline in the page, and calls to this server. */
@@ -29,6 +29,9 @@ function asset(body: string, type: string): Response {
 export function viewerRoutes(routes: Routes<Hono>): void {
   routes.add("/", { GET: open(() => asset(INDEX_HTML, "text/html")) });
   routes.add("/assets/viewer.js", { GET: open(() => asset(VIEWER_JS, "text/javascript")) });
+  routes.add("/assets/charts.js", { GET: open(() => asset(CHARTS_JS, "text/javascript")) });
+  // Browsers ask for /favicon.ico whatever the page says: the same icon, as SVG.
+  routes.add("/favicon.ico", { GET: open(() => asset(ICON_SVG, "image/svg+xml")) });
   routes.add("/assets/pgdeltastream.js", {
     GET: open(() => asset(CLIENT_JS, "text/javascript")),
   });
