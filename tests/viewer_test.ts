@@ -211,6 +211,10 @@ Deno.test({
             { state: "attached" },
           );
           assert.match(await text(page, "#consumers"), /changes/);
+          const screenshots = Deno.env.get("VIEWER_SCREENSHOTS");
+          if (screenshots) {
+            await page.screenshot({ path: `${screenshots}/console-stream.png`, fullPage: true });
+          }
         });
 
         await t.step(
@@ -300,8 +304,8 @@ Deno.test({
           await page.goto(api.url.href);
           await page.waitForSelector("tr[data-stream='orders-live']");
           assert.equal(await overflowsSideways(page), false, "the page scrolls sideways at 1280");
-          const screenshot = Deno.env.get("VIEWER_SCREENSHOT");
-          if (screenshot) await page.screenshot({ path: screenshot });
+          const screenshots = Deno.env.get("VIEWER_SCREENSHOTS");
+          if (screenshots) await page.screenshot({ path: `${screenshots}/console.png` });
           await page.setViewportSize({ width: 390, height: 844 });
           assert.equal(await overflowsSideways(page), false, "the page scrolls sideways at 390");
           await page.goto(`${api.url.href}#/streams/orders-live`);

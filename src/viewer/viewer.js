@@ -147,26 +147,43 @@ function setConn(text) {
   $("conn").textContent = text;
 }
 
-async function refresh() {
-  try {
-    streams = (await api("GET", "/v2/streams")).streams;
+let refreshes = 0;
+let latestRefresh;
+
+/** Reads everything the page shows, and shows it. */
+function refresh() {
+  latestRefresh = refreshOnce(++refreshes);
+  return latestRefresh;
+}
+
+async function refreshOnce(mine) {
+  const [streamsResult, statusResult, historyResult, eventsResult] = await Promise.allSettled([
+    api("GET", "/v2/streams"),
+    readStatus(),
+    api("GET", "/v2/metrics/history"),
+    api("GET", `/v2/events?after=${lastEventId}`),
+  ]);
+  // Refreshes overlap (a poll, a navigation, an action): only the latest one started is shown,
+  // so an answer from before a delete never brings the deleted stream back; an older one ends
+  // when the latest does.
+  if (mine !== refreshes) return latestRefresh;
+  if (streamsResult.status === "fulfilled") {
+    streams = streamsResult.value.streams;
     $("streams-error").textContent = "";
-  } catch (error) {
+  } else {
+    const error = streamsResult.reason;
     streams = [];
     $("streams-error").textContent = error.status === 401
       ? `${error.message}\nEnter a token above (an admin token, or a stream token to see its streams).`
       : error.message;
   }
-  const [statusResult, historyResult, eventsResult] = await Promise.allSettled([
-    readStatus(),
-    api("GET", "/v2/metrics/history"),
-    api("GET", `/v2/events?after=${lastEventId}`),
-  ]);
   admin = statusResult.status === "fulfilled";
   status = admin ? statusResult.value : undefined;
   history = historyResult.status === "fulfilled" ? historyResult.value : undefined;
   if (eventsResult.status === "fulfilled") {
-    events = events.concat(eventsResult.value.events).slice(-2000);
+    // Two refreshes can overlap (a poll and a navigation) and ask for the same events: keep each once.
+    const fresh = eventsResult.value.events.filter((e) => e.id > lastEventId);
+    events = events.concat(fresh).slice(-2000);
     lastEventId = events.at(-1)?.id ?? lastEventId;
   }
   setConn(`updated ${iso(Date.now())}${admin ? "" : " · not an admin: streams only"}`);
@@ -309,7 +326,12 @@ function renderOverview() {
   }));
   renderCharts($("charts"), undefined);
   $("charts-note").textContent = history
-    ? `(a sample every ${history.intervalSeconds} s)`
+    ? `(a sample every ${history.intervalSeconds} s${
+      history.samples.length > 0 &&
+        Date.now() - Date.parse(history.samples[0].time) < 14 * 60 * 1000
+        ? `, kept since ${iso(history.samples[0].time)}`
+        : ""
+    })`
     : admin
     ? "(metrics are off)"
     : "(needs an admin token)";
@@ -366,7 +388,8 @@ function renderCharts(container, name) {
       points: samples.map((s, i) => [times[i], s.streams[n]?.[field] ?? null]),
     }));
   const to = Date.now();
-  const from = to - 15 * 60 * 1000;
+  // A server younger than 15 minutes: its history fills the chart (at least the last minute).
+  const from = Math.max(to - 15 * 60 * 1000, Math.min(times[0] ?? 0, to - 60 * 1000));
   const charts = [
     { title: "Lag", series: series("lagBytes"), format: bytes },
     { title: "Changes/s out", series: series("changesPerSecond"), format: rate },
