@@ -66,6 +66,10 @@ Deno.test("deno task dev stops its PostgreSQL on every signal it can catch, and 
         assert.equal((await dev.kill(signal)).code, 0);
         const output = await dev.output;
         dataDirs.add(dataDirOf(output));
+        // What deno task start says at start-up, dev says too; Deno's own notes (no .env) it does not.
+        assert.match(output, /startup\.auth: authentication: protected mode/);
+        assert.match(output, /startup\.listening: pgdeltastream listening on http/);
+        assert.doesNotMatch(output, /Warning|--env-file/);
         assert.equal(await accepts(pgPort), false, "PostgreSQL still accepts connections");
         assert.equal(
           await Deno.stat(`${dataDirOf(output)}/postmaster.pid`).then(() => true, () => false),

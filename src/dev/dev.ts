@@ -16,6 +16,8 @@ import {
 } from "./embedded_postgres.ts";
 import { preflight } from "../postgres/preflight.ts";
 import { startServer } from "../server.ts";
+import { log } from "../observability/log.ts";
+import { reportStartup } from "../startup_report.ts";
 
 const DEV_PG_PORT = 54329;
 
@@ -67,10 +69,12 @@ async function main(): Promise<number> {
   try {
     const config = loadConfig((name) => Deno.env.get(name));
     config.database = postgres.database;
+    log.configure(config.log);
     const { problems, warnings } = await preflight(config.database);
     if (problems.length > 0) throw new Error(problems.join("\n"));
-    for (const warning of warnings) console.error(`warning: ${warning}`);
+    for (const warning of warnings) log.warn("startup.warning", `warning: ${warning}`);
     server = await startServer(config);
+    await reportStartup(server, config);
   } catch (error) {
     console.error(`pgdeltastream dev: the server cannot start: ${(error as Error).message}`);
     await postgres.stop();

@@ -297,9 +297,11 @@ export async function taskEnv(task: "start" | "compile" | "dev"): Promise<Record
   );
 }
 
-/** The permission and V8 flags of a deno.json task: what the server runs with. */
+/** The permission, V8, `--quiet` and `--env-file` flags of a deno.json task: what the server runs with. */
 export async function runtimeFlags(task: "start" | "compile" | "dev"): Promise<string[]> {
-  return (await taskWords(task)).filter((word) => /^--(allow-|v8-flags=)/.test(word));
+  return (await taskWords(task)).filter((word) =>
+    /^--(allow-|v8-flags=|quiet$|env-file$)/.test(word)
+  );
 }
 
 /** Options of {@link ChildProcess.spawn}. */
