@@ -335,7 +335,11 @@ export interface StreamStateBody extends StreamDefinitionBody {
   relay?: {
     publisher: string | null;
     log: { messages: number; bytes: number; firstSeq: number; lastSeq: number } | null;
-    consumers: { id: string; pending: number; ackFloor: number }[];
+    /**
+     * Each consumer id: frames not yet acknowledged, the log sequence acknowledged up to, and
+     * the instance holding its lease (serving its socket) — null while none is connected.
+     */
+    consumers: { id: string; pending: number; ackFloor: number; leasedBy: string | null }[];
   };
 }
 

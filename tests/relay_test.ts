@@ -452,11 +452,18 @@ Deno.test({
     const stream = connectStream({ url: server.url, stream: "feed", token: appA });
     await sql(db, "INSERT INTO feed VALUES (1)");
     assert.ok(await deadline(stream.next(), "app-a's first transaction"));
-    const ids = async () =>
+    const consumers = async (): Promise<{ id: string; leasedBy: string | null }[]> =>
       (await (await fetch(new URL("/v2/streams/feed", server.url), { headers: asAdmin })).json())
-        .relay.consumers.map((c: { id: string }) => c.id);
+        .relay.consumers;
+    const ids = async () => (await consumers()).map((c) => c.id);
     assert.deepEqual(await ids(), ["app-a"]);
+    // While connected, the stream's state names the instance holding the consumer's lease.
+    assert.equal(typeof (await consumers())[0].leasedBy, "string");
     await stream.close();
+    await poll(
+      async () => (await consumers())[0].leasedBy === null,
+      "app-a's lease to be let go after its close",
+    );
     // An admin may act as any consumer.
     await using adminConsumer = await StreamClient.connect(
       server.url,

@@ -135,7 +135,7 @@ export class Relay implements StreamLog, AsyncDisposable {
   /** Which instance publishes `stream` (`walsender`: its slot's connection's name), and its log's state. */
   async state(stream: string, walsender: string | null): Promise<RelayStateBody> {
     const publisher = instanceOf(walsender);
-    const state = await this.log.state(stream);
+    const state = await this.log.state(stream, true);
     if (state === undefined) return { publisher, log: null, consumers: [] };
     const { consumers, ...rest } = state;
     return { publisher, log: rest, consumers };

@@ -517,7 +517,11 @@ function renderDetail() {
         "tr",
         {},
         h("td", { className: "mono name" }, c.id),
-        h("td", {}, "relay"),
+        h(
+          "td",
+          {},
+          c.leasedBy ? pill(`connected to ${c.leasedBy}`, "on") : pill("not connected", "off"),
+        ),
         h("td", { className: "num" }, `${c.pending} frames (ack floor ${c.ackFloor})`),
       )
     )
