@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { poll } from "./support/deadline.ts";
-import { ChildProcess, runtimeFlags } from "./support/harness.ts";
+import { ChildProcess, taskFlags } from "./support/harness.ts";
 
 const REPO = new URL("..", import.meta.url).pathname;
 
@@ -32,7 +32,7 @@ async function spawnDev(
       "run",
       "--config",
       `${REPO}deno.json`,
-      ...await runtimeFlags("dev"),
+      ...await taskFlags("dev"),
       `${REPO}src/dev/dev.ts`,
       ...args,
     ],

@@ -297,8 +297,13 @@ export async function taskEnv(task: "start" | "compile" | "dev"): Promise<Record
   );
 }
 
-/** The permission, V8, `--quiet` and `--env-file` flags of a deno.json task: what the server runs with. */
+/** The permission and V8 flags of a deno.json task: what the server runs with. */
 export async function runtimeFlags(task: "start" | "compile" | "dev"): Promise<string[]> {
+  return (await taskWords(task)).filter((word) => /^--(allow-|v8-flags=)/.test(word));
+}
+
+/** A task's runtime flags and its `--quiet` and `--env-file`: what `deno task <task>` prints too. */
+export async function taskFlags(task: "start" | "dev"): Promise<string[]> {
   return (await taskWords(task)).filter((word) =>
     /^--(allow-|v8-flags=|quiet$|env-file$)/.test(word)
   );
