@@ -141,6 +141,11 @@ export interface RelayConfig {
   maxBytes: number;
   /** Most frames a stream's log keeps (`RELAY_MAX_MESSAGES`; 0: no count limit). */
   maxMessages: number;
+  /**
+   * Copies NATS keeps of each log and bucket (`RELAY_REPLICAS`, 1 to 5, default 1): 3 in a
+   * 3-node cluster, so that losing a node loses nothing.
+   */
+  replicas: number;
   /** This instance's name in the API and the metrics (`RELAY_INSTANCE`, default random). */
   instance: string;
 }
@@ -224,6 +229,7 @@ export const ENV_VARS = [
   "RELAY_MAX_AGE_SECONDS",
   "RELAY_MAX_BYTES",
   "RELAY_MAX_MESSAGES",
+  "RELAY_REPLICAS",
   "RELAY_INSTANCE",
   "REPLICATION_TIMEOUT_SECONDS",
 ] as const;
@@ -365,6 +371,7 @@ function loadRelay(env: EnvReader): RelayConfig | undefined {
     maxAgeSeconds: integer(env, ["RELAY_MAX_AGE_SECONDS"], 7 * 86400, 1, 10 * 365 * 86400),
     maxBytes: integer(env, ["RELAY_MAX_BYTES"], 2 ** 30, 1 << 20, Number.MAX_SAFE_INTEGER),
     maxMessages: integer(env, ["RELAY_MAX_MESSAGES"], 0, 0, Number.MAX_SAFE_INTEGER),
+    replicas: integer(env, ["RELAY_REPLICAS"], 1, 1, 5),
     instance,
   };
 }

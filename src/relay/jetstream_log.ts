@@ -45,6 +45,9 @@ export function consumerName(id: string): string {
   return `${CONSUMER_PREFIX}${id}`;
 }
 
+/** How long a consumer's request to JetStream waits for an answer before it is sent again. */
+const CONSUMER_REQUEST_TIMEOUT_MS = 2_000;
+
 /** How long a consumer's lease lives without renewal: a crashed instance's consumers wait this long. */
 export const LEASE_TTL_MS = 6_000;
 
@@ -84,7 +87,9 @@ export class JetStreamLog implements AsyncDisposable {
     this.#publishing = publishing;
     this.publisher = jetstream(publishing, { timeout: 10_000 });
     this.jsm = jsm;
-    this.js = jetstream(nc, { timeout: 10_000 });
+    // Consumers' requests (a consumer's info before a pull) give up sooner: one sent while NATS
+    // elects a new leader gets no answer, and is better sent again than waited for.
+    this.js = jetstream(nc, { timeout: CONSUMER_REQUEST_TIMEOUT_MS });
     this.leases = leases;
   }
 
@@ -101,7 +106,11 @@ export class JetStreamLog implements AsyncDisposable {
     try {
       publishing = await connect(options("publisher"));
       const jsm = await jetstreamManager(nc, { timeout: 10_000 });
-      const leases = await new Kvm(nc).create("pgds_leases", { ttl: LEASE_TTL_MS, history: 1 });
+      const leases = await new Kvm(nc).create("pgds_leases", {
+        ttl: LEASE_TTL_MS,
+        history: 1,
+        replicas: config.replicas,
+      });
       return new JetStreamLog(config, nc, publishing, jsm, leases);
     } catch (error) {
       await nc.close();
@@ -122,6 +131,7 @@ export class JetStreamLog implements AsyncDisposable {
       max_bytes: this.#config.maxBytes,
       max_msgs: this.#config.maxMessages > 0 ? this.#config.maxMessages : -1,
       duplicate_window: 120e9,
+      num_replicas: this.#config.replicas,
     };
     try {
       await this.jsm.streams.info(config.name);

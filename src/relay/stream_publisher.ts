@@ -37,8 +37,14 @@ import { END_CHANGE_HEADER, type JetStreamLog, logSubject } from "./jetstream_lo
 
 /** Frames published and not yet acknowledged by JetStream, at most. */
 const IN_FLIGHT = 512;
+/**
+ * How long a publish waits for JetStream's acknowledgement before it is sent again: short, because
+ * a log whose leader died answers nothing until NATS has elected another, and each wait adds to
+ * the outage.
+ */
+const PUBLISH_TIMEOUT_MS = 1500;
 /** Publishes retried after a timeout (same message id: JetStream de-duplicates), at most. */
-const PUBLISH_ATTEMPTS = 5;
+const PUBLISH_ATTEMPTS = 12;
 
 /**
  * A frame's position in its log: `[nextlsn, -1]` for a whole frame (the end
@@ -309,7 +315,7 @@ async function publish(
     try {
       await log.publisher.publish(subject, frame.text, {
         msgID: id,
-        timeout: 5000,
+        timeout: PUBLISH_TIMEOUT_MS,
         expect,
         ...(chunk === undefined ? {} : { headers: chunk }),
       });
