@@ -48,6 +48,9 @@ export function consumerName(id: string): string {
 /** How long a consumer's request to JetStream waits for an answer before it is sent again. */
 const CONSUMER_REQUEST_TIMEOUT_MS = 2_000;
 
+/** How long a reading of a stream's lease holders is shown again before it is read afresh. */
+const LEASE_READ_MS = 5_000;
+
 /** How long a consumer's lease lives without renewal: a crashed instance's consumers wait this long. */
 export const LEASE_TTL_MS = 6_000;
 
@@ -74,6 +77,7 @@ export class JetStreamLog implements AsyncDisposable {
   readonly leases: KV;
   readonly #config: RelayConfig;
   readonly #ensured = new Set<string>();
+  readonly #leaseReads = new Map<string, { at: number; holders: Promise<Map<string, string>> }>();
 
   private constructor(
     config: RelayConfig,
@@ -195,10 +199,8 @@ export class JetStreamLog implements AsyncDisposable {
         });
       }
       if (withLeases) {
-        await Promise.all(consumers.map(async (consumer) => {
-          const lease = await this.leases.get(`${name}.${consumer.id}`).catch(() => null);
-          consumer.leasedBy = lease?.operation === "PUT" ? lease.string() : null;
-        }));
+        const holders = await this.#leaseHolders(name, consumers.map((c) => c.id));
+        for (const consumer of consumers) consumer.leasedBy = holders.get(consumer.id) ?? null;
       }
       return {
         messages: info.state.messages,
@@ -210,6 +212,28 @@ export class JetStreamLog implements AsyncDisposable {
     } catch {
       return undefined;
     }
+  }
+
+  /**
+   * Who holds each of `ids`' leases on `name`, read (one KV get each, at once) at most every
+   * {@link LEASE_READ_MS}: a stream's state asked for often (a console, a poll) must not cost
+   * NATS and this instance a request per consumer each time.
+   */
+  #leaseHolders(name: string, ids: string[]): Promise<Map<string, string>> {
+    const cached = this.#leaseReads.get(name);
+    if (cached !== undefined && performance.now() - cached.at < LEASE_READ_MS) {
+      return cached.holders;
+    }
+    const holders = (async () => {
+      const found = new Map<string, string>();
+      await Promise.all(ids.map(async (id) => {
+        const lease = await this.leases.get(`${name}.${id}`).catch(() => null);
+        if (lease?.operation === "PUT") found.set(id, lease.string());
+      }));
+      return found;
+    })();
+    this.#leaseReads.set(name, { at: performance.now(), holders });
+    return holders;
   }
 
   /** Closes the connection (after flushing what was published). */
