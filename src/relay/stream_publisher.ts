@@ -38,13 +38,13 @@ import { END_CHANGE_HEADER, type JetStreamLog, logSubject } from "./jetstream_lo
 /** Frames published and not yet acknowledged by JetStream, at most. */
 const IN_FLIGHT = 512;
 /**
- * How long a publish waits for JetStream's acknowledgement before it is sent again: short, because
- * a log whose leader died answers nothing until NATS has elected another, and each wait adds to
- * the outage.
+ * How long a publish waits for JetStream's acknowledgement before it is sent again. Shorter waits
+ * (1.5 s) shortened a NATS leader election's outage by about a second, but under a saturated NATS
+ * (bench P5) they time out and re-send, costing a quarter more CPU: 5 s it stays.
  */
-const PUBLISH_TIMEOUT_MS = 1500;
+const PUBLISH_TIMEOUT_MS = 5000;
 /** Publishes retried after a timeout (same message id: JetStream de-duplicates), at most. */
-const PUBLISH_ATTEMPTS = 12;
+const PUBLISH_ATTEMPTS = 5;
 
 /**
  * A frame's position in its log: `[nextlsn, -1]` for a whole frame (the end
