@@ -81,8 +81,12 @@ class LogSource implements FrameSource {
    */
   #recreate = false;
   #closed = false;
-  /** Settles when the source is closed: a pull in progress is not waited for. */
-  readonly #closing = Promise.withResolvers<IteratorResult<JsMsg>>();
+  /**
+   * Settles when the source is closed, so that a read waiting in a batch is not waited for. One
+   * per batch, never one for the source's life: each read races it, and every race leaves a
+   * reaction on it until it settles — on a long-lived promise, one per message, for ever.
+   */
+  #batchEnd = Promise.withResolvers<IteratorResult<JsMsg>>();
 
   constructor(
     relay: JetStreamLog,
@@ -104,7 +108,7 @@ class LogSource implements FrameSource {
       let result: IteratorResult<JsMsg>;
       try {
         if (this.#iterator === undefined) await this.#pull();
-        result = await Promise.race([this.#iterator!.next(), this.#closing.promise]);
+        result = await Promise.race([this.#iterator!.next(), this.#batchEnd.promise]);
       } catch (error) {
         if (this.#closed) break;
         this.#consumer = undefined;
@@ -179,6 +183,8 @@ class LogSource implements FrameSource {
     this.#consumer ??= await this.#relay.js.consumers.get(this.#stream, this.#name);
     // Batches pulled one after another, each yielding its frames as they arrive.
     this.#messages = await this.#consumer.fetch({ max_messages: 256, expires: 5000 });
+    this.#batchEnd = Promise.withResolvers();
+    if (this.#closed) this.#batchEnd.resolve({ done: true, value: undefined });
     this.#iterator = this.#messages[Symbol.asyncIterator]();
   }
 
@@ -193,7 +199,7 @@ class LogSource implements FrameSource {
 
   close(): Promise<void> {
     this.#closed = true;
-    this.#closing.resolve({ done: true, value: undefined });
+    this.#batchEnd.resolve({ done: true, value: undefined });
     return this.#messages?.close().then(() => {}, () => {}) ?? Promise.resolve();
   }
 }

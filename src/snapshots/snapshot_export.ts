@@ -236,8 +236,12 @@ export function exportRows(
         connection.close();
       }
     };
+    let done = false;
     const reading = Promise.all([...connections].map(read)).then(
-      () => queue.wake(),
+      () => {
+        done = true;
+        queue.wake();
+      },
       (error) => stop(error),
     );
 
@@ -250,7 +254,6 @@ export function exportRows(
         STALL_MS,
       );
     };
-    let done = false;
     ready.resolve(
       new ReadableStream<Uint8Array>({
         start: (controller) => {
@@ -273,8 +276,9 @@ export function exportRows(
               clearTimeout(stall);
               return controller.close();
             }
-            const data = queue.data;
-            await Promise.race([data, reading.then(() => (done = true))]);
+            // Woken by a chunk, or by the end of reading (done) or of the export (aborted); never
+            // a race with `reading`, which would leave one reaction on it per wait until it ends.
+            await queue.data;
           }
         },
         cancel(reason) {
