@@ -239,6 +239,19 @@ Deno.test("operators a type does not compare exactly are not allowed", () => {
   );
 });
 
+/** A text that LIKE `pattern` matches up to its end: escapes taken literally, `%` as nothing, `_` as "a". */
+function likePrefixValue(pattern: string): string {
+  const chars = [...pattern];
+  let value = "";
+  for (let i = 0; i < chars.length; i++) {
+    if (chars[i] === "\\") {
+      if (i + 1 < chars.length) value += chars[++i];
+    } else if (chars[i] === "_") value += "a";
+    else if (chars[i] !== "%") value += chars[i];
+  }
+  return value;
+}
+
 Deno.test("LIKE agrees with PostgreSQL on random patterns and values", async () => {
   await using postgres = await startPostgres();
   const db = postgres.database;
@@ -252,9 +265,14 @@ Deno.test("LIKE agrees with PostgreSQL on random patterns and values", async () 
     ).join("");
   const values = Array.from({ length: 60 }, () => word(8));
   let checked = 0;
-  for (let i = 0; i < 150; i++) {
-    let pattern = word(6);
-    if (pattern.endsWith("\\") && !pattern.endsWith("\\\\")) pattern += "a";
+  // First the patterns ending in a lone escape that PostgreSQL refuses only for some values (one
+  // failed CI: three backslashes, refused here, accepted by PostgreSQL for '').
+  const fixed = ["\\\\\\", "%\\\\\\", "_\\"];
+  for (let i = 0; i < 150 + fixed.length; i++) {
+    let pattern = fixed[i] ?? word(6);
+    if (i >= fixed.length && pattern.endsWith("\\") && !pattern.endsWith("\\\\")) {
+      pattern += "a";
+    }
     let test: (value: string | null) => boolean;
     try {
       test = compileTest({ column: "v", op: "like", values: [pattern] }, {
@@ -264,11 +282,21 @@ Deno.test("LIKE agrees with PostgreSQL on random patterns and values", async () 
         deterministic: true,
       });
     } catch (error) {
-      // Refused here only where PostgreSQL refuses it too.
-      await assert.rejects(
-        sql(db, "SELECT '' LIKE $1", [pattern]),
-        /escape/,
-        `${JSON.stringify(pattern)}: ${(error as Error).message}`,
+      // Refused here only where PostgreSQL refuses it too. PostgreSQL says so only when matching
+      // reaches the pattern's end (on '' a pattern of three backslashes fails before it does), so
+      // with values that match everything before it.
+      const before = likePrefixValue(pattern);
+      const refusals = await Promise.all(
+        [before, `${before}a`, ""].map((value) =>
+          sql(db, "SELECT $2::text LIKE $1", [pattern, value]).then(
+            () => undefined,
+            (refusal: Error) => refusal.message,
+          )
+        ),
+      );
+      assert.ok(
+        refusals.some((message) => message !== undefined && /escape/.test(message)),
+        `${JSON.stringify(pattern)}: refused here (${(error as Error).message}), not by PostgreSQL`,
       );
       continue;
     }
