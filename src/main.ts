@@ -13,7 +13,6 @@ import { missingPermissions } from "./permissions.ts";
 import { reportStartup } from "./startup_report.ts";
 
 export { EXIT_CONFIG, EXIT_DATABASE } from "./exit_codes.ts";
-export { describeAuth } from "./startup_report.ts";
 
 /** Runs the server until a signal asks it to stop; returns the exit code. */
 export async function main(): Promise<number> {

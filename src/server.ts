@@ -83,7 +83,7 @@ export class Server implements HttpHost, AsyncDisposable {
         lag: () => this.#lags(),
         tails: () => this.tails.counts(),
         relay: config.relay === undefined ? undefined : () => this.#relayReadings(),
-      })
+      }, config.metrics.historyIntervalMs)
       : undefined;
     this.streams = new StreamManager(this);
     this.guard = new WalGuard(
@@ -147,11 +147,9 @@ export class Server implements HttpHost, AsyncDisposable {
   #startSampling(): void {
     const metrics = this.metrics;
     if (metrics === undefined) return;
-    const ms = this.config.metrics.historyIntervalMs;
-    metrics.historyIntervalMs = ms;
     this.#sampler = setInterval(() => {
       this.#sample ??= metrics.sample().finally(() => (this.#sample = undefined));
-    }, ms);
+    }, this.config.metrics.historyIntervalMs);
   }
 
   /** Throws an {@link UnavailableError} once shutdown has begun. */

@@ -12,6 +12,7 @@ import { fallbackParser } from "../client/exact_json.ts";
 import { CloseCode } from "../src/protocol.ts";
 import { deadline, poll } from "./support/deadline.ts";
 import {
+  authOn,
   createStream,
   deleteAt,
   sql,
@@ -317,14 +318,7 @@ Deno.test("client library: a token function gives a fresh token after 4401, and 
   const ADMIN = "admin-" + crypto.randomUUID();
   await using api = await startApi(db, {
     slotBusyTimeoutSeconds: 5,
-    auth: {
-      mode: "on",
-      adminTokens: [ADMIN],
-      jwtSecret: "s".repeat(40),
-      audience: "pgdeltastream",
-      corsOrigins: [],
-      jwksCooldownMs: 30_000,
-    },
+    auth: authOn(ADMIN),
   });
   const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
   const created = await fetch(new URL("/v2/streams", api.url), {

@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import { type Browser, chromium, type Page } from "playwright-core";
+import { poll } from "./support/deadline.ts";
 import {
+  authOn,
   createStream,
   init,
   sql,
@@ -184,19 +186,23 @@ Deno.test({
         await t.step("the charts move while a writer runs", async () => {
           const line =
             "#detail-charts [data-chart='Changes/s out'] path[data-series='orders-live']";
-          for (let i = 0; i < 400; i++) {
-            await sql(
-              db,
-              `INSERT INTO orders SELECT g, 'w', 1 FROM generate_series(${1000 + i * 10}, ${
-                1009 + i * 10
-              }) g`,
-            );
-            while (consumer.pending > 0) consumer.ack((await consumer.next()).nextlsn);
-            const max = await page.locator("#detail-charts [data-chart='Changes/s out'] svg")
-              .getAttribute("data-max");
-            if (await page.locator(line).count() > 0 && Number(max) > 1) break;
-            await new Promise((resolve) => setTimeout(resolve, 100));
-          }
+          // A writer of ten rows per round until the page's next history sample shows them.
+          let round = 0;
+          await poll(
+            async () => {
+              const from = 1000 + round++ * 10;
+              await sql(
+                db,
+                `INSERT INTO orders SELECT g, 'w', 1 FROM generate_series(${from}, ${from + 9}) g`,
+              );
+              while (consumer.pending > 0) consumer.ack((await consumer.next()).nextlsn);
+              const max = await page.locator("#detail-charts [data-chart='Changes/s out'] svg")
+                .getAttribute("data-max");
+              return await page.locator(line).count() > 0 && Number(max) > 1;
+            },
+            "the changes/s chart to draw the writer's rate above 1",
+            { intervalMs: 100 },
+          );
           await page.waitForSelector(line, { state: "attached" });
           assert.ok(
             Number(
@@ -336,14 +342,7 @@ Deno.test({
     await sql(db, "CREATE TABLE a_t(id int primary key); CREATE TABLE b_t(id int primary key)");
     const ADMIN = `admin-${crypto.randomUUID()}`;
     await using api = await startApi(db, {
-      auth: {
-        mode: "on",
-        adminTokens: [ADMIN],
-        jwtSecret: "s".repeat(40),
-        audience: "pgdeltastream",
-        corsOrigins: [],
-        jwksCooldownMs: 30_000,
-      },
+      auth: authOn(ADMIN),
     });
     const asAdmin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
     for (const [name, table] of [["alpha", "a_t"], ["beta", "b_t"]]) {

@@ -203,12 +203,16 @@ export class Metrics {
   readonly #consumers = new Map<string, Set<Consumer>>();
   readonly #sources: MetricSources;
   readonly #history: HistorySample[] = [];
-  #historyIntervalMs = 5000;
+  readonly #historyIntervalMs: number;
   #lastSample = performance.now();
 
-  /** Metrics whose scrape-time values come from `sources`. */
-  constructor(sources: MetricSources) {
+  /**
+   * Metrics whose scrape-time values come from `sources`; the history of
+   * {@link sample} keeps 15 minutes of samples taken every `historyIntervalMs`.
+   */
+  constructor(sources: MetricSources, historyIntervalMs = 5000) {
     this.#sources = sources;
+    this.#historyIntervalMs = historyIntervalMs;
     const registers = [this.registry];
     const stream = ["stream"] as const;
     // One reading of the slots per scrape, for every metric that needs it (they collect at once).
@@ -376,8 +380,9 @@ export class Metrics {
     const highest = this.#highest;
     connected.inc();
     const consumer: Consumer = { connectedAt: new Date(), unacked: [], head: 0, lastRecorded: 0 };
-    const consumers = this.#consumers.get(stream) ?? new Set();
-    this.#consumers.set(stream, consumers.add(consumer));
+    const registry = this.#consumers;
+    const consumers = registry.get(stream) ?? new Set();
+    registry.set(stream, consumers.add(consumer));
     return {
       sent(frame: SentFrame) {
         t.frames++;
@@ -416,6 +421,7 @@ export class Metrics {
       ended() {
         connected.dec();
         consumers.delete(consumer);
+        if (consumers.size === 0) registry.delete(stream);
       },
     };
   }
@@ -436,11 +442,6 @@ export class Metrics {
       connectedAt: new Date(since).toISOString(),
       unackedSeconds: Math.max(0, now - oldest) / 1000,
     };
-  }
-
-  /** Samples are taken every `ms` (the server's timer); the history keeps 15 minutes of them. */
-  set historyIntervalMs(ms: number) {
-    this.#historyIntervalMs = ms;
   }
 
   /**

@@ -154,6 +154,7 @@ export class JetStreamLog implements AsyncDisposable {
   /** Deletes the log of `name` and its consumers. */
   async delete(name: string): Promise<void> {
     this.#ensured.delete(name);
+    this.#leaseReads.delete(name);
     await this.jsm.streams.delete(logName(name)).catch(() => {});
   }
 

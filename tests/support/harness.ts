@@ -5,7 +5,7 @@
  */
 
 import pg from "pg";
-import { type Config, type DatabaseConfig, loadConfig } from "../../src/config.ts";
+import { type AuthConfig, type Config, type DatabaseConfig, loadConfig } from "../../src/config.ts";
 import { EmbeddedPostgres, type EmbeddedPostgresOptions } from "../../src/dev/embedded_postgres.ts";
 import type { Change, StreamStateBody, TransactionFrame } from "../../src/protocol.ts";
 import { type RunningServer, startServer } from "../../src/server.ts";
@@ -46,6 +46,18 @@ export function startApi(
   overrides: Partial<Config> = {},
 ): Promise<RunningServer> {
   return startServer(testConfig(db, overrides));
+}
+
+/** Authentication on with one admin token and HS256 JWTs signed with `jwtSecret`, audience "pgdeltastream". */
+export function authOn(adminToken: string, jwtSecret = "s".repeat(40)): AuthConfig {
+  return {
+    mode: "on",
+    adminTokens: [adminToken],
+    jwtSecret,
+    audience: "pgdeltastream",
+    corsOrigins: [],
+    jwksCooldownMs: 30_000,
+  };
 }
 
 /** Runs one statement (or a script, without parameters) on a fresh connection. */
