@@ -77,6 +77,8 @@ export interface RelationDescription {
 
 /** How one relation's changes are written: which columns, and which rows. */
 export interface RelationPlan {
+  /** The OID of the stream's table the relation is (or is a partition of); default its own. */
+  table?: number;
   /** Tuple positions of the columns written, in order. */
   columns: number[];
   /** Conditions on the tuple's values, by position; all must hold. None: every row. */
@@ -108,6 +110,38 @@ export interface StreamScope {
   schemaEvents: boolean;
 }
 
+/** A change's values by tuple position (see `row_filter.ts`'s {@link RawValue}). */
+export type { RawValue };
+
+/**
+ * What reads a stream's log beside its frames (a backfill: its watermarks,
+ * and the keys changed between them). The decoder tells it, in log order,
+ * of its logical decoding messages and of each change it sends of the one
+ * table it watches; at the commit of a transaction that carried one of its
+ * messages, it may give the frame to send for that transaction.
+ */
+export interface LogTap {
+  /** Prefix of the logical decoding messages (`pg_logical_emit_message`) it reads. */
+  readonly prefix: string;
+  /** OID of the stream table whose changes it is told of now; 0: none. */
+  readonly watching: number;
+  /** A change sent of the watched table touched the row whose values (every column read) are `values`, named by `names`. */
+  touched(names: readonly string[], values: RawValue[]): void;
+  /** The watched table was truncated. */
+  truncated(): void;
+  /** The watched table was described (again: its shape may have changed): its column names and type OIDs. */
+  described(names: readonly string[], types: readonly number[]): void;
+  /** A transactional message with the prefix, in the open transaction. */
+  message(content: string): void;
+  /** A transaction (`xid`, committed) begins: every one the slot sends, whatever it carries. */
+  began(xid: number): void;
+  /**
+   * The transaction that carried its messages committed; `nextLsn` is its
+   * end, the frame's nextlsn: the changes (JSON texts) to send in it, if any.
+   */
+  committed(nextLsn: string): readonly string[] | undefined;
+}
+
 /**
  * Thrown by a {@link StreamScope} that cannot carry a relation as defined
  * (its filter names a column the table no longer has): the stream stops,
@@ -135,6 +169,12 @@ export function v1Scope(ownSchema: string): StreamScope {
 interface Relation {
   /** Changes to this relation are dropped. */
   skip: boolean;
+  /** The stream table it is (or is a partition of). */
+  table: number;
+  /** Column names by position. */
+  names: string[];
+  /** Every position read: for a relation a {@link LogTap} watches. */
+  everyColumn: Uint8Array;
   ncols: number;
   encoders: ValueEncoder[];
   /** Which tuple positions the decoder reads: the columns written, the key, the filter's. */
@@ -172,6 +212,7 @@ const TAG_INSERT = 0x49; // I
 const TAG_UPDATE = 0x55; // U
 const TAG_DELETE = 0x44; // D
 const TAG_TRUNCATE = 0x54; // T
+const TAG_MESSAGE = 0x4d; // M
 
 /** A transaction that committed this long ago is being replayed from a backlog. */
 const BACKLOG_MS = 100;
@@ -208,13 +249,16 @@ export class PgoutputDecoder {
   /** Scratch arrays for tuple values, reused change after change. */
   #newValues: RawValue[] = [];
   #oldValues: RawValue[] = [];
+  readonly #tap: LogTap | undefined;
+  /** The open transaction carried a message of the tap's. */
+  #tapped = false;
 
   /**
    * Message tag → handler, each given the message in place: `buf` and
    * `view` over the bytes it lies in, `at` the offset of its tag. A handler
    * returns a `Frame` when a transaction (or a chunk of it) is complete, a
    * promise when it must look something up first (a new relation). Tags not
-   * listed are ignored: Origin, Type and Message carry nothing wal2json
+   * listed are ignored: Origin and Type carry nothing wal2json
    * format-version 1 prints.
    */
   readonly #handlers: Record<
@@ -234,6 +278,7 @@ export class PgoutputDecoder {
       const resumed = this.#resume !== undefined && this.#resume.txLsn === this.#txLsn;
       this.#chunked = resumed;
       this.#skip = resumed ? this.#resume!.changes : 0;
+      this.#tap?.began(view.getUint32(at + 17));
     },
     // Commit: flags(1) commit_lsn(8) end_lsn(8) timestamp(8). end_lsn is wal2json's nextlsn.
     [TAG_COMMIT]: (_buf, view, at) => this.#commit(view, at),
@@ -247,6 +292,8 @@ export class PgoutputDecoder {
     [TAG_DELETE]: (buf, view, at) => this.#delete(buf, view, at),
     // Truncate: nrelations(4) options(1) relid(4)…; each relation was described before.
     [TAG_TRUNCATE]: (_buf, view, at) => this.#truncate(view, at),
+    // Message (messages 'true'): flags(1) lsn(8) prefix content_length(4) content; for the tap.
+    [TAG_MESSAGE]: (buf, view, at) => this.#message(buf, view, at),
   };
 
   /** A Buffer over the bytes messages arrive in (for UTF-8 decoding), made again when they move. */
@@ -256,14 +303,17 @@ export class PgoutputDecoder {
    * Creates a decoder that names types with `resolveTypes`, writes what
    * `scope` carries, and sends a transaction's changes as a partial frame
    * whenever they reach `chunkBytes`, so no transaction is ever held whole;
-   * `resume` drops the changes of a transaction delivered part-way before.
+   * `resume` drops the changes of a transaction delivered part-way before;
+   * `tap` reads the log's messages and the changes of the table it watches.
    */
   constructor(
     resolveTypes: TypeNameResolver,
     scope: StreamScope,
     chunkBytes = DEFAULT_CHUNK_BYTES,
     resume?: ResumePoint,
+    tap?: LogTap,
   ) {
+    this.#tap = tap;
     this.#resolveTypes = resolveTypes;
     this.#scope = scope;
     this.#chunkBytes = chunkBytes;
@@ -304,6 +354,12 @@ export class PgoutputDecoder {
 
   #commit(view: DataView, at: number): Frame | undefined {
     this.#inTransaction = false;
+    if (this.#tapped) {
+      // A transaction of the tap's messages (a watermark): what the tap sends at its position.
+      this.#tapped = false;
+      const added = this.#tap!.committed(formatLsnAt(view, at + 10)) ?? [];
+      for (const change of added) this.#pending.add(change);
+    }
     const changes = this.#pending.count;
     // A transaction whose every change was filtered out is not sent; the last chunk of a chunked
     // one always is, even empty: it carries the nextlsn to acknowledge.
@@ -312,6 +368,22 @@ export class PgoutputDecoder {
     this.#lastEndText = formatLsnAt(view, at + 10);
     const text = this.#pending.take(`{"nextlsn":"${this.#lastEndText}","change":[`);
     return this.#frame(text, changes, false);
+  }
+
+  /** Message: a logical decoding message; a transactional one with the tap's prefix goes to it. */
+  #message(buf: Buffer, view: DataView, at: number): void {
+    const tap = this.#tap;
+    if (tap === undefined || (buf[at + 1] & 1) === 0 || !this.#inTransaction) return;
+    const [prefix, after] = readCString(buf, at + 10);
+    if (prefix !== tap.prefix) return;
+    const length = view.getInt32(after);
+    this.#tapped = true;
+    tap.message(buf.toString("utf8", after + 4, after + 4 + length));
+  }
+
+  /** Tells the tap of a change sent of the table it watches: the row of `values`. */
+  #touch(relation: Relation, values: RawValue[]): void {
+    this.#tap!.touched(relation.names, values);
   }
 
   /** The frame of `text` and `changes`, placed in its transaction; the next one starts after it. */
@@ -384,6 +456,9 @@ export class PgoutputDecoder {
     const plan = await this.#scope.plan(description);
     const relation = plan === undefined ? skipped(ncols) : await this.#describe(description, plan);
     this.#relations.set(relid, relation);
+    if (this.#tap !== undefined && relation.table === this.#tap.watching) {
+      this.#tap.described(relation.names, description.columns.map((c) => c.type.oid));
+    }
     // The consumer learns a relation's shape before its first change with it: after the first
     // description in a session (it may have changed while nobody streamed), and whenever it changes;
     // announced with the next change of it that is sent, so a shape alone never makes a frame.
@@ -412,6 +487,9 @@ export class PgoutputDecoder {
     const typeList = plan.columns.map((i) => jsonTypes[i]).join(",");
     return {
       skip: false,
+      table: plan.table ?? description.relid,
+      names: description.columns.map((c) => c.name),
+      everyColumn: new Uint8Array(ncols).fill(1),
       ncols,
       encoders: types.map((t) => encoderFor(t.oid)),
       needed,
@@ -452,8 +530,10 @@ export class PgoutputDecoder {
     const relation = this.#relationOf(view, at);
     if (relation === undefined || !this.#scope.operations.insert) return;
     const values = this.#newValues;
-    readTuple(buf, view, at + 6, relation, values);
+    const watched = relation.table === this.#tap?.watching;
+    readTuple(buf, view, at + 6, relation, values, false, watched);
     if (relation.filter !== undefined && !passes(relation.filter, values)) return;
+    if (watched) this.#touch(relation, values);
     return this.#pushFor(relation, relation.insertHead + columns(relation, values) + "}");
   }
 
@@ -464,16 +544,21 @@ export class PgoutputDecoder {
     let pos = at + 5;
     let old: RawValue[] | undefined;
     let oldIsWholeRow = false;
+    const watched = relation.table === this.#tap?.watching;
     if (buf[pos] === 0x4b /* K */ || buf[pos] === 0x4f /* O */) {
       oldIsWholeRow = buf[pos] === 0x4f;
       old = this.#oldValues;
-      pos = readTuple(buf, view, pos + 1, relation, old, !oldIsWholeRow);
+      pos = readTuple(buf, view, pos + 1, relation, old, !oldIsWholeRow, watched);
     }
     const values = this.#newValues;
-    readTuple(buf, view, pos + 1, relation, values);
+    readTuple(buf, view, pos + 1, relation, values, false, watched);
     const filter = relation.filter;
     if (filter === undefined || passes(filter, values)) {
       if (!operations.update) return;
+      if (watched) {
+        this.#touch(relation, values);
+        if (old !== undefined) this.#touch(relation, old);
+      }
       return this.#pushFor(
         relation,
         relation.updateHead + columns(relation, values) + oldKeys(relation, old ?? values) + "}",
@@ -482,6 +567,7 @@ export class PgoutputDecoder {
     // The new row is outside the stream's rows: it may have left them, so its key is deleted. Unless
     // the whole old row is known (REPLICA IDENTITY FULL) and was outside them too: then nothing.
     if (!operations.delete || (oldIsWholeRow && !passes(filter, old!))) return;
+    if (watched) this.#touch(relation, old ?? values);
     return this.#pushFor(relation, relation.deleteHead + oldKeys(relation, old ?? values) + "}");
   }
 
@@ -490,9 +576,11 @@ export class PgoutputDecoder {
     if (relation === undefined || !this.#scope.operations.delete) return;
     const wholeRow = buf[at + 5] === 0x4f; // O: REPLICA IDENTITY FULL; else K, the key alone
     const old = this.#oldValues;
-    readTuple(buf, view, at + 6, relation, old, !wholeRow);
+    const watched = relation.table === this.#tap?.watching;
+    readTuple(buf, view, at + 6, relation, old, !wholeRow, watched);
     // A key-only row lacks the filter's other columns: those conditions pass (the delete is sent).
     if (relation.filter !== undefined && !passes(relation.filter, old)) return;
+    if (watched) this.#touch(relation, old);
     return this.#pushFor(relation, relation.deleteHead + oldKeys(relation, old) + "}");
   }
 
@@ -503,6 +591,7 @@ export class PgoutputDecoder {
     for (let i = 0; i < count; i++) {
       const relation = this.#relations.get(view.getUint32(at + 6 + 4 * i));
       if (relation === undefined || relation.skip) continue;
+      if (relation.table === this.#tap?.watching) this.#tap.truncated();
       frame = this.#pushFor(relation, relation.truncateChange) ?? frame;
     }
     return frame;
@@ -513,6 +602,9 @@ export class PgoutputDecoder {
 function skipped(ncols: number): Relation {
   return {
     skip: true,
+    table: 0,
+    names: [],
+    everyColumn: new Uint8Array(0),
     ncols,
     encoders: [],
     needed: new Uint8Array(0),
@@ -585,6 +677,7 @@ function oldKeys(relation: Relation, values: RawValue[]): string {
  * relation needs (others are skipped, `NOT_THERE`), `null` for SQL NULL,
  * `NOT_THERE` for an unchanged TOASTed value. In a key-only tuple
  * (`keyOnly`), columns outside the key are not carried: `NOT_THERE` too.
+ * `everyColumn` reads every column (for a {@link LogTap}).
  * Returns the offset after the tuple.
  */
 function readTuple(
@@ -594,10 +687,11 @@ function readTuple(
   relation: Relation,
   values: RawValue[],
   keyOnly = false,
+  everyColumn = false,
 ): number {
   const ncols = view.getInt16(pos);
   pos += 2;
-  const needed = relation.needed;
+  const needed = everyColumn ? relation.everyColumn : relation.needed;
   values.length = ncols;
   for (let i = 0; i < ncols; i++) {
     const kind = buf[pos++];

@@ -17,6 +17,7 @@ import { SqlState, sqlState } from "../postgres/database.ts";
 import { PgConnection } from "../postgres/pg_connection.ts";
 import {
   type Frame,
+  type LogTap,
   PgoutputDecoder,
   type ResumePoint,
   type StreamScope,
@@ -42,11 +43,27 @@ export interface ReplicationOptions {
   /** A transaction delivered part-way before, whose first changes are not sent again. */
   resume?: ResumePoint;
   /**
+   * What reads the log beside the frames (a stream's backfills): it is told
+   * of the replication's start, of every acknowledgement, and of its end.
+   * Its messages are asked for (`messages 'true'`, PostgreSQL 14+).
+   */
+  tap?: ReplicationTap;
+  /**
    * Nothing received for this long (keepalives included) ends the stream as
    * lost, so that a half-open link is noticed; at half of it PostgreSQL is
    * asked to answer. 0 or absent: never.
    */
   receiveTimeoutMs?: number;
+}
+
+/** A {@link LogTap} that lives as long as one replication connection. */
+export interface ReplicationTap extends LogTap {
+  /** Replication started: what it reads is decoded from now on. */
+  start(): void;
+  /** The client acknowledged every frame up to `lsn`. */
+  acknowledged(lsn: Lsn): void;
+  /** The replication ended: stop, and let go. */
+  close(): Promise<void>;
 }
 
 /**
@@ -144,6 +161,7 @@ export class ReplicationService implements AsyncDisposable {
       options.scope,
       options.chunkBytes,
       options.resume,
+      options.tap,
     );
     this.readable = new ReadableStream<Frame>({
       start: (controller) => {
@@ -173,10 +191,11 @@ export class ReplicationService implements AsyncDisposable {
     this.#connection = connection;
     // From 0/0: PostgreSQL resumes at the slot's confirmed_flush_lsn, the last acknowledged
     // position. Slot and publication names are [a-z0-9_] (checked by the callers), safe to quote.
+    const messages = this.#options.tap === undefined ? "" : ", messages 'true'";
     const copy = connection.copyBoth(
       `START_REPLICATION SLOT "${this.slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${
         this.#options.publications.join(",")
-      }')`,
+      }'${messages})`,
       (bytes, view, start, end) => this.#onCopyData(bytes, view, start, end),
       {
         linger: () => this.#decoder.betweenFrames,
@@ -201,6 +220,7 @@ export class ReplicationService implements AsyncDisposable {
       }
       throw error;
     }
+    this.#options.tap?.start();
   }
 
   /** One CopyData payload: XLogData (a pgoutput message) or a keepalive. */
@@ -236,6 +256,7 @@ export class ReplicationService implements AsyncDisposable {
       this.#controller.error(new ReplicationLostError(this.slotName, { cause }));
     } catch { /* already closed */ }
     void this.#connection?.close();
+    void this.#options.tap?.close();
   }
 
   #resume(): void {
@@ -271,6 +292,7 @@ export class ReplicationService implements AsyncDisposable {
   acknowledge(lsn: Lsn): void {
     if (lsn <= this.#acked) return;
     this.#acked = lsn;
+    this.#options.tap?.acknowledged(lsn);
     if (lsn <= this.#confirmed) return;
     this.#confirmed = lsn;
     // Sent once the acks read in this turn of the event loop are taken (a microtask: no timer,
@@ -304,6 +326,7 @@ export class ReplicationService implements AsyncDisposable {
     } catch { /* already closed or errored */ }
     await this.#connection?.close();
     await this.#ended;
+    await this.#options.tap?.close();
   }
 
   /** Same as {@link close}. */

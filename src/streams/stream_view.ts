@@ -97,7 +97,7 @@ function streamScope(
         }
         return { column: condition.column, position: at!, test: compileTest(condition, condition) };
       });
-      return { columns, filter };
+      return { table: table.oid, columns, filter };
     },
   };
 }
