@@ -19,7 +19,7 @@ import { startStandbyPair } from "../tests/support/standby.ts";
 
 const args = new Set(Deno.args);
 const QUICK = args.has("--quick");
-/** `--only=P1,M2` runs just those phases (P1 P1M P1S P2 P2CPU P3 P5 M1 M2 F1); default all. */
+/** `--only=P1,M2` runs just those phases (P1 P1M P1S P2 P2CPU P3 P5 P6 M1 M2 F1); default all. */
 const ONLY = Deno.args.find((a) => a.startsWith("--only="))?.slice(7).split(",");
 const want = (phase: string) => ONLY === undefined || ONLY.includes(phase);
 /** `--profile=DIR`: run the server under V8's CPU profiler and print where its time went. */
@@ -878,6 +878,99 @@ async function main(): Promise<void> {
           `ratio ${(copyMs / singleMs).toFixed(2)}x COPY`,
         );
       }
+    }
+    if (want("P6")) {
+      // P6: a backfill of a large table through a stream's websocket, next to COPY of the same rows
+      // in the same order; and the latency of live changes with and without a backfill running.
+      console.error("P6 backfill ...");
+      await sql.query(
+        "CREATE TABLE IF NOT EXISTS snap_t(id bigint primary key, a int, b text, c timestamptz)",
+      );
+      if ((await sql.query("SELECT count(*)::int AS n FROM snap_t")).rows[0].n === 0) {
+        await sql.query(
+          `INSERT INTO snap_t SELECT g, g % 1000, md5(g::text), now() FROM generate_series(1, ${P3_ROWS}) g`,
+        );
+        await sql.query("VACUUM ANALYZE snap_t");
+      }
+      await sql.query(
+        "CREATE TABLE p6_live(id bigserial primary key, at timestamptz NOT NULL DEFAULT clock_timestamp())",
+      );
+      const copyMs = await timed("psql", [
+        ...psqlArgs,
+        "-c",
+        "COPY (SELECT id, a, b, c FROM snap_t ORDER BY id) TO STDOUT",
+      ]);
+      await createStream(server.url, { name: "p6", tables: ["snap_t", "p6_live"] });
+      const url = new URL("/v2/streams/p6/changes", server.url);
+      url.protocol = "ws:";
+      const socket = new WebSocket(url);
+      await new Promise((resolve) => socket.addEventListener("open", resolve, { once: true }));
+      let rows = 0;
+      let latencies: number[] = [];
+      const done = Promise.withResolvers<void>();
+      socket.addEventListener("message", (event) => {
+        const text = event.data as string;
+        const nextlsn = /"nextlsn":"([^"]+)"/.exec(text)![1];
+        socket.send(JSON.stringify({ lsn: nextlsn }));
+        if (text.length < 4096) {
+          // A live change: its commit-to-consumer latency.
+          for (const change of JSON.parse(text).change) {
+            if (change.kind === "insert") {
+              latencies.push(Date.now() - Date.parse(change.columnvalues[1]));
+            }
+            if (change.kind === "backfill" && change.state === "done") done.resolve();
+          }
+          return;
+        }
+        for (
+          let at = text.indexOf('"kind":"read"');
+          at >= 0;
+          at = text.indexOf('"kind":"read"', at + 1)
+        ) rows++;
+        if (text.includes('"state":"done"')) done.resolve();
+      });
+      const live = new pg.Client(db);
+      await live.connect();
+      let writing = true;
+      const writer = (async () => {
+        while (writing) {
+          await live.query("INSERT INTO p6_live DEFAULT VALUES");
+          await sleep(10);
+        }
+      })();
+      await sleep(QUICK ? 2000 : 5000);
+      const quiet = latencies.sort((a, b) => a - b);
+      latencies = [];
+      await resetPeak(server.pid);
+      const cpuBefore = await cpuSeconds(server.pid);
+      const started = performance.now();
+      const accepted = await postJson(new URL("/v2/streams/p6/backfills", server.url), {
+        table: "snap_t",
+      });
+      if (accepted.status !== 202) throw new Error(`backfill: ${accepted.status} ${accepted.text}`);
+      await done.promise;
+      const backfillMs = performance.now() - started;
+      const cpu = await cpuSeconds(server.pid) - cpuBefore;
+      writing = false;
+      await writer;
+      await live.end();
+      socket.close();
+      if (rows !== P3_ROWS) throw new Error(`backfill sent ${rows} rows`);
+      const during = latencies.sort((a, b) => a - b);
+      report(
+        `P6 backfill ${P3_ROWS} rows through the websocket (chunks of 10k)`,
+        `${Math.round(P3_ROWS / (backfillMs / 1000))} rows/s`,
+        `${Math.round(P3_ROWS / (copyMs / 1000))} rows/s COPY (SELECT … ORDER BY id)`,
+        `ratio ${(copyMs / backfillMs).toFixed(2)}x (goal >= 0.5x); server CPU ${
+          (cpu * 1e6 / P3_ROWS).toFixed(1)
+        } µs/row; peak RSS ${(await peakRssMiB(server.pid)).toFixed(0)} MiB`,
+      );
+      report(
+        "P6 live changes at 100 tx/s: commit -> consumer",
+        `during the backfill p50 ${percentile(during, 0.5)} ms, p99 ${percentile(during, 0.99)} ms`,
+        `without p50 ${percentile(quiet, 0.5)} ms, p99 ${percentile(quiet, 0.99)} ms`,
+      );
+      await deleteAt(server.url, "/v2/streams/p6");
     }
     if (want("P5")) {
       // P5: relay mode. One stream at a steady rate, many websocket consumers over 2 instances,

@@ -142,8 +142,43 @@ export interface SchemaChange {
   keynames: string[];
 }
 
+/** How a backfill refills a consumer's copy of a table. */
+export type BackfillMode = "replace" | "upsert";
+
+/**
+ * v2: a backfill's bounds in the change stream. `started` comes before its
+ * first row (under `replace` the consumer drops its copy of the table
+ * then); `done` after its last, with the rows it sent; `cancelled` if it was
+ * stopped first (a `replace` copy is then incomplete until another one).
+ */
+export interface BackfillChange {
+  kind: "backfill";
+  /** The backfill's id, as `POST …/backfills` answered it. */
+  id: string;
+  schema: string;
+  table: string;
+  state: "started" | "done" | "cancelled";
+  /** `started`: how the consumer applies the rows. */
+  mode?: BackfillMode;
+  /** `done`: rows sent, all runs together. */
+  rows?: number;
+}
+
+/**
+ * v2: a row of a backfill, as it is at its chunk's closing watermark: an
+ * upsert (its values written exactly as an insert's).
+ */
+export interface ReadChange {
+  kind: "read";
+  schema: string;
+  table: string;
+  columnnames: string[];
+  columntypes: string[];
+  columnvalues: unknown[];
+}
+
 /** One entry of a frame's `change` array (v1 frames carry row changes only). */
-export type Change = RowChange | TruncateChange | SchemaChange;
+export type Change = RowChange | TruncateChange | SchemaChange | BackfillChange | ReadChange;
 
 /**
  * Server → client text frame: one committed transaction. `nextlsn` is the
@@ -210,6 +245,40 @@ export const CloseCode = {
    */
   BeyondRetention: 4411,
 } as const;
+
+/** Where a backfill is: waiting, reading, finished, being stopped, stopped. */
+export type BackfillState = "queued" | "running" | "done" | "cancelling" | "cancelled";
+
+/** `POST /v2/streams/{name}/backfills` request body. */
+export interface BackfillRequest {
+  /** One of the stream's tables. */
+  table: string;
+  /** Default `upsert`: repair a consumer's copy; `replace`: the consumer drops it first. */
+  mode?: BackfillMode;
+  /** Narrows the stream's filter of the table (both apply); its grammar. */
+  where?: WhereCondition[];
+}
+
+/** A backfill, as `GET /v2/streams/{name}/backfills` lists it and `POST` answers it (202). */
+export interface BackfillBody {
+  id: string;
+  /** `schema.table`. */
+  table: string;
+  mode: BackfillMode;
+  state: BackfillState;
+  /** Rows sent and acknowledged so far. */
+  rowsDone: number;
+  /** PostgreSQL's estimate of the table's rows when it started (`reltuples`); null before. */
+  rowsEstimated: number | null;
+  createdAt: string;
+  startedAt: string | null;
+  finishedAt: string | null;
+}
+
+/** `GET /v2/streams/{name}/backfills`: the stream's backfills, oldest first (finished ones for a day). */
+export interface BackfillListBody {
+  backfills: BackfillBody[];
+}
 
 /** A close code from {@link CloseCode}. */
 export type CloseCodeValue = typeof CloseCode[keyof typeof CloseCode];
@@ -324,6 +393,8 @@ export interface StreamStateBody extends StreamDefinitionBody {
    * been committed (0: it acknowledged everything it was sent).
    */
   consumer?: { connectedAt: string; unackedSeconds: number };
+  /** Its backfills not finished yet (queued, running, cancelling), oldest first. */
+  backfills: BackfillBody[];
   /** Why and when the stream was invalidated, when it was. */
   invalidated?: { at: string; reason: string };
   /**

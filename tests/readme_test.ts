@@ -59,7 +59,8 @@ function normalize(text: string): string {
   return text
     .replace(/\b[0-9A-F]{1,8}\/[0-9A-F]{1,8}\b/g, "LSN")
     .replace(/\bdelta_[a-z]+\d+\b/g, "SLOT")
-    .replace(/\bpgds_[a-z0-9_]+_[0-9a-f]{6}\b/g, "SLOT");
+    .replace(/\bpgds_[a-z0-9_]+_[0-9a-f]{6}\b/g, "SLOT")
+    .replace(/\bbf_[0-9a-f]{12}\b/g, "BACKFILL");
 }
 
 /** Whether `actual` is what `expected` shows: equal, or, where it says `...`, its pieces in order. */

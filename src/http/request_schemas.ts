@@ -21,7 +21,7 @@ import {
 import { OPERATORS } from "../replication/row_filter.ts";
 import { isValidSlotName } from "../slots/slot_names.ts";
 import type { RequestCondition } from "../streams/stream_definition.ts";
-import type { CreateStream } from "../streams/stream_manager.ts";
+import type { CreateStream, StartBackfill } from "../streams/stream_manager.ts";
 import { JsonNumber } from "./json_number.ts";
 
 /** A request body's schema and the messages for its fields. */
@@ -268,6 +268,26 @@ export const V2_CREATE: RequestSchema<CreateStream> = {
 export const V2_UPDATE: RequestSchema<{ limits: Partial<StreamLimits> }> = {
   zod: z.strictObject({ limits: LIMITS }),
   messages: LIMITS_MESSAGES,
+};
+
+/** `POST /v2/streams/{name}/backfills`. */
+export const V2_BACKFILL: RequestSchema<StartBackfill> = {
+  zod: z.strictObject({
+    table: name,
+    mode: optional(z.enum(["replace", "upsert"])),
+    where: optional(z.array(CONDITION).max(MAX_CONDITIONS)),
+  }).transform((body) => ({
+    table: body.table,
+    mode: body.mode ?? "upsert",
+    where: body.where ?? [],
+  })),
+  messages: {
+    table: '"table" must be the name of one of the stream\'s tables',
+    mode: '"mode" must be "upsert" (the default) or "replace"',
+    where: `"where" must be a list of at most ${MAX_CONDITIONS} conditions, each ` +
+      '[column, op, value], [column, "in", [values]] or [column, "is null" | "is not null"], ' +
+      `op one of ${OPERATORS.join(", ")}`,
+  },
 };
 
 /** `POST /v2/streams/{name}/snapshot`. */

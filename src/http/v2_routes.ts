@@ -20,6 +20,7 @@ import { readPage } from "../snapshots/snapshot_reader.ts";
 import { readBody } from "./json_body.ts";
 import {
   STREAM_NAME_SCHEMA,
+  V2_BACKFILL,
   V2_CREATE,
   V2_EXPORT,
   V2_PAGE,
@@ -93,6 +94,22 @@ export function v2Routes(server: HttpHost, routes: Routes<Hono>): void {
       server.assertOpen();
       return json(await streams.reset(streamName(c)), 201);
     }),
+  });
+
+  routes.add(`${base}/:name/backfills`, {
+    // Rows of a table (re)sent in the stream's frames, between watermarks: see docs/protocol.md.
+    GET: reader(async (c) => json({ backfills: await streams.listBackfills(streamName(c)) })),
+    POST: admin(async (c) => {
+      server.assertOpen();
+      const name = streamName(c);
+      return json(await streams.startBackfill(name, await readBody(c.req.raw, V2_BACKFILL)), 202);
+    }),
+  });
+
+  routes.add(`${base}/:name/backfills/:id`, {
+    DELETE: admin(async (c) =>
+      json(await streams.cancelBackfill(streamName(c), c.req.param("id")!), 202)
+    ),
   });
 
   routes.add(`${base}/:name/tokens`, {

@@ -193,6 +193,7 @@ export class Metrics {
   /** Per stream: what its sessions sent and had acknowledged, read when scraped. */
   readonly #tallies = new Map<string, Tally>();
   readonly #snapshotRows: client.Counter<"stream">;
+  readonly #backfillRows: client.Counter<"stream">;
   readonly #http: client.Counter<"route" | "method" | "status">;
   readonly #limitRatio: client.Gauge<"stream" | "limit">;
   readonly #invalidated: client.Gauge<"stream">;
@@ -283,6 +284,10 @@ export class Metrics {
       "redelivered",
     );
     this.#snapshotRows = counter("pgdeltastream_snapshot_rows_total", "Snapshot rows returned");
+    this.#backfillRows = counter(
+      "pgdeltastream_backfill_rows_total",
+      "Backfill rows sent in frames (a chunk sent again counts again)",
+    );
     new client.Histogram({
       name: "pgdeltastream_commit_to_send_seconds",
       help: "From the transaction's commit timestamp to the frame's write on the socket",
@@ -496,6 +501,11 @@ export class Metrics {
   /** `rows` snapshot rows of `stream` were returned. */
   snapshotRows(stream: string, rows: number): void {
     if (rows > 0) this.#snapshotRows.inc({ stream }, rows);
+  }
+
+  /** `rows` backfill rows of `stream` were sent. */
+  backfillRows(stream: string, rows: number): void {
+    if (rows > 0) this.#backfillRows.inc({ stream }, rows);
   }
 
   /** A request to `route` (its pattern) was answered with `status`. */

@@ -74,6 +74,27 @@ UPDATE ${n.schema}.streams t SET slot_ready = true
  WHERE NOT slot_ready AND EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = t.slot_name);
 UPDATE ${n.schema}.slots t SET slot_ready = true
  WHERE NOT slot_ready AND EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = t.slot_name);
+-- Backfills: a stream's tables (re)read in chunks between watermarks, in its change stream.
+CREATE TABLE IF NOT EXISTS ${n.schema}.backfills (
+  id text PRIMARY KEY,
+  stream text NOT NULL REFERENCES ${n.schema}.streams(name) ON DELETE CASCADE,
+  table_oid oid NOT NULL,
+  schema_name text NOT NULL,
+  table_name text NOT NULL,
+  mode text NOT NULL CHECK (mode IN ('replace', 'upsert')),
+  conditions jsonb NOT NULL DEFAULT '[]',
+  state text NOT NULL DEFAULT 'queued'
+    CHECK (state IN ('queued', 'running', 'done', 'cancelling', 'cancelled')),
+  started_acked boolean NOT NULL DEFAULT false,
+  cursor jsonb,
+  rows_done bigint NOT NULL DEFAULT 0,
+  rows_estimated bigint,
+  shape text,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  started_at timestamptz,
+  finished_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS backfills_stream ON ${n.schema}.backfills (stream, created_at);
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.inserts}') THEN
     CREATE PUBLICATION ${n.inserts} FOR ALL TABLES WITH (publish = 'insert');

@@ -128,6 +128,19 @@ async function replicaIdentity(
   return rows[0].key ?? [];
 }
 
+/** What a definition is resolved for: the errors' action, and each table's field in the request. */
+export interface DefinitionContext {
+  action: string;
+  /** The request's field of table `index`, with a trailing dot (or empty: the body itself). */
+  field: (index: number) => string;
+}
+
+/** Resolving a `POST /v2/streams`. */
+const CREATING: DefinitionContext = {
+  action: "Cannot create stream",
+  field: (index) => `tables[${index}].`,
+};
+
 /**
  * The definition `tables` and `operations` ask for, resolved in the
  * catalog: a `NotFoundError` for a table that does not exist,
@@ -141,17 +154,18 @@ export async function resolveDefinition(
   ownSchema: string,
   tables: RequestTable[],
   operations: StreamOperation[],
+  context: DefinitionContext = CREATING,
 ): Promise<StreamDefinition> {
   const client = await pool.connect();
   try {
     await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
     const resolved: StoredTable[] = [];
     for (const [index, request] of tables.entries()) {
-      const at = `tables[${index}]`;
-      const found = await resolveTable(client, request.table, ownSchema, "Cannot create stream");
+      const at = context.field(index);
+      const found = await resolveTable(client, request.table, ownSchema, context.action);
       if (resolved.some((t) => t.oid === found.oid)) {
         throw new InvalidRequestError(
-          `Invalid request: "${at}": table ${found.qualified} is listed twice`,
+          `Invalid request: "${at.slice(0, -1)}": table ${found.qualified} is listed twice`,
         );
       }
       const { rows: [name] } = await client.query<{ schema: string; table: string }>(
@@ -165,7 +179,7 @@ export async function resolveDefinition(
         const info = byName.get(wanted);
         if (info === undefined) {
           throw new InvalidRequestError(
-            `Cannot create stream: "${where}": column ${
+            `${context.action}: "${where}": column ${
               JSON.stringify(wanted)
             } does not exist in ${found.qualified}`,
           );
@@ -174,21 +188,21 @@ export async function resolveDefinition(
       };
       const key = await replicaIdentity(client, found.oid, columns);
       if (request.columns !== undefined) {
-        request.columns.forEach((c, i) => column(c, `${at}.columns[${i}]`));
+        request.columns.forEach((c, i) => column(c, `${at}columns[${i}]`));
         if (new Set(request.columns).size !== request.columns.length) {
-          throw new InvalidRequestError(`Invalid request: "${at}.columns" names a column twice`);
+          throw new InvalidRequestError(`Invalid request: "${at}columns" names a column twice`);
         }
         const missing = key.filter((k) => !request.columns!.includes(k));
         if (missing.length > 0) {
           throw new InvalidRequestError(
-            `Invalid request: "${at}.columns" must include the replica identity of ${found.qualified}, ` +
+            `Invalid request: "${at}columns" must include the replica identity of ${found.qualified}, ` +
               `which keys its updates and deletes; missing: ${missing.join(", ")}`,
           );
         }
       }
       const where: StoredCondition[] = [];
       for (const [i, [name, op, value]] of (request.where ?? []).entries()) {
-        const path = `${at}.where[${i}]`;
+        const path = `${at}where[${i}]`;
         const info = column(name, path);
         if (!operatorsFor(info).includes(op)) {
           const kind = comparisonOf(info) === "string"

@@ -41,6 +41,12 @@ import type { TailHub } from "./tail_hub.ts";
 import type { Metrics } from "../observability/metrics.ts";
 import type { StreamLog } from "./stream_log.ts";
 import { errorMessage, log } from "../observability/log.ts";
+import { backfillBody, BackfillStore } from "../backfill/backfill_store.ts";
+import { BackfillTap, BackfillWakers } from "../backfill/backfill_tap.ts";
+import { resolveBackfillTable } from "../backfill/chunk_reader.ts";
+import type { BackfillBody, BackfillMode } from "../protocol.ts";
+import { InvalidRequestError } from "../errors.ts";
+import type { RequestCondition } from "./stream_definition.ts";
 
 /** What creating a stream takes, validated. */
 export interface CreateStream {
@@ -50,6 +56,16 @@ export interface CreateStream {
   /** Limits given; the others are the server's defaults. */
   limits: Partial<StreamLimits>;
 }
+
+/** What starting a backfill takes, validated. */
+export interface StartBackfill {
+  table: string;
+  mode: BackfillMode;
+  where: RequestCondition[];
+}
+
+/** Backfills read through the watermark messages that pgoutput carries from PostgreSQL 14. */
+const BACKFILL_MIN_VERSION = 140000;
 
 /** What the manager works with: the server's state. */
 export interface StreamDependencies {
@@ -99,11 +115,14 @@ function slotNameFor(name: string): string {
 export class StreamManager {
   readonly #deps: StreamDependencies;
   readonly #store: StreamStore;
+  readonly #backfills: BackfillStore;
+  readonly #wakers = new BackfillWakers();
 
   /** Manages streams with the server's `deps`. */
   constructor(deps: StreamDependencies) {
     this.#deps = deps;
     this.#store = new StreamStore(deps.pool, deps.names.schema);
+    this.#backfills = new BackfillStore(deps.pool, deps.names.schema);
   }
 
   /** Whose snapshot a stream's is, and what its reader does once it is gone. */
@@ -226,6 +245,7 @@ export class StreamManager {
     const { snapshots } = this.#deps;
     await this.#teardown(old, CloseCode.SlotDropped, "stream reset", "the stream was reset");
     const stream = await this.#store.replaceSlot(name, slotNameFor(name));
+    await this.#backfills.restart(name);
     try {
       const log = this.#deps.log;
       // The log's frames belong to the old slot: consumers positioned there are told (4411).
@@ -371,6 +391,8 @@ export class StreamManager {
       ...(this.#deps.log ? { relay: await this.#deps.log.state(stream.name, slot.app) } : {}),
       lastActivityAt: (active ? new Date() : stream.lastActivity).toISOString(),
       ...(consumer ? { consumer } : {}),
+      backfills: (await this.#backfills.list(stream.name))
+        .filter((b) => b.finishedAt === null).map(backfillBody),
       ...(stream.invalidated
         ? {
           invalidated: {
@@ -450,8 +472,13 @@ export class StreamManager {
   ): Promise<{ options: ReplicationOptions; check: () => Promise<string | undefined> }> {
     const { config, names, typeNames, pool } = this.#deps;
     const name = insertPublicationName(stream.slotName);
-    const { rows } = await pool.query("SELECT 1 FROM pg_publication WHERE pubname = $1", [name]);
-    const own = rows.length > 0 ? name : undefined;
+    const { rows: [facts] } = await pool.query<{ own: boolean; version: number }>(
+      `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1) AS own,
+              current_setting('server_version_num')::int AS version`,
+      [name],
+    );
+    const own = facts.own ? name : undefined;
+    const metrics = this.#deps.metrics;
     return {
       options: {
         database: config.database,
@@ -461,6 +488,14 @@ export class StreamManager {
         scope: this.viewOf(stream).scope,
         chunkBytes: config.frameChunkBytes,
         receiveTimeoutMs: config.replicationTimeoutMs,
+        tap: facts.version < BACKFILL_MIN_VERSION ? undefined : new BackfillTap({
+          pool,
+          store: this.#backfills,
+          stream: stream.name,
+          definition: stream.definition,
+          wakers: this.#wakers,
+          countRows: metrics && ((rows) => metrics.backfillRows(stream.name, rows)),
+        }),
       },
       check: async () => {
         if (own === undefined) return undefined;
@@ -473,5 +508,75 @@ export class StreamManager {
           } left the stream's publication (CASCADE?); re-create stream ${stream.name}`;
       },
     };
+  }
+
+  /**
+   * Queues a backfill of one of the stream's tables (at most one per table
+   * waits: asking again answers the queued one). Its rows come in the
+   * stream's frames while a consumer is connected. A 400 for a table not in
+   * the stream, or one with no key to read it by.
+   */
+  async startBackfill(name: string, request: StartBackfill): Promise<BackfillBody> {
+    const stream = await this.require(name, "Cannot backfill");
+    const { pool, names } = this.#deps;
+    const { rows: [{ version }] } = await pool.query<{ version: number }>(
+      "SELECT current_setting('server_version_num')::int AS version",
+    );
+    if (version < BACKFILL_MIN_VERSION) {
+      throw new InvalidRequestError(
+        "Cannot backfill: it needs PostgreSQL 14 or later (logical decoding messages in pgoutput)",
+      );
+    }
+    // The request's table and filter resolved as a stream's are: the same names, the same grammar.
+    const [asked] = (await resolveDefinition(
+      pool,
+      names.schema,
+      [{ table: request.table, where: request.where }],
+      stream.definition.operations,
+      { action: "Cannot backfill", field: () => "" },
+    )).tables;
+    const table = stream.definition.tables.find((t) => t.oid === asked.oid);
+    if (table === undefined) {
+      throw new InvalidRequestError(
+        `Cannot backfill: table ${asked.schema}.${asked.table} is not one of stream "${name}"'s tables`,
+      );
+    }
+    await resolveBackfillTable(pool, table);
+    const backfill = await this.#backfills.queue({
+      stream: name,
+      tableOid: table.oid,
+      schema: asked.schema,
+      table: asked.table,
+      mode: request.mode,
+      conditions: asked.where,
+    });
+    this.#wakers.wake(name);
+    log.info(
+      "backfill.queued",
+      `backfill ${backfill.id} of ${asked.schema}.${asked.table} was queued`,
+      {
+        stream: name,
+        backfill: backfill.id,
+        mode: backfill.mode,
+      },
+    );
+    return backfillBody(backfill);
+  }
+
+  /** The stream's backfills, oldest first (finished ones for a day). */
+  async listBackfills(name: string): Promise<BackfillBody[]> {
+    await this.require(name, "Cannot list backfills");
+    return (await this.#backfills.list(name)).map(backfillBody);
+  }
+
+  /** Cancels a backfill of the stream: a 404 if there is no such one. */
+  async cancelBackfill(name: string, id: string): Promise<BackfillBody> {
+    await this.require(name, "Cannot cancel backfill");
+    const backfill = await this.#backfills.cancel(name, id);
+    if (backfill === undefined) {
+      throw new NotFoundError(`Cannot cancel backfill: stream "${name}" has no backfill "${id}"`);
+    }
+    this.#wakers.wake(name);
+    return backfillBody(backfill);
   }
 }

@@ -483,6 +483,25 @@ function renderDetail() {
       : []),
     ...(s.waitingFor ? entry("waiting for", s.waitingFor) : []),
     ...(s.relay ? entry("relay publisher", s.relay.publisher ?? "none") : []),
+    ...(s.backfills?.length
+      ? entry(
+        "backfills",
+        h(
+          "span",
+          { className: "values" },
+          ...s.backfills.flatMap((b, i) => [
+            i ? h("br") : undefined,
+            h("span", { className: "mono name" }, b.id),
+            ` ${b.table} (${b.mode}) ${b.state}: ${b.rowsDone} of ~${b.rowsEstimated ?? "?"} rows `,
+            h("progress", {
+              className: "backfill",
+              max: Math.max(b.rowsEstimated ?? 0, b.rowsDone, 1),
+              value: b.rowsDone,
+            }),
+          ]),
+        ),
+      )
+      : []),
   );
   $("detail-definition").replaceChildren(
     ...entry("slot", h("span", { className: "mono name" }, s.slotName)),
