@@ -4,7 +4,9 @@
  * For each chunk the runner writes a low watermark to the log
  * (`pg_logical_emit_message`, in a transaction of its own), reads the chunk
  * (a short read of its own, which sees every transaction committed before
- * the low watermark), and writes a high watermark. The decoder, reading the
+ * the low watermark), and writes a high watermark — which is the next
+ * chunk's low one, so that each chunk costs one commit and the runner reads
+ * ahead of the log (at most {@link CHUNKS_AHEAD} chunks). The decoder, reading the
  * log in order, tells the tap of every change it sends of the table between
  * the two; at the high watermark the chunk's rows whose key changed in
  * between are dropped (the log's change is newer, and the consumer has it
@@ -27,7 +29,10 @@ import { errorMessage, log } from "../observability/log.ts";
 import type { BackfillMode } from "../protocol.ts";
 import type { ReplicationTap } from "../replication/replication_service.ts";
 import { NOT_THERE, type RawValue } from "../replication/row_filter.ts";
-import type { StreamDefinition } from "../streams/stream_definition.ts";
+import type { StoredCondition, StreamDefinition } from "../streams/stream_definition.ts";
+import type { TappedChanges } from "../replication/pgoutput_decoder.ts";
+import { PgConnection } from "../postgres/pg_connection.ts";
+import type { DatabaseConfig } from "../config.ts";
 import type { BackfillStore, StoredBackfill } from "./backfill_store.ts";
 import {
   type BackfillTable,
@@ -58,18 +63,29 @@ const RECENT_TRANSACTIONS = 4096;
 const IDLE_POLL_MS = 1_000;
 /** A chunk that failed (a timeout, a lost connection) is tried again after this long. */
 const RETRY_MS = 1_000;
+/** How often a running backfill looks whether it was cancelled, or its table changed shape. */
+const CHECK_MS = 1_000;
+/** Rows a chunk asks for, at least, however wide they are. */
+const MIN_CHUNK_ROWS = 100;
+/** Chunks read ahead of the log, at most: read, their low watermark written, not yet sent. */
+const CHUNKS_AHEAD = 8;
 
-/** A watermark's content: whose, which step, and which of its marks. */
+/**
+ * A watermark's content: whose, and the steps it marks. One message closes
+ * a chunk's window (`high`) and opens the next one's (`low`): the windows of
+ * a backfill's chunks follow each other in the log, with one commit each.
+ */
 interface Watermark {
   stream: string;
-  nonce: string;
-  mark: "low" | "high" | "cancel";
+  low?: string;
+  high?: string;
+  cancel?: string;
 }
 
 /** How a step ended in the log. */
-type Outcome = { sent: number } | "redo" | "reshaped";
+type Outcome = { sent: number } | "redo" | "reshaped" | "abandoned";
 
-/** The one step in flight: a chunk between its watermarks, or a cancellation. */
+/** A step: a chunk between its watermarks, or a cancellation. */
 interface Flight {
   nonce: string;
   backfill: StoredBackfill;
@@ -79,7 +95,8 @@ interface Flight {
   read?: BackfillTable;
   /** Whether the low watermark's frame carries the backfill's `started`. */
   sendStarted: boolean;
-  rowsBefore: number;
+  /** Where the chunk starts: the key of the row before it (null: the table's start). */
+  cursorBefore: string[] | null;
   rows?: Chunk;
   /** Keys the log changed since the low watermark. */
   dropped: Set<string>;
@@ -90,7 +107,7 @@ interface Flight {
   unknownKey: boolean;
   /** The table's shape changed since the chunk's read began. */
   reshaped: boolean;
-  /** Settles when the log reached the step's last mark. */
+  /** Settles when the log reached the step's last mark (or the step was given up). */
   done: PromiseWithResolvers<Outcome>;
 }
 
@@ -126,6 +143,8 @@ export class BackfillWakers {
 
 /** What a tap works with. */
 export interface BackfillTapOptions {
+  /** Where chunks are read (a connection of the tap's own, for COPY). */
+  database: DatabaseConfig;
   pool: pg.Pool;
   store: BackfillStore;
   stream: string;
@@ -165,15 +184,28 @@ export class BackfillTap implements ReplicationTap {
   readonly #options: BackfillTapOptions;
   readonly #limits: ChunkLimits;
   readonly #abort = new AbortController();
-  #flight: Flight | undefined;
-  /** The mark seen in the open transaction, of the flight's. */
-  #mark: Watermark["mark"] | undefined;
+  /** Steps whose watermarks the log may still bring, in the order they were made. */
+  readonly #flights = new Map<string, Flight>();
+  /** The chunk whose window is open: its low watermark was decoded, its high one not yet. */
+  #open: Flight | undefined;
+  /** The steps the open transaction's watermark marks. */
+  #marks: { low?: Flight; high?: Flight; cancel?: Flight } | undefined;
+  /**
+   * Counts the times chunks read ahead were given up, because one before them
+   * has to be read again (or its table changed shape): with where to start again.
+   */
+  #generation = 0;
+  #restart: { cursor: string[] | null; reshaped: boolean } | undefined;
   /** What frames sent in this run carried, until acknowledged: in position order. */
   readonly #unacked: { lsn: Lsn; id: string; apply: (p: Progress) => void }[] = [];
   readonly #progress = new Map<string, Progress>();
+  /** Rows sent of each backfill, all runs together (what `done` reports). */
+  readonly #sentRows = new Map<string, number>();
   /** Progress written in order, one write after another. */
   #writes: Promise<void> = Promise.resolve();
   #run: Promise<void> = Promise.resolve();
+  /** The connection chunks are read on, while it works. */
+  #reader: PgConnection | undefined;
   #wake: (() => void) | undefined;
   /** The last {@link RECENT_TRANSACTIONS} xids decoded, a ring. */
   readonly #recent = new Uint32Array(RECENT_TRANSACTIONS);
@@ -196,23 +228,32 @@ export class BackfillTap implements ReplicationTap {
   async close(): Promise<void> {
     this.#abort.abort();
     this.#wake?.();
-    this.#flight?.done.reject(new Error("replication ended"));
+    this.#giveUp();
     await this.#run;
     await this.#writes;
+    await this.#reader?.close();
+  }
+
+  /** Gives up every step in flight: their watermarks, if the log brings them, are ignored. */
+  #giveUp(): void {
+    for (const flight of this.#flights.values()) flight.done.resolve("abandoned");
+    this.#flights.clear();
+    this.#open = undefined;
+    this.watching = 0;
   }
 
   // ---- the decoder's side: the log, in order ---------------------------------------------------
 
   message(content: string): void {
-    const flight = this.#flight;
-    if (flight === undefined) return;
     let mark: Watermark;
     try {
       mark = JSON.parse(content);
     } catch {
       return;
     }
-    if (mark.stream === this.#options.stream && mark.nonce === flight.nonce) this.#mark = mark.mark;
+    if (mark.stream !== this.#options.stream) return;
+    const find = (nonce?: string) => nonce === undefined ? undefined : this.#flights.get(nonce);
+    this.#marks = { low: find(mark.low), high: find(mark.high), cancel: find(mark.cancel) };
   }
 
   began(xid: number): void {
@@ -220,7 +261,7 @@ export class BackfillTap implements ReplicationTap {
   }
 
   touched(names: readonly string[], values: RawValue[]): void {
-    const flight = this.#flight;
+    const flight = this.#open;
     if (flight?.read === undefined) return;
     let positions = this.#keyPositions.get(names);
     if (!this.#keyPositions.has(names)) {
@@ -245,74 +286,112 @@ export class BackfillTap implements ReplicationTap {
   }
 
   truncated(): void {
-    if (this.#flight !== undefined) this.#flight.truncated = true;
+    if (this.#open !== undefined) this.#open.truncated = true;
   }
 
   described(names: readonly string[], types: readonly number[]): void {
-    const flight = this.#flight;
+    const flight = this.#open;
     if (flight?.read !== undefined && shapeOf(names, types) !== flight.read.shape) {
       flight.reshaped = true;
     }
   }
 
-  committed(nextLsn: string): readonly string[] | undefined {
-    const mark = this.#mark;
-    const flight = this.#flight;
-    this.#mark = undefined;
-    if (mark === undefined || flight === undefined) return undefined;
+  committed(nextLsn: string): readonly TappedChanges[] | undefined {
+    const marks = this.#marks;
+    this.#marks = undefined;
+    if (marks === undefined) return undefined;
     const lsn = parseLsn(nextLsn);
-    const id = flight.backfill.id;
-    if (mark === "low") {
+    const changes: TappedChanges[] = [];
+    if (marks.cancel !== undefined) this.#cancelled(marks.cancel, lsn, changes);
+    // A high mark first: a watermark closes one chunk's window and opens the next one's.
+    if (marks.high !== undefined) this.#closeWindow(marks.high, lsn, changes);
+    const low = marks.low;
+    if (low !== undefined && this.#flights.has(low.nonce)) {
       // The window opens: changes of the table from here to the high watermark are noted.
-      this.watching = flight.read!.oid;
-      flight.beforeLow = new Set(
+      this.#open = low;
+      this.watching = low.read!.oid;
+      low.beforeLow = new Set(
         this.#recent.subarray(0, Math.min(this.#decoded, RECENT_TRANSACTIONS)),
       );
-      if (!flight.sendStarted) return undefined;
-      // The consumer's copy starts again here (under `replace` it drops it): so does the progress.
-      this.#unacked.push({
-        lsn,
-        id,
-        apply: (p) => Object.assign(p, { startedAcked: true, cursor: null, rowsDone: 0 }),
-      });
-      return [backfillChange(flight, "started", { mode: flight.backfill.mode })];
+      if (low.sendStarted) {
+        // The consumer's copy starts again here (under `replace` it drops it): so does the progress.
+        this.#sentRows.set(low.backfill.id, 0);
+        this.#unacked.push({
+          lsn,
+          id: low.backfill.id,
+          apply: (p) => Object.assign(p, { startedAcked: true, cursor: null, rowsDone: 0 }),
+        });
+        changes.push(backfillChange(low, "started", { mode: low.backfill.mode }));
+      }
     }
-    this.watching = 0;
-    if (mark === "cancel" || flight.reshaped) {
-      this.#unacked.push({ lsn, id, apply: (p) => (p.cancelled = true) });
-      flight.done.resolve(mark === "cancel" ? { sent: 0 } : "reshaped");
-      return [backfillChange(flight, "cancelled")];
+    return changes.length > 0 ? changes : undefined;
+  }
+
+  /** A cancellation's mark: the backfill's `cancelled`. */
+  #cancelled(flight: Flight, lsn: Lsn, changes: TappedChanges[]): void {
+    this.#flights.delete(flight.nonce);
+    this.#unacked.push({ lsn, id: flight.backfill.id, apply: (p) => (p.cancelled = true) });
+    changes.push(backfillChange(flight, "cancelled"));
+    flight.done.resolve({ sent: 0 });
+  }
+
+  /** A chunk's high mark: its rows the log did not change meanwhile, or a reason to read it again. */
+  #closeWindow(flight: Flight, lsn: Lsn, changes: TappedChanges[]): void {
+    this.#flights.delete(flight.nonce);
+    if (this.#open === flight) {
+      this.#open = undefined;
+      this.watching = 0;
     }
     const chunk = flight.rows!;
     // A transaction the chunk's read did not see, committed ahead of the window: its changes are
-    // in neither, so the chunk is read again (it sees it now).
-    if (flight.unknownKey || chunk.inProgress.some((xid) => flight.beforeLow?.has(xid))) {
-      flight.done.resolve("redo");
-      return undefined;
-    }
-    const changes: string[] = [];
-    if (!flight.truncated) {
-      for (let i = 0; i < chunk.changes.length; i++) {
-        if (!flight.dropped.has(chunk.keys[i])) changes.push(chunk.changes[i]);
+    // in neither, so the chunk is read again (it sees it now). A table whose shape changed ends the
+    // backfill. Either way the chunks read after it are given up: their rows would come first.
+    const redo = flight.unknownKey || chunk.inProgress.some((xid) => flight.beforeLow?.has(xid));
+    if (redo || flight.reshaped) {
+      this.#giveUp();
+      this.#generation++;
+      this.#restart = { cursor: flight.cursorBefore, reshaped: flight.reshaped };
+      if (flight.reshaped) {
+        this.#unacked.push({ lsn, id: flight.backfill.id, apply: (p) => (p.cancelled = true) });
+        changes.push(backfillChange(flight, "cancelled"));
       }
+      flight.done.resolve(flight.reshaped ? "reshaped" : "redo");
+      return;
     }
-    const sent = changes.length;
-    const rowsDone = flight.rowsBefore + sent;
+    const id = flight.backfill.id;
+    let sent = 0;
+    if (!flight.truncated) {
+      // The rows kept, as runs of consecutive ones: each run one slice of the chunk's bytes.
+      const { bytes, starts } = chunk;
+      let from = -1;
+      const run = (to: number) => {
+        if (from < 0) return;
+        const end = (to < starts.length ? starts[to] : bytes.length) - 1; // its trailing comma
+        changes.push({ bytes: bytes.subarray(starts[from], end), count: to - from });
+        sent += to - from;
+        from = -1;
+      };
+      if (flight.dropped.size === 0) {
+        if (chunk.rows > 0) from = 0;
+      } else {
+        for (let i = 0; i < chunk.rows; i++) {
+          if (flight.dropped.has(chunk.keyAt(i))) run(i);
+          else if (from < 0) from = i;
+        }
+      }
+      run(chunk.rows);
+    }
+    const rowsDone = (this.#sentRows.get(id) ?? 0) + sent;
+    this.#sentRows.set(id, rowsDone);
     if (chunk.last) changes.push(backfillChange(flight, "done", { rows: rowsDone }));
     const cursor = chunk.lastKey;
     this.#unacked.push({
       lsn,
       id,
-      apply: (p) => {
-        p.startedAcked = true;
-        p.cursor = cursor;
-        p.rowsDone = rowsDone;
-        p.done = chunk.last;
-      },
+      apply: (p) => Object.assign(p, { startedAcked: true, cursor, rowsDone, done: chunk.last }),
     });
     this.#options.countRows?.(sent);
     flight.done.resolve({ sent });
-    return changes;
   }
 
   // ---- the consumer's acknowledgements ---------------------------------------------------------
@@ -365,7 +444,7 @@ export class BackfillTap implements ReplicationTap {
           stream,
           error: errorMessage(error),
         });
-        this.#flight = undefined;
+        this.#giveUp();
         await this.#idle(RETRY_MS);
       }
     }
@@ -384,39 +463,57 @@ export class BackfillTap implements ReplicationTap {
     });
   }
 
-  /** Writes the mark `mark` of `flight` to the log. */
-  async #emit(flight: Flight, mark: Watermark["mark"]): Promise<void> {
-    const content: Watermark = { stream: this.#options.stream, nonce: flight.nonce, mark };
+  /** Writes a watermark with `marks` to the log. */
+  async #emit(marks: Omit<Watermark, "stream">): Promise<void> {
+    const content: Watermark = { stream: this.#options.stream, ...marks };
     await this.#options.pool.query("SELECT pg_logical_emit_message(true, $1, $2)", [
       WATERMARK_PREFIX,
       JSON.stringify(content),
     ]);
   }
 
-  /** Waits for the log to reach `flight`'s last mark. */
-  async #landed(flight: Flight): Promise<Outcome> {
+  /** Reads one chunk on the tap's own connection (made again after a failure). */
+  async #read(
+    read: BackfillTable,
+    where: StoredCondition[],
+    cursor: string[] | null,
+    rows: number,
+  ): Promise<Chunk> {
+    this.#reader ??= await PgConnection.connect(this.#options.database);
     try {
-      return await flight.done.promise;
-    } finally {
-      this.#flight = undefined;
+      return await readChunk(this.#reader, read, where, cursor, {
+        rows,
+        bytes: this.#limits.bytes,
+      });
+    } catch (error) {
+      void this.#reader.close();
+      this.#reader = undefined;
+      throw error;
     }
   }
 
-  #newFlight(backfill: StoredBackfill, schema: string, table: string): Flight {
+  /** A new step of `backfill`, expected in the log. */
+  #newFlight(
+    backfill: StoredBackfill,
+    schema: string,
+    table: string,
+    chunk?: { read: BackfillTable; sendStarted: boolean; cursorBefore: string[] | null },
+  ): Flight {
     const flight: Flight = {
       nonce: nonce(),
       backfill,
       schema,
       table,
-      sendStarted: false,
-      rowsBefore: 0,
+      read: chunk?.read,
+      sendStarted: chunk?.sendStarted ?? false,
+      cursorBefore: chunk?.cursorBefore ?? null,
       dropped: new Set(),
       truncated: false,
       unknownKey: false,
       reshaped: false,
       done: Promise.withResolvers(),
     };
-    flight.done.promise.catch(() => {});
+    this.#flights.set(flight.nonce, flight);
     return flight;
   }
 
@@ -424,16 +521,12 @@ export class BackfillTap implements ReplicationTap {
   async #cancel(backfill: StoredBackfill): Promise<boolean> {
     this.#track(backfill);
     const flight = this.#newFlight(backfill, backfill.schema, backfill.table);
-    this.#flight = flight;
-    await this.#emit(flight, "cancel");
-    await this.#landed(flight);
+    await this.#emit({ cancel: flight.nonce });
+    if (await flight.done.promise === "abandoned") return false;
     log.info(
       "backfill.cancelled",
       `backfill ${backfill.id} of stream "${backfill.stream}" was cancelled`,
-      {
-        stream: backfill.stream,
-        backfill: backfill.id,
-      },
+      { stream: backfill.stream, backfill: backfill.id },
     );
     return true;
   }
@@ -442,23 +535,22 @@ export class BackfillTap implements ReplicationTap {
   #track(backfill: StoredBackfill): Progress {
     let progress = this.#progress.get(backfill.id);
     if (progress === undefined) {
-      // A `started` not acknowledged is sent again, and with it every chunk: under `replace` the
-      // consumer drops its copy when it sees it.
-      progress = backfill.startedAcked
-        ? {
-          startedAcked: true,
-          cursor: backfill.cursor,
-          rowsDone: backfill.rowsDone,
-          done: false,
-          cancelled: false,
-        }
-        : { startedAcked: false, cursor: null, rowsDone: 0, done: false, cancelled: false };
+      progress = {
+        startedAcked: backfill.startedAcked,
+        cursor: backfill.cursor,
+        rowsDone: backfill.rowsDone,
+        done: false,
+        cancelled: false,
+      };
       this.#progress.set(backfill.id, progress);
     }
     return progress;
   }
 
-  /** Sends `backfill`'s chunks from its first one not acknowledged; true when its last was sent. */
+  /**
+   * Sends `backfill`'s chunks from its first one not acknowledged, reading
+   * up to {@link CHUNKS_AHEAD} ahead of the log; true when its last was sent.
+   */
   async #fill(backfill: StoredBackfill): Promise<boolean> {
     const { pool, store, definition } = this.#options;
     const signal = this.#abort.signal;
@@ -468,51 +560,88 @@ export class BackfillTap implements ReplicationTap {
       return false;
     }
     const progress = this.#track(backfill);
+    // A `started` not acknowledged is sent again, and with it every chunk: under `replace` the
+    // consumer drops its copy when it sees it.
     let sendStarted = !progress.startedAcked;
-    let cursor = progress.cursor;
-    let rowsBefore = progress.rowsDone;
+    let cursor = sendStarted ? null : progress.cursor;
+    this.#sentRows.set(backfill.id, sendStarted ? 0 : progress.rowsDone);
     const where = [...stored.where, ...backfill.conditions];
-    let shape = backfill.shape;
+    let read = await resolveBackfillTable(pool, stored);
+    if (backfill.shape === null) {
+      await store.begin(backfill.id, await estimateRows(pool, read, where), read.shape);
+    }
+    const shape = backfill.shape ?? read.shape;
+    let checked = performance.now();
+    let generation = this.#generation;
+    /** Rows asked for: the limit, or fewer when rows are wide (what fitted the bytes before). */
+    let rowLimit = this.#limits.rows;
+    /** Chunks read whose high watermark the log has not brought yet. */
+    const ahead: Flight[] = [];
+    /** The last chunk read: its high watermark is written with the next chunk's low one. */
+    let previous: Flight | undefined;
     for (;;) {
       if (signal.aborted) return false;
-      const now = await store.get(backfill.stream, backfill.id);
-      if (now?.state !== "running" && now?.state !== "queued") return false; // cancelled meanwhile
-      const read = await resolveBackfillTable(pool, stored);
-      if (shape === null) {
-        await store.begin(backfill.id, await estimateRows(pool, read, where), read.shape);
-        shape = read.shape;
+      if (this.#generation !== generation) {
+        // A chunk is to be read again: from its start, and nothing read after it is sent.
+        const restart = this.#restart!;
+        if (restart.reshaped) {
+          await this.#reshaped(backfill, true);
+          return true;
+        }
+        generation = this.#generation;
+        cursor = restart.cursor;
+        sendStarted = false;
+        previous = undefined;
+        ahead.length = 0;
       }
-      if (read.shape !== shape) {
-        await this.#reshaped(backfill);
-        return false;
+      if (performance.now() - checked > CHECK_MS) {
+        checked = performance.now();
+        const now = await store.get(backfill.stream, backfill.id);
+        read = await resolveBackfillTable(pool, stored);
+        const running = now?.state === "running" || now?.state === "queued";
+        if (!running || read.shape !== shape) {
+          // Cancelled meanwhile, or the table's columns changed: what was read is still sent.
+          if (previous !== undefined) await this.#emit({ high: previous.nonce });
+          await Promise.all(ahead.map((f) => f.done.promise));
+          if (this.#generation !== generation) continue;
+          if (running) await this.#reshaped(backfill);
+          return false;
+        }
       }
-      const flight = this.#newFlight(backfill, read.schema, read.table);
-      Object.assign(flight, { read, sendStarted, rowsBefore });
-      this.#flight = flight;
-      await this.#emit(flight, "low");
-      flight.rows = await readChunk(pool, read, where, cursor, this.#limits);
-      await this.#emit(flight, "high");
-      const outcome = await this.#landed(flight);
-      if (outcome === "redo") continue;
-      if (outcome === "reshaped") {
-        await this.#reshaped(backfill, true);
-        return true;
+      const flight = this.#newFlight(backfill, read.schema, read.table, {
+        read,
+        sendStarted,
+        cursorBefore: cursor,
+      });
+      await this.#emit({ high: previous?.nonce, low: flight.nonce });
+      if (this.#generation !== generation) {
+        // Given up while its watermark was written (or made after that): it has no rows to send.
+        this.#flights.delete(flight.nonce);
+        flight.done.resolve("abandoned");
+        continue;
       }
+      ahead.push(flight);
+      flight.rows = await this.#read(read, where, cursor, rowLimit);
+      // Rows that did not fit the chunk's bytes are read again with the next: ask for fewer.
+      const kept = flight.rows.rows;
+      rowLimit = flight.rows.rowsRead > kept
+        ? Math.max(MIN_CHUNK_ROWS, Math.ceil(kept * 1.05))
+        : Math.min(this.#limits.rows, kept === rowLimit ? rowLimit * 2 : rowLimit);
       sendStarted = false;
       cursor = flight.rows.lastKey;
-      rowsBefore += outcome.sent;
+      previous = flight;
       if (flight.rows.last) {
+        await this.#emit({ high: flight.nonce });
+        await Promise.all(ahead.map((f) => f.done.promise));
+        if (this.#generation !== generation) continue;
         log.info(
           "backfill.sent",
           `backfill ${backfill.id} of stream "${backfill.stream}" sent its last chunk`,
-          {
-            stream: backfill.stream,
-            backfill: backfill.id,
-            rows: rowsBefore,
-          },
+          { stream: backfill.stream, backfill: backfill.id, rows: this.#sentRows.get(backfill.id) },
         );
         return true;
       }
+      while (ahead.length >= CHUNKS_AHEAD) await ahead.shift()!.done.promise;
     }
   }
 
@@ -535,12 +664,7 @@ export class BackfillTap implements ReplicationTap {
     log.info(
       "backfill.reshaped",
       `the table of backfill ${backfill.id} changed shape; ${again.id} replaces it`,
-      {
-        stream: backfill.stream,
-        backfill: backfill.id,
-        next: again.id,
-        cancelledSent: sent,
-      },
+      { stream: backfill.stream, backfill: backfill.id, next: again.id, cancelledSent: sent },
     );
   }
 }

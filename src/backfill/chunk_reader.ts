@@ -12,9 +12,10 @@
 
 import type pg from "pg";
 import { InvalidRequestError, NotFoundError } from "../errors.ts";
-import { RAW_TEXT_TYPES } from "../postgres/database.ts";
+import type { PgConnection } from "../postgres/pg_connection.ts";
 import { conditionsSql } from "../replication/row_filter.ts";
-import { encoderFor, JSON_NULL, type ValueEncoder } from "../replication/wal2json_value.ts";
+import { type ValueKind, valueKindOf } from "../replication/wal2json_value.ts";
+import { fieldEnd, fieldText, writeField } from "../snapshots/copy_text_json.ts";
 import type { StoredCondition, StoredTable } from "../streams/stream_definition.ts";
 
 /** Rows of a chunk, at most. */
@@ -125,14 +126,20 @@ export async function resolveBackfillTable(
 
 /** One chunk: its rows as `read` changes, each row's key, and where the next chunk starts. */
 export interface Chunk {
-  /** The `{"kind":"read"}` changes, in key order. */
-  changes: string[];
-  /** Each row's key (JSON of its key columns' text), by row. */
-  keys: string[];
+  /** The rows' `{"kind":"read"}` changes, in key order, as UTF-8 JSON, each followed by a comma. */
+  bytes: Uint8Array;
+  /** Where each row's change starts in {@link bytes}. */
+  starts: number[];
+  /** How many rows it has. */
+  rows: number;
+  /** Row `i`'s key (see {@link keyString}); made when asked (only rows the log changed need it). */
+  keyAt(i: number): string;
   /** The key of the chunk's last row: the next chunk's cursor (the same cursor if it has none). */
   lastKey: string[] | null;
   /** Whether the table has no rows after it. */
   last: boolean;
+  /** Rows PostgreSQL sent; more than the chunk's when it filled its bytes first. */
+  rowsRead: number;
   /**
    * Transactions (low 32 bits of their xids) in progress for the read's
    * snapshot: one of them whose commit the log carries before the low
@@ -152,38 +159,19 @@ export function keyString(values: readonly (string | null)[]): string {
   return JSON.stringify(values);
 }
 
-/** `$n` for `value`, pushed onto `params`. */
-function bind(params: unknown[], value: string): string {
-  params.push(value);
-  return `$${params.length}`;
-}
-
-/** A chunk's SQL: its key list, select list, and filter (its values pushed onto `params`). */
-function chunkSql(
-  table: BackfillTable,
-  where: StoredCondition[],
-  params: unknown[],
-): { keyList: string; select: string; filter: string } {
-  const filter = conditionsSql(
-    where,
-    (column) => table.quoted.get(column) ?? "NULL",
-    (column) => where.find((c) => c.column === column)!.typeName,
-    (value) => bind(params, value),
-  );
-  const keyList = table.key.map((k) => k.quoted).join(", ");
-  const select = [...table.key.map((k) => k.quoted), ...table.columns.map((c) => c.quoted)]
-    .join(", ");
-  return { keyList, select, filter };
-}
-
 /** The planner's estimate of the rows of `table` that pass `where`: a backfill's size, for progress. */
 export async function estimateRows(
   pool: pg.Pool,
   table: BackfillTable,
   where: StoredCondition[],
 ): Promise<number> {
-  const params: unknown[] = [];
-  const { filter } = chunkSql(table, where, params);
+  const params: string[] = [];
+  const filter = conditionsSql(
+    where,
+    (column) => table.quoted.get(column) ?? "NULL",
+    (column) => where.find((c) => c.column === column)!.typeName,
+    (value) => `$${params.push(value)}`,
+  );
   const { rows: [row] } = await pool.query<{ "QUERY PLAN": [{ Plan: { "Plan Rows": number } }] }>(
     `EXPLAIN (FORMAT JSON) SELECT FROM ${table.qualified} WHERE ${filter}`,
     params,
@@ -192,91 +180,170 @@ export async function estimateRows(
 }
 
 /**
- * Reads the chunk of `table` after `cursor` (null: from the start) that
- * passes `where` (the stream's filter and the backfill's, together).
+ * A string as an SQL literal, under `standard_conforming_strings = on` (which
+ * the read sets): quotes doubled, nothing else special. PostgreSQL text
+ * cannot hold a NUL, and the connection's encoding is UTF-8.
+ */
+function literal(value: string): string {
+  return `'${value.replaceAll("'", "''")}'`;
+}
+
+/**
+ * Reads on `connection` the chunk of `table` after `cursor` (null: from the
+ * start) that passes `where` (the stream's filter and the backfill's,
+ * together): at most `limits.rows` rows (and about `limits.bytes` of
+ * changes), in a `REPEATABLE READ` transaction of its own, by `COPY` (the
+ * cheapest way out of PostgreSQL). `COPY` takes no parameters: the filter's
+ * values (canonical text, from PostgreSQL's own casts) and the cursor's (key
+ * values PostgreSQL wrote) are literals, cast to their column's type.
  */
 export async function readChunk(
-  pool: pg.Pool,
+  connection: PgConnection,
   table: BackfillTable,
   where: StoredCondition[],
   cursor: string[] | null,
   limits: ChunkLimits,
 ): Promise<Chunk> {
-  const params: unknown[] = [limits.rows];
-  const { keyList, select, filter } = chunkSql(table, where, params);
+  const filter = conditionsSql(
+    where,
+    (column) => table.quoted.get(column) ?? "NULL",
+    (column) => where.find((c) => c.column === column)!.typeName,
+    literal,
+  );
+  const keyList = table.key.map((k) => k.quoted).join(", ");
   const after = cursor === null
     ? "true"
     : `(${keyList}) > (${
-      table.key.map((k, i) => `${bind(params, cursor[i])}::${k.typeName}`).join(", ")
+      table.key.map((k, i) => `${literal(cursor[i])}::${k.typeName}`).join(", ")
     })`;
-  const client = await pool.connect();
-  let rows: (string | null)[][];
-  let inProgress: number[];
+  const select = [...table.key.map((k) => k.quoted), ...table.columns.map((c) => c.quoted)]
+    .join(", ");
+  const rows = new ReadRows(table, limits.bytes);
   try {
-    // One snapshot for both statements: the rows, and the transactions it does not see yet.
-    await client.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
-    await client.query(
-      `SET LOCAL statement_timeout = '${STATEMENT_TIMEOUT}'; SET LOCAL lock_timeout = '${LOCK_TIMEOUT}'`,
+    // One snapshot for both statements: the transactions it does not see yet, and the rows.
+    const { rows: [[xids]] } = await connection.query(
+      `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+       SET LOCAL standard_conforming_strings = on;
+       SET LOCAL statement_timeout = '${STATEMENT_TIMEOUT}'; SET LOCAL lock_timeout = '${LOCK_TIMEOUT}';
+       SELECT string_agg((x::text::int8 % 4294967296)::text, ',')
+         FROM pg_snapshot_xip(pg_current_snapshot()) x`,
     );
-    const { rows: [snapshot] } = await client.query<{ xids: string[] }>(
-      `SELECT array(SELECT (x::text::int8 % 4294967296)::text
-                      FROM pg_snapshot_xip(pg_current_snapshot()) x) AS xids`,
+    await connection.copyOut(
+      `COPY (SELECT ${select} FROM ${table.qualified} WHERE ${after} AND ${filter} ORDER BY ${keyList} LIMIT ${limits.rows}) TO STDOUT`,
+      (row) => rows.push(row),
     );
-    inProgress = snapshot.xids.map(Number);
-    const result = await client.query({
-      text:
-        `SELECT ${select} FROM ${table.qualified} WHERE ${after} AND ${filter} ORDER BY ${keyList} LIMIT $1`,
-      values: params,
-      rowMode: "array",
-      types: RAW_TEXT_TYPES,
-    });
-    await client.query("COMMIT");
-    rows = result.rows as (string | null)[][];
+    // Not awaited: the next statement on the connection waits for it (a failure fails that one).
+    connection.query("COMMIT").catch(() => {});
+    const inProgress = xids === null ? [] : xids.split(",").map(Number);
+    const included = rows.starts.length;
+    return {
+      bytes: rows.bytes,
+      starts: rows.starts,
+      rows: included,
+      keyAt: (i) => keyString(rows.key(i)),
+      lastKey: included > 0 ? rows.key(included - 1) : cursor,
+      last: rows.read < limits.rows && included === rows.read,
+      rowsRead: rows.read,
+      inProgress,
+    };
   } catch (error) {
-    await client.query("ROLLBACK").catch(() => {});
+    await connection.query("ROLLBACK").catch(() => {});
     throw error;
-  } finally {
-    client.release();
   }
-  return { ...encodeChunk(table, rows, cursor, limits), inProgress };
 }
 
-/** The rows of a chunk's read as changes, cut at `limits.bytes`. */
-function encodeChunk(
-  table: BackfillTable,
-  rows: (string | null)[][],
-  cursor: string[] | null,
-  limits: ChunkLimits,
-): Omit<Chunk, "inProgress"> {
-  const keyCount = table.key.length;
-  const encoders: ValueEncoder[] = table.columns.map((c) => encoderFor(c.typeOid));
-  const head = `{"kind":"read","schema":${JSON.stringify(table.schema)},"table":${
-    JSON.stringify(table.table)
-  },"columnnames":[${table.columns.map((c) => JSON.stringify(c.name)).join(",")}],"columntypes":[${
-    table.columns.map((c) => JSON.stringify(c.typeName)).join(",")
-  }],"columnvalues":[`;
-  const changes: string[] = [];
-  const keys: string[] = [];
-  let bytes = 0;
-  let lastKey = cursor;
-  for (const row of rows) {
-    let change = head;
-    for (let i = 0; i < encoders.length; i++) {
-      const value = row[keyCount + i];
-      change += (i === 0 ? "" : ",") + (value === null ? JSON_NULL : encoders[i](value));
-    }
-    change += "]}";
-    const key = row.slice(0, keyCount);
-    changes.push(change);
-    keys.push(keyString(key));
-    lastKey = key as string[];
-    bytes += change.length + 1;
-    if (bytes >= limits.bytes) break;
+const COMMA = 0x2c;
+const NEWLINE = 0x0a;
+const encoder = new TextEncoder();
+
+/** COPY text rows (the key's columns, then the stream's) written as `read` changes, up to a size. */
+class ReadRows {
+  readonly #head: Uint8Array;
+  readonly #kinds: ValueKind[];
+  readonly #keyColumns: number;
+  readonly #bytes: number;
+  #out: Uint8Array;
+  #used = 0;
+  /** The key fields of every row, as COPY wrote them, and where each one ends in it. */
+  #keys: Uint8Array = new Uint8Array(64 << 10);
+  #keysUsed = 0;
+  readonly #keyEnds: number[] = [];
+  readonly starts: number[] = [];
+  /** Rows received, whether they fitted or not. */
+  read = 0;
+
+  constructor(table: BackfillTable, bytes: number) {
+    this.#head = encoder.encode(
+      `{"kind":"read","schema":${JSON.stringify(table.schema)},"table":${
+        JSON.stringify(table.table)
+      },"columnnames":[${
+        table.columns.map((c) => JSON.stringify(c.name)).join(",")
+      }],"columntypes":[${
+        table.columns.map((c) => JSON.stringify(c.typeName)).join(",")
+      }],"columnvalues":[`,
+    );
+    this.#kinds = table.columns.map((c) => valueKindOf(c.typeOid));
+    this.#keyColumns = table.key.length;
+    this.#bytes = bytes;
+    // Sized for a full chunk at once: growing it would copy it, and fault in fresh pages each time.
+    this.#out = new Uint8Array(bytes + (64 << 10));
   }
-  return {
-    changes,
-    keys,
-    lastKey,
-    last: changes.length === rows.length && rows.length < limits.rows,
-  };
+
+  /** The changes written, each followed by a comma. */
+  get bytes(): Uint8Array {
+    return this.#out.subarray(0, this.#used);
+  }
+
+  /** Row `i`'s key: the text of each key column. */
+  key(i: number): string[] {
+    const key: string[] = [];
+    let at = i === 0 ? 0 : this.#keyEnds[i * this.#keyColumns - 1];
+    for (let k = 0; k < this.#keyColumns; k++) {
+      const end = this.#keyEnds[i * this.#keyColumns + k];
+      key.push(fieldText(this.#keys, at, end) ?? "");
+      at = end;
+    }
+    return key;
+  }
+
+  /** One row: a CopyData payload, the fields tab-separated and a newline. */
+  push(row: Uint8Array): void {
+    this.read++;
+    if (this.#used >= this.#bytes) return; // full: the next chunk starts with this row
+    const end = row.length > 0 && row[row.length - 1] === NEWLINE ? row.length - 1 : row.length;
+    let at = 0;
+    for (let k = 0; k < this.#keyColumns; k++) {
+      const stop = fieldEnd(row, at, end);
+      if (this.#keysUsed + stop - at > this.#keys.length) {
+        const grown = new Uint8Array(2 * (this.#keys.length + stop - at));
+        grown.set(this.#keys.subarray(0, this.#keysUsed));
+        this.#keys = grown;
+      }
+      for (let i = at; i < stop; i++) this.#keys[this.#keysUsed++] = row[i];
+      this.#keyEnds.push(this.#keysUsed);
+      at = stop + 1;
+    }
+    // A value grows at most six-fold (a control byte as \u00XX); commas and brackets besides.
+    const need = this.#used + this.#head.length + 6 * row.length + 3 * this.#kinds.length + 8;
+    if (need > this.#out.length) {
+      const grown = new Uint8Array(Math.max(need, 2 * this.#out.length));
+      grown.set(this.#out.subarray(0, this.#used));
+      this.#out = grown;
+    }
+    const out = this.#out;
+    let o = this.#used;
+    this.starts.push(o);
+    out.set(this.#head, o);
+    o += this.#head.length;
+    for (let i = 0; i < this.#kinds.length; i++) {
+      if (i > 0) out[o++] = COMMA;
+      const stop = fieldEnd(row, at, end);
+      o = writeField(this.#kinds[i], row, at, stop, out, o);
+      at = stop + 1;
+    }
+    out[o++] = 0x5d; // ]
+    out[o++] = 0x7d; // }
+    out[o++] = COMMA;
+    this.#used = o;
+  }
 }

@@ -44,6 +44,8 @@ export interface SentFrame {
   text: string;
   nextLsn: Lsn;
   partial: boolean;
+  /** UTF-8 bytes of `text`, where known without counting. */
+  bytes?: number;
   changes?: number;
   commitTime?: number;
 }
@@ -392,7 +394,7 @@ export class Metrics {
       sent(frame: SentFrame) {
         t.frames++;
         t.changes += frame.changes ?? 0;
-        t.bytes += utf8Bytes(frame.text);
+        t.bytes += frame.bytes ?? utf8Bytes(frame.text);
         const top = highest.get(stream) ?? 0n;
         // A partial chunk carries the previous transaction's nextlsn: only below the top is it a repeat.
         if (frame.partial ? frame.nextLsn < top : frame.nextLsn <= top) t.redelivered++;

@@ -31,6 +31,8 @@ export class FrameBuilder {
   /** Changes not spilled yet, comma-separated. */
   #text = "";
   #count = 0;
+  /** UTF-8 length of the last frame taken, when it was known without counting (-1: not). */
+  #takenBytes = -1;
 
   /** A builder for frames of about `chunkBytes` (one change may make a frame larger). */
   constructor(chunkBytes: number) {
@@ -54,6 +56,18 @@ export class FrameBuilder {
     if (this.#text.length >= SPILL_UNITS) this.#spill();
   }
 
+  /** Appends `count` changes given as UTF-8 JSON, comma-separated already. */
+  addBytes(changes: Uint8Array, count: number): void {
+    if (this.#text !== "") this.#spill();
+    const comma = this.#end > HEAD_ROOM ? 1 : 0;
+    const needed = this.#end + comma + changes.length;
+    if (needed > this.#bytes.length) this.#grow(needed);
+    if (comma) this.#bytes[this.#end++] = 0x2c; // ,
+    this.#bytes.set(changes, this.#end);
+    this.#end += changes.length;
+    this.#count += count;
+  }
+
   /**
    * The frame's text, `head` (an ASCII opening of at most {@link HEAD_ROOM}
    * bytes ending in `[`) + the changes + `]}`, as one string; the builder is
@@ -63,6 +77,7 @@ export class FrameBuilder {
     if (this.#end === HEAD_ROOM) {
       const text = `${head}${this.#text}]}`;
       this.clear();
+      this.#takenBytes = -1;
       return text;
     }
     this.#text += "]}";
@@ -70,9 +85,15 @@ export class FrameBuilder {
     const start = HEAD_ROOM - head.length;
     for (let i = 0; i < head.length; i++) this.#bytes[start + i] = head.charCodeAt(i);
     const text = decoder.decode(this.#bytes.subarray(start, this.#end));
+    this.#takenBytes = this.#end - start;
     this.clear();
     if (this.#bytes.length > this.#keptBytes) this.#bytes = new Uint8Array(HEAD_ROOM + (64 << 10));
     return text;
+  }
+
+  /** UTF-8 bytes of the frame the last {@link take} made, when known without counting; else -1. */
+  get takenBytes(): number {
+    return this.#takenBytes;
   }
 
   /** Drops the changes added since the last {@link take}. */

@@ -33,6 +33,8 @@ export interface Frame {
   readonly nextLsn: Lsn;
   /** Number of changes in the frame. */
   readonly changes: number;
+  /** UTF-8 bytes of `text`, where the decoder knew them without counting (a large frame). */
+  readonly bytes?: number;
   /** True for every chunk of a large transaction but the last. */
   readonly partial: boolean;
   /** The transaction's commit time (ms since the Unix epoch) as pgoutput's Begin carries it. */
@@ -113,6 +115,9 @@ export interface StreamScope {
 /** A change's values by tuple position (see `row_filter.ts`'s {@link RawValue}). */
 export type { RawValue };
 
+/** Changes a {@link LogTap} adds to a frame: one's JSON text, or several as comma-separated UTF-8 JSON. */
+export type TappedChanges = string | { bytes: Uint8Array; count: number };
+
 /**
  * What reads a stream's log beside its frames (a backfill: its watermarks,
  * and the keys changed between them). The decoder tells it, in log order,
@@ -139,7 +144,7 @@ export interface LogTap {
    * The transaction that carried its messages committed; `nextLsn` is its
    * end, the frame's nextlsn: the changes (JSON texts) to send in it, if any.
    */
-  committed(nextLsn: string): readonly string[] | undefined;
+  committed(nextLsn: string): readonly TappedChanges[] | undefined;
 }
 
 /**
@@ -358,7 +363,10 @@ export class PgoutputDecoder {
       // A transaction of the tap's messages (a watermark): what the tap sends at its position.
       this.#tapped = false;
       const added = this.#tap!.committed(formatLsnAt(view, at + 10)) ?? [];
-      for (const change of added) this.#pending.add(change);
+      for (const change of added) {
+        if (typeof change === "string") this.#pending.add(change);
+        else this.#pending.addBytes(change.bytes, change.count);
+      }
     }
     const changes = this.#pending.count;
     // A transaction whose every change was filtered out is not sent; the last chunk of a chunked
@@ -390,10 +398,12 @@ export class PgoutputDecoder {
   #frame(text: string, changes: number, partial: boolean): Frame {
     const firstChange = this.#frameStart;
     this.#frameStart = this.#ordinal;
+    const bytes = this.#pending.takenBytes;
     return {
       text,
       nextLsn: this.#lastEnd,
       changes,
+      ...(bytes >= 0 ? { bytes } : {}),
       partial,
       commitTime: this.#commitTime,
       txLsn: this.#txLsn,

@@ -13,6 +13,7 @@
 import { valueKindOf } from "../replication/wal2json_value.ts";
 
 const encoder = new TextEncoder();
+const textDecoder = new TextDecoder();
 
 /** A column of the rows: its JSON-encoded name and how its values are written. */
 export interface CopyColumn {
@@ -99,42 +100,7 @@ export class TextRowsToJson {
       o += head.length;
       let stop = row.indexOf(TAB, at);
       if (stop === -1 || stop > end) stop = end;
-      if (stop - at === 2 && row[at] === BACKSLASH && row[at + 1] === 0x4e /* N */) {
-        out.set(NULL, o);
-        o += 4;
-      } else {
-        switch (this.#kinds[column]) {
-          case "number": {
-            const first = row[at];
-            // NaN, Infinity and -Infinity have no JSON form: null, as wal2json writes them.
-            if (first === 0x4e || first === 0x49 || (first === 0x2d && row[at + 1] === 0x49)) {
-              out.set(NULL, o);
-              o += 4;
-            } else {
-              out.set(row.subarray(at, stop), o);
-              o += stop - at;
-            }
-            break;
-          }
-          case "boolean":
-            out.set(row[at] === 0x74 ? TRUE : FALSE, o);
-            o += row[at] === 0x74 ? 4 : 5;
-            break;
-          case "bytea": {
-            // COPY writes bytea's \x as \\x; the hex digits need no escaping.
-            const from = row[at] === BACKSLASH && row[at + 1] === BACKSLASH && row[at + 2] === 0x78
-              ? at + 3
-              : at;
-            out[o++] = QUOTE;
-            out.set(row.subarray(from, stop), o);
-            o += stop - from;
-            out[o++] = QUOTE;
-            break;
-          }
-          default:
-            o = this.#string(row, at, stop, out, o);
-        }
-      }
+      o = writeField(this.#kinds[column], row, at, stop, out, o);
       at = stop + 1;
     }
     if (this.#heads.length === 0) out[o++] = 0x7b; // { of a row with no columns
@@ -142,24 +108,6 @@ export class TextRowsToJson {
     out[o++] = NEWLINE;
     this.#used = o;
     return wait;
-  }
-
-  /** A text field `row[at, stop)` as a JSON string at `out[o]`; returns where it ends. */
-  #string(row: Uint8Array, at: number, stop: number, out: Uint8Array, o: number): number {
-    out[o++] = QUOTE;
-    for (let i = at; i < stop; i++) {
-      let b = row[i];
-      if (b === BACKSLASH && i + 1 < stop) b = UNESCAPED[row[++i]] || row[i];
-      if (b < 0x20 || b === QUOTE || b === BACKSLASH) {
-        const escape = JSON_ESCAPES[b];
-        out.set(escape, o);
-        o += escape.length;
-      } else {
-        out[o++] = b; // UTF-8 bytes of other characters pass as they are, as JSON.stringify's do
-      }
-    }
-    out[o++] = QUOTE;
-    return o;
   }
 
   /** Hands over what is buffered. */
@@ -170,4 +118,99 @@ export class TextRowsToJson {
     this.#used = 0;
     return this.#emit(full);
   }
+}
+
+/**
+ * Writes the COPY text field `row[at, stop)` at `out[o]` as JSON with
+ * wal2json's rule for `kind` (`\N` is `null`); returns where it ends. `out`
+ * needs room for six bytes a byte of the field, plus five.
+ */
+export function writeField(
+  kind: ReturnType<typeof valueKindOf>,
+  row: Uint8Array,
+  at: number,
+  stop: number,
+  out: Uint8Array,
+  o: number,
+): number {
+  if (stop - at === 2 && row[at] === BACKSLASH && row[at + 1] === 0x4e /* N */) {
+    out.set(NULL, o);
+    return o + 4;
+  }
+  switch (kind) {
+    case "number": {
+      const first = row[at];
+      // NaN, Infinity and -Infinity have no JSON form: null, as wal2json writes them.
+      if (first === 0x4e || first === 0x49 || (first === 0x2d && row[at + 1] === 0x49)) {
+        out.set(NULL, o);
+        return o + 4;
+      }
+      for (let i = at; i < stop; i++) out[o++] = row[i];
+      return o;
+    }
+    case "boolean":
+      out.set(row[at] === 0x74 ? TRUE : FALSE, o);
+      return o + (row[at] === 0x74 ? 4 : 5);
+    case "bytea": {
+      // COPY writes bytea's \x as \\x; the hex digits need no escaping.
+      const from = row[at] === BACKSLASH && row[at + 1] === BACKSLASH && row[at + 2] === 0x78
+        ? at + 3
+        : at;
+      out[o++] = QUOTE;
+      out.set(row.subarray(from, stop), o);
+      o += stop - from;
+      out[o++] = QUOTE;
+      return o;
+    }
+    default:
+      return writeString(row, at, stop, out, o);
+  }
+}
+
+/** A text field `row[at, stop)` as a JSON string at `out[o]`; returns where it ends. */
+function writeString(
+  row: Uint8Array,
+  at: number,
+  stop: number,
+  out: Uint8Array,
+  o: number,
+): number {
+  out[o++] = QUOTE;
+  for (let i = at; i < stop; i++) {
+    let b = row[i];
+    if (b === BACKSLASH && i + 1 < stop) b = UNESCAPED[row[++i]] || row[i];
+    if (b < 0x20 || b === QUOTE || b === BACKSLASH) {
+      const escape = JSON_ESCAPES[b];
+      out.set(escape, o);
+      o += escape.length;
+    } else {
+      out[o++] = b; // UTF-8 bytes of other characters pass as they are, as JSON.stringify's do
+    }
+  }
+  out[o++] = QUOTE;
+  return o;
+}
+
+/** The COPY text field `row[at, stop)` unescaped, as a string (`null` for `\N`). */
+export function fieldText(row: Uint8Array, at: number, stop: number): string | null {
+  if (stop - at === 2 && row[at] === BACKSLASH && row[at + 1] === 0x4e /* N */) return null;
+  if (row.subarray(at, stop).indexOf(BACKSLASH) === -1) {
+    return textDecoder.decode(row.subarray(at, stop));
+  }
+  const bytes = new Uint8Array(stop - at);
+  let n = 0;
+  for (let i = at; i < stop; i++) {
+    let b = row[i];
+    if (b === BACKSLASH && i + 1 < stop) b = UNESCAPED[row[++i]] || row[i];
+    bytes[n++] = b;
+  }
+  return textDecoder.decode(bytes.subarray(0, n));
+}
+
+/** Where the field that starts at `at` of a COPY text row ends (a tab, or `end`). */
+export function fieldEnd(row: Uint8Array, at: number, end: number): number {
+  // A loop, not indexOf: fields are short, and a Buffer's indexOf costs more to call than to run.
+  let i = at;
+  while (i < end && row[i] !== TAB) i++;
+  return i;
 }

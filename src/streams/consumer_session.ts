@@ -37,6 +37,8 @@ export interface OutgoingFrame {
    */
   nextLsn: Lsn;
   partial: boolean;
+  /** UTF-8 bytes of `text`, where the source knows them without counting. */
+  bytes?: number;
   /** Changes in it, and its transaction's commit time (ms), where the source knows them. */
   changes?: number;
   commitTime?: number;

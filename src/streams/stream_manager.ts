@@ -489,6 +489,7 @@ export class StreamManager {
         chunkBytes: config.frameChunkBytes,
         receiveTimeoutMs: config.replicationTimeoutMs,
         tap: facts.version < BACKFILL_MIN_VERSION ? undefined : new BackfillTap({
+          database: config.database,
           pool,
           store: this.#backfills,
           stream: stream.name,
