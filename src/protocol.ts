@@ -333,6 +333,12 @@ export interface CreateStreamRequest {
   operations?: StreamOperation[];
   /** Default: the server's `STREAM_MAX_LAG_BYTES` and `STREAM_MAX_IDLE_SECONDS`. */
   limits?: Partial<StreamLimits>;
+  /**
+   * How the consumer gets its first copy: `snapshot` (the default), an
+   * exported snapshot read over HTTP; or `backfill`, no snapshot held, and a
+   * `replace` backfill of every table in its change stream.
+   */
+  initial?: "snapshot" | "backfill";
 }
 
 /** A stream's standing against its limits: `warning` from half of either, `invalidated` past one. */
@@ -354,6 +360,8 @@ export interface StreamTable {
 
 /** A stream as `POST /v2/streams` returns it. */
 export interface StreamDefinitionBody {
+  /** How its consumer gets its first copy (see {@link CreateStreamRequest.initial}). */
+  initial: "snapshot" | "backfill";
   name: string;
   slotName: string;
   tables: StreamTable[];
@@ -364,7 +372,10 @@ export interface StreamDefinitionBody {
 
 /** `201` of `POST /v2/streams`. */
 export interface CreateStreamResponse extends StreamDefinitionBody {
-  snapshot: { expiresAt: string };
+  /** `initial: "snapshot"`: until when its snapshot is held. */
+  snapshot?: { expiresAt: string };
+  /** `initial: "backfill"`: the backfill queued for each table. */
+  backfills?: { id: string; table: string }[];
 }
 
 /** A stream with its state: `GET /v2/streams/{name}` (and each of `GET /v2/streams`). */

@@ -1,7 +1,13 @@
 import assert from "node:assert/strict";
 import pg from "pg";
 import type { DatabaseConfig } from "../src/config.ts";
-import type { BackfillBody, BackfillChange, Change, TransactionFrame } from "../src/protocol.ts";
+import type {
+  BackfillBody,
+  BackfillChange,
+  Change,
+  CreateStreamResponse,
+  TransactionFrame,
+} from "../src/protocol.ts";
 import { deadline, poll } from "./support/deadline.ts";
 import {
   createStream,
@@ -394,4 +400,60 @@ Deno.test("a transaction whose commit the log carries before a chunk's read can 
   } finally {
     await waiting.end();
   }
+});
+
+Deno.test('initial: "backfill" holds no snapshot and gives the first consumer its copy in the socket', async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, SETUP);
+  await using api = await startApi(db);
+  // Refused at creation when a table cannot be backfilled, naming it; nothing is left behind.
+  const refused = await postJson(new URL("/v2/streams", api.url), {
+    name: "first",
+    tables: ["items", "nokey"],
+    initial: "backfill",
+  });
+  assert.equal(refused.status, 400, refused.text);
+  assert.match(JSON.parse(refused.text).error, /public\.nokey has neither a primary key/);
+  const bad = await postJson(new URL("/v2/streams", api.url), {
+    name: "first",
+    tables: ["items"],
+    initial: "copy",
+  });
+  assert.equal(bad.status, 400);
+  assert.match(
+    JSON.parse(bad.text).error,
+    /"initial" must be "snapshot" \(the default\) or "backfill"/,
+  );
+  const created = await createStream(api.url, {
+    name: "first",
+    tables: STREAM.tables.slice(0, 2),
+    initial: "backfill",
+  }) as unknown as CreateStreamResponse;
+  assert.equal(created.initial, "backfill");
+  assert.equal(created.snapshot, undefined);
+  assert.deepEqual(created.backfills!.map((b) => b.table), ["public.items", "public.sentinel"]);
+  const state = await (await fetch(new URL("/v2/streams/first", api.url))).json();
+  assert.equal(state.snapshotHeld, false);
+  assert.equal(state.backfills.length, 2);
+  const held = await sql(
+    db,
+    "SELECT count(*)::int AS n FROM pg_stat_activity WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid()",
+  );
+  assert.equal(held[0].n, 0, "no transaction holds a snapshot for the stream");
+  const seed = testSeed();
+  const writes = writer(db, seed);
+  await using client = await StreamClient.changes(api.url, "first");
+  const replica = new Replica();
+  for (const { id } of created.backfills!) {
+    await consume(client, replica, isDone(id), `the initial backfill ${id}'s done`);
+  }
+  await writes.stop();
+  await catchUp(db, client, replica);
+  assertSameRows(replica.table("public.items"), await expected(db));
+  assert.deepEqual(
+    replica.backfills.map((b) => `${b.table} ${b.state}`),
+    ["items started", "items done", "sentinel started", "sentinel done"],
+    `seed ${seed}`,
+  );
 });

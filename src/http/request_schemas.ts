@@ -242,10 +242,12 @@ export const V2_CREATE: RequestSchema<CreateStream> = {
     tables: z.array(STREAM_TABLE).min(1).max(1000),
     operations: optional(z.array(OPERATION).min(1)),
     limits: optional(LIMITS),
+    initial: optional(z.enum(["snapshot", "backfill"])),
   }).transform((body) => ({
     name: body.name,
     tables: body.tables,
     limits: body.limits ?? {},
+    initial: body.initial ?? "snapshot",
     operations: body.operations === undefined
       ? ["insert", "update", "delete", "truncate"]
       : [...new Set(body.operations)],
@@ -260,6 +262,7 @@ export const V2_CREATE: RequestSchema<CreateStream> = {
       '[column, op, value], [column, "in", [values]] or [column, "is null" | "is not null"], ' +
       `op one of ${OPERATORS.join(", ")}`,
     operations: '"operations" must be a non-empty list of insert, update, delete, truncate',
+    initial: '"initial" must be "snapshot" (the default) or "backfill"',
     ...LIMITS_MESSAGES,
   },
 };

@@ -254,7 +254,7 @@ export class SlotManager {
    * held for `owner`. The name is the caller's, checked (`[a-z0-9_]`) and
    * recorded before this is called.
    */
-  async createSlot(slotName: string, owner: SnapshotOwner): Promise<void> {
+  async createSlot(slotName: string, owner: SnapshotOwner | undefined): Promise<void> {
     if (!isValidSlotName(slotName)) throw new TypeError(`Not a slot name: ${slotName}`);
     const replication = await connect(this.#db, true);
     try {
@@ -262,12 +262,17 @@ export class SlotManager {
       // option list cannot be mixed with the older EXPORT_SNAPSHOT keyword).
       const failover = await serverVersion(this.#pool) >= 170000;
       // The exported snapshot lives only while this connection stays idle: import it before anything else.
+      // No owner: no snapshot is exported at all (the stream's first copy comes by backfills).
       const { rows } = await replication.query(
         failover
-          ? `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)`
-          : `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput EXPORT_SNAPSHOT`,
+          ? `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput (SNAPSHOT '${
+            owner ? "export" : "nothing"
+          }', FAILOVER true)`
+          : `CREATE_REPLICATION_SLOT "${slotName}" LOGICAL pgoutput ${
+            owner ? "EXPORT_SNAPSHOT" : "NOEXPORT_SNAPSHOT"
+          }`,
       );
-      await this.#snapshots.hold(slotName, owner, rows[0].snapshot_name);
+      if (owner) await this.#snapshots.hold(slotName, owner, rows[0].snapshot_name);
       for (const table of ["slots", "streams"]) {
         await this.#pool.query(
           `UPDATE ${this.#names.schema}.${table} SET slot_ready = true WHERE slot_name = $1`,

@@ -45,6 +45,8 @@ export interface StoredTable {
 export interface StreamDefinition {
   tables: StoredTable[];
   operations: StreamOperation[];
+  /** How a consumer gets its first copy: an exported snapshot (absent: the default), or backfills. */
+  initial?: "backfill";
 }
 
 /** A condition of a request: `[column, op, value?]`, values as JSON gave them. */

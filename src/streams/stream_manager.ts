@@ -55,6 +55,8 @@ export interface CreateStream {
   operations: StreamOperation[];
   /** Limits given; the others are the server's defaults. */
   limits: Partial<StreamLimits>;
+  /** How its consumer gets its first copy. */
+  initial: "snapshot" | "backfill";
 }
 
 /** What starting a backfill takes, validated. */
@@ -147,13 +149,19 @@ export class StreamManager {
    * held), the slot is dropped and the record deleted.
    */
   async create(request: CreateStream): Promise<CreateStreamResponse> {
-    const { pool, names, snapshots } = this.#deps;
+    const { pool, names } = this.#deps;
     const definition = await resolveDefinition(
       pool,
       names.schema,
       request.tables,
       request.operations,
     );
+    if (request.initial === "backfill") {
+      // Every table must be one a backfill can read: refused now, not when the consumer connects.
+      await this.#assertBackfills();
+      for (const table of definition.tables) await resolveBackfillTable(pool, table);
+      definition.initial = "backfill";
+    }
     const limits = { ...this.#deps.config.streamLimits, ...request.limits };
     const stream = await this.#store.insert(
       request.name,
@@ -161,8 +169,9 @@ export class StreamManager {
       definition,
       limits,
     );
+    let response: CreateStreamResponse;
     try {
-      await this.#makeSlot(stream);
+      response = await this.#start(stream);
     } catch (error) {
       await this.#forget(stream);
       throw this.#slotError(error, "Cannot create stream");
@@ -171,19 +180,57 @@ export class StreamManager {
       stream: stream.name,
       slot: stream.slotName,
       tables: definition.tables.map((t) => `${t.schema}.${t.table}`).join(","),
+      initial: definition.initial ?? "snapshot",
     });
-    return {
-      ...await this.#body(stream),
-      snapshot: { expiresAt: snapshots.expiresAt(stream.slotName)!.toISOString() },
-    };
+    return response;
   }
 
-  /** Creates the stream's insert publication and its slot, with an exported snapshot held. */
-  async #makeSlot(stream: StoredStream): Promise<void> {
-    const { pool, slots } = this.#deps;
+  /**
+   * Makes the stream's slot and its consumer's first copy: an exported
+   * snapshot held, or (`initial: "backfill"`) a `replace` backfill of each
+   * table, queued, and no snapshot at all.
+   */
+  async #start(stream: StoredStream): Promise<CreateStreamResponse> {
+    const { pool, slots, snapshots } = this.#deps;
+    const byBackfill = stream.definition.initial === "backfill";
     await slots.syncPublication();
     await createInsertPublication(pool, stream.slotName, stream.definition);
-    await slots.createSlot(stream.slotName, this.snapshotOwner(stream.name));
+    await slots.createSlot(
+      stream.slotName,
+      byBackfill ? undefined : this.snapshotOwner(stream.name),
+    );
+    if (!byBackfill) {
+      return {
+        ...await this.#body(stream),
+        snapshot: { expiresAt: snapshots.expiresAt(stream.slotName)!.toISOString() },
+      };
+    }
+    const backfills = [];
+    for (const table of stream.definition.tables) {
+      const backfill = await this.#backfills.queue({
+        stream: stream.name,
+        tableOid: table.oid,
+        schema: table.schema,
+        table: table.table,
+        mode: "replace",
+        conditions: [],
+      });
+      backfills.push({ id: backfill.id, table: `${table.schema}.${table.table}` });
+    }
+    this.#wakers.wake(stream.name);
+    return { ...await this.#body(stream), backfills };
+  }
+
+  /** A {@link InvalidRequestError} unless the database can carry backfills (PostgreSQL 14+). */
+  async #assertBackfills(): Promise<void> {
+    const { rows: [{ version }] } = await this.#deps.pool.query<{ version: number }>(
+      "SELECT current_setting('server_version_num')::int AS version",
+    );
+    if (version < BACKFILL_MIN_VERSION) {
+      throw new InvalidRequestError(
+        "Cannot backfill: it needs PostgreSQL 14 or later (logical decoding messages in pgoutput)",
+      );
+    }
   }
 
   #slotError(error: unknown, action: string): unknown {
@@ -242,29 +289,27 @@ export class StreamManager {
    */
   async reset(name: string): Promise<CreateStreamResponse> {
     const old = await this.require(name, "Cannot reset stream");
-    const { snapshots } = this.#deps;
     await this.#teardown(old, CloseCode.SlotDropped, "stream reset", "the stream was reset");
     const stream = await this.#store.replaceSlot(name, slotNameFor(name));
+    // The consumer's copy starts again: so do the backfills under way.
     await this.#backfills.restart(name);
+    let response: CreateStreamResponse;
     try {
       const log = this.#deps.log;
       // The log's frames belong to the old slot: consumers positioned there are told (4411).
       if (log !== undefined) await this.#store.setRelayStart(name, await log.reset(name));
-      await this.#makeSlot(stream);
+      response = await this.#start(stream);
     } catch (error) {
       // Invalidating releases the new snapshot and drops the new slot, if they were made.
       await this.invalidate(stream, "its reset failed; reset it again").catch(() => {});
       throw this.#slotError(error, "Cannot reset stream");
     }
-    log.info("stream.reset", `stream "${name}" has a new slot and snapshot`, {
+    log.info("stream.reset", `stream "${name}" has a new slot and a new first copy`, {
       stream: name,
       slot: stream.slotName,
       previousSlot: old.slotName,
     });
-    return {
-      ...await this.#body(stream),
-      snapshot: { expiresAt: snapshots.expiresAt(stream.slotName)!.toISOString() },
-    };
+    return response;
   }
 
   /** Undoes a failed create: drops the slot if it exists, then the record (kept if the drop fails). */
@@ -292,6 +337,7 @@ export class StreamManager {
       operations: stream.definition.operations,
       limits: this.limitsOf(stream),
       createdAt: stream.createdAt.toISOString(),
+      initial: stream.definition.initial ?? "snapshot",
     };
   }
 
@@ -520,14 +566,7 @@ export class StreamManager {
   async startBackfill(name: string, request: StartBackfill): Promise<BackfillBody> {
     const stream = await this.require(name, "Cannot backfill");
     const { pool, names } = this.#deps;
-    const { rows: [{ version }] } = await pool.query<{ version: number }>(
-      "SELECT current_setting('server_version_num')::int AS version",
-    );
-    if (version < BACKFILL_MIN_VERSION) {
-      throw new InvalidRequestError(
-        "Cannot backfill: it needs PostgreSQL 14 or later (logical decoding messages in pgoutput)",
-      );
-    }
+    await this.#assertBackfills();
     // The request's table and filter resolved as a stream's are: the same names, the same grammar.
     const [asked] = (await resolveDefinition(
       pool,

@@ -638,9 +638,9 @@ $("act-reset").addEventListener("click", () =>
     "Reset",
     async () => {
       const body = await api("POST", `${path()}/reset`);
-      return `Reset: new slot ${body.slotName}, snapshot held until ${
-        iso(body.snapshot.expiresAt)
-      }.`;
+      return body.snapshot
+        ? `Reset: new slot ${body.slotName}, snapshot held until ${iso(body.snapshot.expiresAt)}.`
+        : `Reset: new slot ${body.slotName}, ${body.backfills.length} backfill(s) queued.`;
     },
   ));
 $("act-release").addEventListener("click", () =>
