@@ -21,6 +21,7 @@ import {
 } from "./support/harness.ts";
 import { seededRandom, testSeed } from "./support/random.ts";
 import { Replica, type ReplicaRow } from "./support/replica.ts";
+import { hasNats, NatsServer } from "./support/nats.ts";
 
 const ROWS = 200_000;
 
@@ -456,4 +457,44 @@ Deno.test('initial: "backfill" holds no snapshot and gives the first consumer it
     ["items started", "items done", "sentinel started", "sentinel done"],
     `seed ${seed}`,
   );
+});
+
+Deno.test({
+  name:
+    "relay mode: a backfill goes through the stream's log, and every consumer id gets the same exact copy",
+  ignore: !hasNats,
+  async fn() {
+    await using postgres = await startPostgres();
+    const db = postgres.database;
+    await sql(db, SETUP);
+    await using nats = await NatsServer.start();
+    await using server = await ServerProcess.spawn(db, {
+      NATS_URL: nats.url,
+      RELAY_INSTANCE: "solo",
+    });
+    await createStream(server.url, { name: "rl", ...STREAM });
+    const first = await StreamClient.connect(server.url, "/v2/streams/rl/changes?consumer=first");
+    const replica = new Replica();
+    const seed = testSeed();
+    const writes = writer(db, seed);
+    try {
+      const backfill = await startBackfill(server.url, "rl", { table: "items", mode: "replace" });
+      await consume(first, replica, isDone(backfill.id), "the backfill's done, from the log");
+      await writes.stop();
+      await catchUp(db, first, replica);
+      assertSameRows(replica.table("public.items"), await expected(db));
+      // A consumer id that comes later reads the same frames from the log: the same copy.
+      await using later = await StreamClient.connect(
+        server.url,
+        "/v2/streams/rl/changes?consumer=later",
+      );
+      const copy = new Replica();
+      await catchUp(db, later, copy);
+      assertSameRows(copy.table("public.items"), await expected(db));
+      assert.deepEqual(copy.backfills.map((b) => b.state), ["started", "done"], `seed ${seed}`);
+    } finally {
+      await writes.stop().catch(() => {});
+      await first[Symbol.asyncDispose]();
+    }
+  },
 });

@@ -182,7 +182,7 @@ export class BackfillTap implements ReplicationTap {
   readonly prefix = WATERMARK_PREFIX;
   watching = 0;
   readonly #options: BackfillTapOptions;
-  readonly #limits: ChunkLimits;
+  #limits: ChunkLimits;
   readonly #abort = new AbortController();
   /** Steps whose watermarks the log may still bring, in the order they were made. */
   readonly #flights = new Map<string, Flight>();
@@ -219,7 +219,10 @@ export class BackfillTap implements ReplicationTap {
     this.#limits = options.limits ?? { rows: DEFAULT_CHUNK_ROWS, bytes: DEFAULT_CHUNK_BYTES };
   }
 
-  start(): void {
+  start(chunkBytes: number): void {
+    // A chunk's rows make one frame: no larger than the replication's frames (relay mode: NATS's
+    // max_payload).
+    this.#limits = { ...this.#limits, bytes: Math.min(this.#limits.bytes, chunkBytes) };
     const stop = this.#options.wakers.add(this.#options.stream, () => this.#wake?.());
     this.#abort.signal.addEventListener("abort", stop, { once: true });
     this.#run = this.#loop();

@@ -16,6 +16,7 @@ import { type Lsn, ZERO_LSN } from "../lsn.ts";
 import { SqlState, sqlState } from "../postgres/database.ts";
 import { PgConnection } from "../postgres/pg_connection.ts";
 import {
+  DEFAULT_CHUNK_BYTES,
   type Frame,
   type LogTap,
   PgoutputDecoder,
@@ -58,8 +59,8 @@ export interface ReplicationOptions {
 
 /** A {@link LogTap} that lives as long as one replication connection. */
 export interface ReplicationTap extends LogTap {
-  /** Replication started: what it reads is decoded from now on. */
-  start(): void;
+  /** Replication started, sending frames of about `chunkBytes`: what it reads is decoded from now on. */
+  start(chunkBytes: number): void;
   /** The client acknowledged every frame up to `lsn`. */
   acknowledged(lsn: Lsn): void;
   /** The replication ended: stop, and let go. */
@@ -220,7 +221,7 @@ export class ReplicationService implements AsyncDisposable {
       }
       throw error;
     }
-    this.#options.tap?.start();
+    this.#options.tap?.start(this.#options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
   }
 
   /** One CopyData payload: XLogData (a pgoutput message) or a keepalive. */
