@@ -628,6 +628,10 @@ $("act-delete").addEventListener("click", () =>
     "Delete",
     async () => {
       await api("DELETE", path());
+      // The overview shows at once, before the next refresh answers: never with the deleted row.
+      const deleted = detailName;
+      streams = streams.filter((s) => s.name !== deleted);
+      renderOverview();
       location.hash = "#/";
       return `Deleted ${detailName}.`;
     },
