@@ -99,6 +99,8 @@ export interface Config {
   publicationPrefix: string;
   /** A transaction whose changes reach this many bytes is sent as several frames. */
   frameChunkBytes: number;
+  /** Rows a backfill's chunk reads at most (and at most {@link frameChunkBytes} of them). */
+  backfillChunkRows: number;
   /** Connections that read one table export in parallel. */
   exportReaders: number;
   /** Connections every snapshot read shares (an export holds one while it runs). */
@@ -232,6 +234,7 @@ export const ENV_VARS = [
   "RELAY_REPLICAS",
   "RELAY_INSTANCE",
   "REPLICATION_TIMEOUT_SECONDS",
+  "BACKFILL_CHUNK_ROWS",
 ] as const;
 
 /** Reads one environment variable; `Deno.env.get` in production, a map in tests. */
@@ -395,6 +398,7 @@ export function loadConfig(env: EnvReader): Config {
     slotBusyTimeoutSeconds: integer(env, ["SLOT_BUSY_TIMEOUT_SECONDS"], 10, 0, 600),
     publicationPrefix: prefix,
     frameChunkBytes: integer(env, ["FRAME_CHUNK_BYTES"], 1 << 20, 1024, 64 << 20),
+    backfillChunkRows: integer(env, ["BACKFILL_CHUNK_ROWS"], 10_000, 100, 1_000_000),
     exportReaders: integer(env, ["EXPORT_READERS"], 2, 1, 16),
     snapshotReaders: integer(env, ["SNAPSHOT_READERS"], 8, 1, 64),
     snapshotReaderWaitMs: 10_000,

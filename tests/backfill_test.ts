@@ -10,6 +10,7 @@ import type {
 } from "../src/protocol.ts";
 import { deadline, poll } from "./support/deadline.ts";
 import {
+  captureLog,
   createStream,
   deleteAt,
   postJson,
@@ -22,6 +23,7 @@ import {
 import { seededRandom, testSeed } from "./support/random.ts";
 import { Replica, type ReplicaRow } from "./support/replica.ts";
 import { hasNats, NatsServer } from "./support/nats.ts";
+import { PgConnection } from "../src/postgres/pg_connection.ts";
 
 const ROWS = 200_000;
 
@@ -262,6 +264,12 @@ Deno.test("backfills refuse what cannot be done with a clear 4xx, and the server
       /"where\[0\]": invalid input syntax for type integer/,
     ],
     [{ table: "items", extra: 1 }, 400, /extra/],
+    // The consumer drops its whole copy at a replace's started: a part of the table cannot refill it.
+    [
+      { table: "items", mode: "replace", where: [["qty", "<", 5]] },
+      400,
+      /a "replace" backfill copies the whole table, so it takes no "where"/,
+    ],
     ["[", 400, /JSON/],
   ];
   for (const [body, status, message] of cases) {
@@ -276,10 +284,17 @@ Deno.test("backfills refuse what cannot be done with a clear 4xx, and the server
   assert.equal(await deleteAt(api.url, "/v2/streams/bad/backfills/bf_000000000000"), 404);
   assert.deepEqual(await listBackfills(api.url, "bad"), []);
   // Still serving: a good one is queued (no consumer is connected, so it waits).
-  const queued = await startBackfill(api.url, "bad", { table: "items" });
-  assert.equal(queued.state, "queued");
+  const queued = await startBackfill(api.url, "bad", {
+    table: "items",
+    where: [["qty", "<", 5]],
+  });
+  assert.deepEqual([queued.state, queued.mode], ["queued", "upsert"]);
+  // At most one backfill of a table waits: a second one joins it, which then does what both asked
+  // (a replace of the whole table).
   const again = await startBackfill(api.url, "bad", { table: "items", mode: "replace" });
-  assert.equal(again.id, queued.id, "at most one backfill of a table waits");
+  assert.deepEqual([again.id, again.mode], [queued.id, "replace"]);
+  const third = await startBackfill(api.url, "bad", { table: "items", where: [["qty", "<", 9]] });
+  assert.deepEqual([third.id, third.mode], [queued.id, "replace"]);
   // Cancelling a queued one ends it at once; no frame is ever sent for it.
   const cancel = await fetch(new URL(`/v2/streams/bad/backfills/${queued.id}`, api.url), {
     method: "DELETE",
@@ -457,6 +472,100 @@ Deno.test('initial: "backfill" holds no snapshot and gives the first consumer it
     ["items started", "items done", "sentinel started", "sentinel done"],
     `seed ${seed}`,
   );
+});
+
+Deno.test("a consumer whose replication waited for a busy slot still gets its backfill", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(
+    db,
+    `CREATE TABLE small(id int PRIMARY KEY, v text);
+     INSERT INTO small SELECT g, 'v' || g FROM generate_series(1, 1000) g`,
+  );
+  using logs = captureLog();
+  await using api = await startApi(db);
+  const created = await createStream(api.url, {
+    name: "held",
+    tables: ["small"],
+    initial: "backfill",
+  }) as unknown as CreateStreamResponse;
+  // Another connection streams the slot (a walsender not yet gone, say): the consumer's
+  // replication waits for it to let go.
+  const publications = await sql<{ pubname: string }>(db, "SELECT pubname FROM pg_publication");
+  const holder = await PgConnection.connect(db, true);
+  const held = holder.copyBoth(
+    `START_REPLICATION SLOT "${created.slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${
+      publications.map((p) => p.pubname).join(",")
+    }')`,
+    () => {},
+  );
+  await deadline(held.started, "the other connection to stream the slot");
+  const connecting = StreamClient.changes(api.url, "held");
+  try {
+    await poll(
+      () => logs.events().some((e) => e.event === "replication.slot_busy") || undefined,
+      "the consumer's replication to find the slot busy",
+    );
+  } finally {
+    await holder.close();
+  }
+  await using client = await connecting;
+  const replica = new Replica();
+  await consume(client, replica, isDone(created.backfills![0].id), "the backfill's done");
+  assert.equal(replica.table("public.small").size, 1000);
+  assert.deepEqual(replica.backfills.map((b) => b.state), ["started", "done"]);
+});
+
+/** A copy of `parts` that reads its partitions' changes as the root's, as a consumer of it would. */
+class PartsReplica extends Replica {
+  override applyChange(change: Change): void {
+    const partition = /^parts_(eu|us)$/.exec(change.table ?? "");
+    if (partition === null) return super.applyChange(change);
+    if (change.kind === "truncate") {
+      // A partition's truncate empties that partition: its region's rows.
+      const copy = this.table("public.parts");
+      for (const [key, row] of copy) if (row.region === partition[1]) copy.delete(key);
+      return;
+    }
+    super.applyChange({ ...change, table: "parts" } as Change);
+  }
+}
+
+Deno.test("a partition truncated during a backfill of its table: the chunk is read again, no other row is lost", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(
+    db,
+    `CREATE TABLE parts(id int, region text, qty int, PRIMARY KEY (id, region) INCLUDE (qty))
+       PARTITION BY LIST (region);
+     CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu');
+     CREATE TABLE parts_us PARTITION OF parts FOR VALUES IN ('us');
+     INSERT INTO parts SELECT g, CASE WHEN g % 2 = 0 THEN 'us' ELSE 'eu' END, g % 100
+       FROM generate_series(1, 40000) g;
+     CREATE TABLE sentinel(id int PRIMARY KEY)`,
+  );
+  // Small chunks, so that the backfill is still running when the truncate commits.
+  await using api = await startApi(db, { backfillChunkRows: 100 });
+  await createStream(api.url, { name: "pt", tables: ["parts", "sentinel"] });
+  await using client = await StreamClient.changes(api.url, "pt");
+  const replica = new PartsReplica();
+  const backfill = await startBackfill(api.url, "pt", { table: "parts", mode: "replace" });
+  await consume(
+    client,
+    replica,
+    (c) => c.kind === "backfill" && c.id === backfill.id && c.state === "started",
+    "the backfill's started",
+  );
+  await sql(db, "TRUNCATE parts_us");
+  const reading = await consume(client, replica, isDone(backfill.id), "the backfill's done");
+  await catchUp(db, client, replica);
+  const wanted = await sql<ReplicaRow>(db, "SELECT id, region, qty FROM parts ORDER BY id");
+  assert.equal(wanted.length, 20_000);
+  assertSameRows(
+    replica.table("public.parts"),
+    new Map(wanted.map((r) => [JSON.stringify(r.id), r])),
+  );
+  assert.ok(reading.readFrames > 10, `the truncate came before most chunks: ${reading.readFrames}`);
 });
 
 Deno.test({

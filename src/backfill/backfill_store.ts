@@ -121,18 +121,27 @@ export class BackfillStore {
 
   /**
    * Queues a backfill, unless one of the same table of the stream is queued
-   * already (at most one per table waits): then that one is answered.
+   * already (at most one per table waits): then that one takes the new one
+   * in and is answered. It becomes a `replace` if either is one, and reads
+   * the whole table unless both read the same rows, so that it does at least
+   * what each of them asked.
    */
   async queue(backfill: NewBackfill): Promise<StoredBackfill> {
     const { rows } = await this.#pool.query<Row>(
       `WITH queued AS (
          SELECT * FROM ${this.#table} WHERE stream = $2 AND table_oid = $3 AND state = 'queued'
-          ORDER BY created_at LIMIT 1),
+          ORDER BY created_at LIMIT 1 FOR UPDATE),
+       joined AS (
+         UPDATE ${this.#table} b
+            SET mode = CASE WHEN q.mode = 'replace' OR $6 = 'replace' THEN 'replace' ELSE 'upsert' END,
+                conditions = CASE WHEN q.conditions = $7::jsonb THEN q.conditions ELSE '[]' END
+           FROM queued q WHERE b.id = q.id
+         RETURNING b.*),
        made AS (
          INSERT INTO ${this.#table}(id, stream, table_oid, schema_name, table_name, mode, conditions)
          SELECT $1, $2, $3, $4, $5, $6, $7 WHERE NOT EXISTS (SELECT 1 FROM queued)
          RETURNING *)
-       SELECT * FROM made UNION ALL SELECT * FROM queued`,
+       SELECT * FROM made UNION ALL SELECT * FROM joined`,
       [
         newId(),
         backfill.stream,

@@ -201,6 +201,13 @@ export class BackfillTap implements ReplicationTap {
   readonly #progress = new Map<string, Progress>();
   /** Rows sent of each backfill, all runs together (what `done` reports). */
   readonly #sentRows = new Map<string, number>();
+  /**
+   * Where each backfill this tap sent frames of stands in them: the last key
+   * sent (null: only its `started`). The consumer gets this connection's
+   * frames in order, so a run that begins again (after a failed read) goes on
+   * from here, and never sends a second `started`.
+   */
+  readonly #sentCursor = new Map<string, string[] | null>();
   /** Progress written in order, one write after another. */
   #writes: Promise<void> = Promise.resolve();
   #run: Promise<void> = Promise.resolve();
@@ -319,6 +326,7 @@ export class BackfillTap implements ReplicationTap {
       if (low.sendStarted) {
         // The consumer's copy starts again here (under `replace` it drops it): so does the progress.
         this.#sentRows.set(low.backfill.id, 0);
+        this.#sentCursor.set(low.backfill.id, null);
         this.#unacked.push({
           lsn,
           id: low.backfill.id,
@@ -347,9 +355,12 @@ export class BackfillTap implements ReplicationTap {
     }
     const chunk = flight.rows!;
     // A transaction the chunk's read did not see, committed ahead of the window: its changes are
-    // in neither, so the chunk is read again (it sees it now). A table whose shape changed ends the
-    // backfill. Either way the chunks read after it are given up: their rows would come first.
-    const redo = flight.unknownKey || chunk.inProgress.some((xid) => flight.beforeLow?.has(xid));
+    // in neither, so the chunk is read again (it sees it now). So is a chunk whose table (or one of
+    // its partitions: which rows went is not known) was truncated in the window. A table whose
+    // shape changed ends the backfill. Either way the chunks read after it are given up: their
+    // rows would come first.
+    const redo = flight.unknownKey || flight.truncated ||
+      chunk.inProgress.some((xid) => flight.beforeLow?.has(xid));
     if (redo || flight.reshaped) {
       this.#giveUp();
       this.#generation++;
@@ -363,31 +374,30 @@ export class BackfillTap implements ReplicationTap {
     }
     const id = flight.backfill.id;
     let sent = 0;
-    if (!flight.truncated) {
-      // The rows kept, as runs of consecutive ones: each run one slice of the chunk's bytes.
-      const { bytes, starts } = chunk;
-      let from = -1;
-      const run = (to: number) => {
-        if (from < 0) return;
-        const end = (to < starts.length ? starts[to] : bytes.length) - 1; // its trailing comma
-        changes.push({ bytes: bytes.subarray(starts[from], end), count: to - from });
-        sent += to - from;
-        from = -1;
-      };
-      if (flight.dropped.size === 0) {
-        if (chunk.rows > 0) from = 0;
-      } else {
-        for (let i = 0; i < chunk.rows; i++) {
-          if (flight.dropped.has(chunk.keyAt(i))) run(i);
-          else if (from < 0) from = i;
-        }
+    // The rows kept, as runs of consecutive ones: each run one slice of the chunk's bytes.
+    const { bytes, starts } = chunk;
+    let from = -1;
+    const run = (to: number) => {
+      if (from < 0) return;
+      const end = (to < starts.length ? starts[to] : bytes.length) - 1; // its trailing comma
+      changes.push({ bytes: bytes.subarray(starts[from], end), count: to - from });
+      sent += to - from;
+      from = -1;
+    };
+    if (flight.dropped.size === 0) {
+      if (chunk.rows > 0) from = 0;
+    } else {
+      for (let i = 0; i < chunk.rows; i++) {
+        if (flight.dropped.has(chunk.keyAt(i))) run(i);
+        else if (from < 0) from = i;
       }
-      run(chunk.rows);
     }
+    run(chunk.rows);
     const rowsDone = (this.#sentRows.get(id) ?? 0) + sent;
     this.#sentRows.set(id, rowsDone);
     if (chunk.last) changes.push(backfillChange(flight, "done", { rows: rowsDone }));
     const cursor = chunk.lastKey;
+    this.#sentCursor.set(id, cursor);
     this.#unacked.push({
       lsn,
       id,
@@ -516,7 +526,12 @@ export class BackfillTap implements ReplicationTap {
       reshaped: false,
       done: Promise.withResolvers(),
     };
-    this.#flights.set(flight.nonce, flight);
+    if (this.#abort.signal.aborted) {
+      // Made while the tap closed (its runner was awaiting): nothing settles it but this.
+      flight.done.resolve("abandoned");
+    } else {
+      this.#flights.set(flight.nonce, flight);
+    }
     return flight;
   }
 
@@ -563,11 +578,16 @@ export class BackfillTap implements ReplicationTap {
       return false;
     }
     const progress = this.#track(backfill);
-    // A `started` not acknowledged is sent again, and with it every chunk: under `replace` the
-    // consumer drops its copy when it sees it.
-    let sendStarted = !progress.startedAcked;
-    let cursor = sendStarted ? null : progress.cursor;
-    this.#sentRows.set(backfill.id, sendStarted ? 0 : progress.rowsDone);
+    // On a new connection, a `started` not acknowledged is sent again, and with it every chunk:
+    // under `replace` the consumer drops its copy when it sees it. On this one, the run goes on
+    // after what it sent.
+    let sendStarted = false;
+    let cursor = this.#sentCursor.get(backfill.id) ?? null;
+    if (!this.#sentCursor.has(backfill.id)) {
+      sendStarted = !progress.startedAcked;
+      cursor = sendStarted ? null : progress.cursor;
+      this.#sentRows.set(backfill.id, sendStarted ? 0 : progress.rowsDone);
+    }
     const where = [...stored.where, ...backfill.conditions];
     let read = await resolveBackfillTable(pool, stored);
     if (backfill.shape === null) {
@@ -662,7 +682,7 @@ export class BackfillTap implements ReplicationTap {
       schema: backfill.schema,
       table: backfill.table,
       mode: "replace",
-      conditions: backfill.conditions,
+      conditions: [],
     });
     log.info(
       "backfill.reshaped",

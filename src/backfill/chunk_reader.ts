@@ -94,7 +94,7 @@ export async function resolveBackfillTable(
         AND (CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END)
        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-      WHERE c.oid = $1
+      WHERE c.oid = $1 AND k.n <= i.indnkeyatts
       ORDER BY k.n`,
     [stored.oid],
   );

@@ -15,6 +15,7 @@ import { ConflictError, NotFoundError } from "../errors.ts";
 import { type Lsn, ZERO_LSN } from "../lsn.ts";
 import { SqlState, sqlState } from "../postgres/database.ts";
 import { PgConnection } from "../postgres/pg_connection.ts";
+import { log } from "../observability/log.ts";
 import {
   DEFAULT_CHUNK_BYTES,
   type Frame,
@@ -87,6 +88,12 @@ export async function startReplication(
       if (Date.now() + delay > deadline) {
         throw new ConflictError(`${error.message}; retry when it has disconnected`);
       }
+      if (delay === 50) {
+        log.info("replication.slot_busy", `${error.message}; waiting for it to be free`, {
+          slot: options.slotName,
+          waitSeconds: busyTimeoutSeconds,
+        });
+      }
       await new Promise((resolve) => setTimeout(resolve, delay));
     }
   }
@@ -153,6 +160,8 @@ export class ReplicationService implements AsyncDisposable {
   #confirmed: Lsn = ZERO_LSN;
   /** A standby status is queued for the end of this turn. */
   #statusQueued = false;
+  /** The tap was started: replication began, and the tap is closed with it. */
+  #tapStarted = false;
 
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
@@ -221,6 +230,7 @@ export class ReplicationService implements AsyncDisposable {
       }
       throw error;
     }
+    this.#tapStarted = this.#options.tap !== undefined;
     this.#options.tap?.start(this.#options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
   }
 
@@ -257,7 +267,8 @@ export class ReplicationService implements AsyncDisposable {
       this.#controller.error(new ReplicationLostError(this.slotName, { cause }));
     } catch { /* already closed */ }
     void this.#connection?.close();
-    void this.#options.tap?.close();
+    // Only a started tap: one whose start failed (the slot busy) is started by the next attempt.
+    if (this.#tapStarted) void this.#options.tap?.close();
   }
 
   #resume(): void {
@@ -327,7 +338,7 @@ export class ReplicationService implements AsyncDisposable {
     } catch { /* already closed or errored */ }
     await this.#connection?.close();
     await this.#ended;
-    await this.#options.tap?.close();
+    if (this.#tapStarted) await this.#options.tap?.close();
   }
 
   /** Same as {@link close}. */

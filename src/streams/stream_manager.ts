@@ -43,7 +43,7 @@ import type { StreamLog } from "./stream_log.ts";
 import { errorMessage, log } from "../observability/log.ts";
 import { backfillBody, BackfillStore } from "../backfill/backfill_store.ts";
 import { BackfillTap, BackfillWakers } from "../backfill/backfill_tap.ts";
-import { resolveBackfillTable } from "../backfill/chunk_reader.ts";
+import { DEFAULT_CHUNK_BYTES, resolveBackfillTable } from "../backfill/chunk_reader.ts";
 import type { BackfillBody, BackfillMode } from "../protocol.ts";
 import { InvalidRequestError } from "../errors.ts";
 import type { RequestCondition } from "./stream_definition.ts";
@@ -542,6 +542,7 @@ export class StreamManager {
           definition: stream.definition,
           wakers: this.#wakers,
           countRows: metrics && ((rows) => metrics.backfillRows(stream.name, rows)),
+          limits: { rows: config.backfillChunkRows, bytes: DEFAULT_CHUNK_BYTES },
         }),
       },
       check: async () => {
@@ -567,6 +568,14 @@ export class StreamManager {
     const stream = await this.require(name, "Cannot backfill");
     const { pool, names } = this.#deps;
     await this.#assertBackfills();
+    if (request.mode === "replace" && request.where.length > 0) {
+      // The consumer drops its whole copy at a replace's `started`: a part of the table would not
+      // fill it again.
+      throw new InvalidRequestError(
+        'Cannot backfill: a "replace" backfill copies the whole table, so it takes no "where"; ' +
+          'use "upsert" to refresh some of its rows',
+      );
+    }
     // The request's table and filter resolved as a stream's are: the same names, the same grammar.
     const [asked] = (await resolveDefinition(
       pool,
