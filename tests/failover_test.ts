@@ -116,6 +116,42 @@ function replicaOf(
   return { replica, consumer, reading };
 }
 
+/**
+ * Polls `check` as {@link poll} does, but fails at once if the consumer's
+ * loop `reading` ended (with its error), and a failure carries the server's
+ * last log lines: a failover that goes wrong says where.
+ */
+async function pollReplica(
+  server: ServerProcess,
+  reading: Promise<void>,
+  check: () => boolean,
+  what: string,
+  ms?: number,
+): Promise<void> {
+  let ended: unknown;
+  reading.then(
+    () => (ended = new Error("the consumer's stream ended")),
+    (error) => (ended = error),
+  );
+  try {
+    await poll(
+      () => {
+        if (ended !== undefined) throw ended;
+        return check();
+      },
+      what,
+      { ms },
+    );
+  } catch (error) {
+    const lines = server.printed.trimEnd().split("\n").slice(-60).join("\n");
+    throw new Error(
+      `${error instanceof Error ? error.message : String(error)}\n` +
+        `the server's last log lines:\n${lines}`,
+      { cause: error },
+    );
+  }
+}
+
 /** The table as the database has it. */
 async function table(db: DatabaseConfig): Promise<Map<number, number>> {
   const rows = await sql<{ id: number; v: number }>(db, "SELECT id, v FROM items");
@@ -166,14 +202,31 @@ Deno.test({
     writer.moveTo(standby.database);
     // The first change the new primary commits, and when a consumer has it.
     await sql(standby.database, "INSERT INTO items VALUES (900000, 0)");
-    await poll(() => replica.has(900000), "the first change after the failover", { ms: 120_000 });
+    await pollReplica(
+      server,
+      reading,
+      () => replica.has(900000),
+      "the first change after the failover",
+      120_000,
+    );
     const firstAfter = performance.now();
     await new Promise((resolve) => setTimeout(resolve, 500));
     await writer.stop();
     await sql(standby.database, "INSERT INTO items VALUES (1000000, -1)");
     const want = await table(standby.database);
-    for (const [label, copy] of [["v2", replica], ["v1", v1.replica]] as const) {
-      await poll(() => copy.get(1000000) === -1, `the ${label} consumer to get the last row`);
+    for (
+      const [label, copy, loop] of [["v2", replica, reading], [
+        "v1",
+        v1.replica,
+        v1.reading,
+      ]] as const
+    ) {
+      await pollReplica(
+        server,
+        loop,
+        () => copy.get(1000000) === -1,
+        `the ${label} consumer to get the last row`,
+      );
       const missing = [...want.keys()].filter((id) => !copy.has(id));
       const phantom = [...copy.keys()].filter((id) => !want.has(id));
       const wrong = [...want].filter(([id, v]) => copy.has(id) && copy.get(id) !== v);
@@ -322,7 +375,13 @@ Deno.test({
     await new Promise((resolve) => setTimeout(resolve, 500));
     await writer.stop();
     await sql(standby.database, "INSERT INTO items VALUES (1000000, -1)");
-    await poll(() => replica.get(1000000) === -1, "the last row, through the log", { ms: 120_000 });
+    await pollReplica(
+      server,
+      reading,
+      () => replica.get(1000000) === -1,
+      "the last row, through the log",
+      120_000,
+    );
     const want = await table(standby.database);
     const missing = [...want.keys()].filter((id) => !replica.has(id));
     const phantom = [...replica.keys()].filter((id) => !want.has(id));

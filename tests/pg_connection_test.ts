@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { PgConnection } from "../src/postgres/pg_connection.ts";
-import { connect } from "../src/postgres/database.ts";
+import { connect, createPool } from "../src/postgres/database.ts";
 import { sql, startPostgres, waitForSql } from "./support/harness.ts";
-import { deadline } from "./support/deadline.ts";
+import { deadline, poll } from "./support/deadline.ts";
 
 Deno.test("a connection queries, reports errors with their SQLSTATE, and copies out", async (t) => {
   await using postgres = await startPostgres();
@@ -264,4 +264,31 @@ Deno.test("a query in progress is cancelled by a CancelRequest", async () => {
   const error = await deadline(sleeping, "the cancelled query to end");
   assert.equal(error?.code, "57014", String(error)); // query_canceled
   assert.deepEqual((await connection.query("SELECT 4")).rows, [["4"]], "the connection goes on");
+});
+
+Deno.test("a pooled connection that dies while checked out fails its next query, and the process keeps running", async () => {
+  await using postgres = await startPostgres();
+  const pool = createPool(postgres.database);
+  try {
+    const client = await pool.connect();
+    try {
+      const { rows: [{ pid }] } = await client.query<{ pid: number }>(
+        "SELECT pg_backend_pid() AS pid",
+      );
+      // Its backend ends between two of its queries (a failover, a restart, an operator's kill):
+      // PostgreSQL says so on the idle connection, which must not be an uncaught error.
+      await sql(postgres.database, "SELECT pg_terminate_backend($1)", [pid]);
+      const failed = await poll(
+        () => client.query("SELECT 1").then(() => undefined, (error: Error) => error),
+        "the next query on the dead connection to fail",
+      );
+      assert.ok(failed instanceof Error);
+    } finally {
+      client.release(true);
+    }
+    const { rows: [{ one }] } = await pool.query<{ one: number }>("SELECT 1 AS one");
+    assert.equal(one, 1, "the pool serves again on a new connection");
+  } finally {
+    await pool.end();
+  }
 });

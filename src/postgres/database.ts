@@ -96,6 +96,10 @@ export function createPool(db: DatabaseConfig, max = 4, waitMs = 0): pg.Pool {
   });
   // An idle client's connection dying must not crash the process; the next query reconnects.
   pool.on("error", () => {});
+  // Nor a checked-out one's (the pool listens only while a client is idle): pg emits "error" on
+  // a client whose connection ends between its queries (a failover, a restart, a terminated
+  // backend), and an unheard "error" is an uncaught exception. The next query on it fails.
+  pool.on("connect", (client: pg.PoolClient) => client.on("error", () => {}));
   return pool;
 }
 

@@ -730,13 +730,20 @@ export class PgTransport extends EventEmitter {
     view.setInt32(8, key.pid);
     view.setInt32(12, key.secret);
     const raw = await this.#dial();
+    // A request the server hangs up on (it is going away) is nothing to report, nor to wait for.
+    const ignore = () => {};
+    raw.on("error", ignore);
     try {
       let socket: net.Socket = raw;
       if (this.encrypted) {
         if (this.#db.sslnegotiation !== "direct" && await sslRequest(raw) !== "S") return;
         socket = await this.#startTls(raw, this.#db.sslmode ?? "prefer");
+        socket.on("error", ignore);
       }
-      await new Promise<void>((resolve) => socket.end(request, () => resolve()));
+      await new Promise<void>((resolve) => {
+        socket.once("close", () => resolve());
+        socket.end(request, () => resolve());
+      });
     } finally {
       raw.destroy();
     }

@@ -343,17 +343,25 @@ export class ChildProcess implements AsyncDisposable {
   readonly output: Promise<string>;
   readonly #child: Deno.ChildProcess;
   readonly #name: string;
+  readonly #log: { text: string };
 
   private constructor(
     child: Deno.ChildProcess,
     name: string,
     ready: string,
     output: Promise<string>,
+    log: { text: string },
   ) {
     this.#child = child;
     this.#name = name;
     this.ready = ready;
     this.output = output;
+    this.#log = log;
+  }
+
+  /** What it has printed so far (stdout and stderr), while it runs. */
+  get printed(): string {
+    return this.#log.text;
   }
 
   /** Spawns it; resolves once it printed `ready`, rejects with its output if it exits first. */
@@ -395,7 +403,7 @@ export class ChildProcess implements AsyncDisposable {
         throw error;
       },
     );
-    return new ChildProcess(child, options.name, printed, output);
+    return new ChildProcess(child, options.name, printed, output, log);
   }
 
   /** The process id. */
@@ -481,6 +489,11 @@ export class ServerProcess implements AsyncDisposable {
   /** Everything it printed, once it has exited. */
   get output(): Promise<string> {
     return this.#process.output;
+  }
+
+  /** What it has printed so far, while it runs (for a failed test's message). */
+  get printed(): string {
+    return this.#process.printed;
   }
 
   /** The server's process id (for /proc readings in the benchmark). */
