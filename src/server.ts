@@ -83,6 +83,7 @@ export class Server implements HttpHost, AsyncDisposable {
         lag: () => this.#lags(),
         tails: () => this.tails.counts(),
         relay: config.relay === undefined ? undefined : () => this.#relayReadings(),
+        backfills: () => this.streams.unfinishedBackfills(),
       }, config.metrics.historyIntervalMs)
       : undefined;
     this.streams = new StreamManager(this);

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { CloseCode } from "../src/protocol.ts";
+import { type Change, CloseCode, type TransactionFrame } from "../src/protocol.ts";
 import { Logger } from "../src/observability/log.ts";
 import { poll } from "./support/deadline.ts";
 import {
@@ -172,6 +172,44 @@ Deno.test("metrics: /metrics shows per-stream delivery, lag, latency and request
     assert.equal(disconnect?.closedBy, "client");
     for (const e of seen) assert.ok(typeof e.time === "string" && typeof e.msg === "string");
   });
+
+  await t.step(
+    "a backfill shows as queued, then its rows as sent, then as no longer active",
+    async () => {
+      const active = (text: string, state: string) =>
+        sample(text, "pgdeltastream_backfill_active", { ...stream, state });
+      assert.equal(active(await scrape(), "queued"), 0);
+      const asked = await postJson(new URL("/v2/streams/items-feed/backfills", api.url), {
+        table: "items",
+      });
+      assert.equal(asked.status, 202);
+      const { id } = JSON.parse(asked.text);
+      // Nobody is connected: it waits for a consumer.
+      let text = await scrape();
+      assert.equal(active(text, "queued"), 1);
+      assert.equal(active(text, "running"), 0);
+      await using client = await StreamClient.changes(api.url, "items-feed");
+      let reads = 0;
+      for (;;) {
+        const frame: TransactionFrame<Change> = await client.nextV2();
+        reads += frame.change.filter((c) => c.kind === "read").length;
+        const done = frame.change.some((c) =>
+          c.kind === "backfill" && c.id === id && c.state === "done"
+        );
+        if (done && !frame.partial) {
+          client.ack(frame.nextlsn);
+          break;
+        }
+      }
+      const [{ rows }] = await sql<{ rows: number }>(db, "SELECT count(*)::int AS rows FROM items");
+      assert.equal(reads, rows);
+      text = await poll(async () => {
+        const text = await scrape();
+        return active(text, "queued") === 0 && active(text, "running") === 0 ? text : undefined;
+      }, "the backfill to be counted as finished once its last frame was acknowledged");
+      assert.equal(sample(text, "pgdeltastream_backfill_rows_total", stream), reads);
+    },
+  );
 
   await t.step(
     "deleting the stream closes its consumer (4000) and logs stream.dropped",

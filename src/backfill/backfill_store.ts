@@ -171,6 +171,15 @@ export class BackfillStore {
     return rows.map(fromRow);
   }
 
+  /** How many backfills of each stream are not finished, by state (for `/metrics`). */
+  async unfinished(): Promise<{ stream: string; state: string; count: number }[]> {
+    const { rows } = await this.#pool.query<{ stream: string; state: string; count: number }>(
+      `SELECT stream, state, count(*)::int AS count FROM ${this.#table}
+        WHERE state IN ('queued', 'running', 'cancelling') GROUP BY stream, state`,
+    );
+    return rows;
+  }
+
   /** The backfill `id` of `stream`, or undefined. */
   async get(stream: string, id: string): Promise<StoredBackfill | undefined> {
     const { rows } = await this.#pool.query<Row>(

@@ -26,6 +26,8 @@ export interface MetricSources {
   tails(): Map<string, number>;
   /** Relay mode: each stream's log, whether this instance publishes it, its consumers' pending. */
   relay?(): Promise<RelayReading[]>;
+  /** Backfills not finished, by stream and state (`queued`, `running`, `cancelling`). */
+  backfills?(): Promise<{ stream: string; state: string; count: number }[]>;
 }
 
 /** What the metrics show of one relayed stream. */
@@ -290,6 +292,25 @@ export class Metrics {
       "pgdeltastream_backfill_rows_total",
       "Backfill rows sent in frames (a chunk sent again counts again)",
     );
+    if (sources.backfills !== undefined) {
+      const backfills = sources.backfills;
+      new client.Gauge({
+        name: "pgdeltastream_backfill_active",
+        help: "Backfills not finished, by state: queued, running, cancelling",
+        labelNames: ["stream", "state"] as const,
+        registers,
+        async collect() {
+          this.reset();
+          // Every stream has its queued and running series, 0 while it has none.
+          for (const name of (await lags().catch(() => new Map())).keys()) {
+            for (const state of ["queued", "running"]) this.set({ stream: name, state }, 0);
+          }
+          for (const { stream, state, count } of await backfills()) {
+            this.inc({ stream, state }, count);
+          }
+        },
+      });
+    }
     new client.Histogram({
       name: "pgdeltastream_commit_to_send_seconds",
       help: "From the transaction's commit timestamp to the frame's write on the socket",

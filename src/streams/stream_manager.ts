@@ -612,6 +612,11 @@ export class StreamManager {
     return backfillBody(backfill);
   }
 
+  /** How many backfills of each stream are not finished, by state (for `/metrics`). */
+  unfinishedBackfills(): Promise<{ stream: string; state: string; count: number }[]> {
+    return this.#backfills.unfinished();
+  }
+
   /** The stream's backfills, oldest first (finished ones for a day). */
   async listBackfills(name: string): Promise<BackfillBody[]> {
     await this.require(name, "Cannot list backfills");
