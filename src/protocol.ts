@@ -162,6 +162,8 @@ export interface BackfillChange {
   mode?: BackfillMode;
   /** `done`: rows sent, all runs together. */
   rows?: number;
+  /** `cancelled` by the server: why (its table was dropped, say). */
+  reason?: string;
 }
 
 /**
@@ -273,6 +275,8 @@ export interface BackfillBody {
   createdAt: string;
   startedAt: string | null;
   finishedAt: string | null;
+  /** Why the server cancelled it (its table was dropped, say); absent when a client did. */
+  reason?: string;
 }
 
 /** `GET /v2/streams/{name}/backfills`: the stream's backfills, oldest first (finished ones for a day). */

@@ -568,6 +568,49 @@ Deno.test("a partition truncated during a backfill of its table: the chunk is re
   assert.ok(reading.readFrames > 10, `the truncate came before most chunks: ${reading.readFrames}`);
 });
 
+Deno.test("a backfill whose table was dropped ends cancelled, saying why, and the stream's next one runs", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(
+    db,
+    `CREATE TABLE doomed(id int PRIMARY KEY);
+     CREATE TABLE big(id int PRIMARY KEY, note text);
+     INSERT INTO big SELECT g, 'n' || g FROM generate_series(1, 20000) g;
+     CREATE TABLE sentinel(id int PRIMARY KEY);
+     INSERT INTO sentinel SELECT generate_series(1, 50)`,
+  );
+  await using api = await startApi(db, { backfillChunkRows: 100 });
+  await createStream(api.url, { name: "gone", tables: ["doomed", "big", "sentinel"] });
+  // Queued while nobody is connected, then its table dropped: it never began.
+  const never = await startBackfill(api.url, "gone", { table: "doomed" });
+  await sql(db, "DROP TABLE doomed");
+  const after = await startBackfill(api.url, "gone", { table: "sentinel" });
+  await using client = await StreamClient.changes(api.url, "gone");
+  const replica = new Replica();
+  await consume(client, replica, isDone(after.id), "the backfill queued behind the dropped one");
+  assert.equal(replica.table("public.sentinel").size, 50);
+  // One that is running when its table is dropped: its consumer is told, in a frame.
+  const running = await startBackfill(api.url, "gone", { table: "big", mode: "replace" });
+  await consume(client, replica, (c) => c.kind === "read" && c.table === "big", "a row of big");
+  await sql(db, "DROP TABLE big");
+  await consume(client, replica, isDone(running.id), "the running backfill's end");
+  const end = replica.backfills.find((b) => b.id === running.id && b.state !== "started");
+  assert.equal(end?.state, "cancelled", JSON.stringify(end));
+  assert.match(end?.reason ?? "", /Cannot backfill: .*big/);
+  assert.ok(replica.backfills.every((b) => b.id !== never.id), "no frame of one that never began");
+  const listed = await poll(async () => {
+    const all = await listBackfills(api.url, "gone");
+    return all.every((b) => b.state === "done" || b.state === "cancelled") ? all : undefined;
+  }, "every backfill to be finished");
+  assert.deepEqual(listed.map((b) => [b.table, b.state]), [
+    ["public.doomed", "cancelled"],
+    ["public.sentinel", "done"],
+    ["public.big", "cancelled"],
+  ]);
+  assert.match(listed[0].reason ?? "", /table public\.doomed of the stream no longer exists/);
+  assert.match(listed[2].reason ?? "", /big/);
+});
+
 Deno.test({
   name:
     "relay mode: a backfill goes through the stream's log, and every consumer id gets the same exact copy",

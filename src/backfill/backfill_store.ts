@@ -35,6 +35,8 @@ export interface StoredBackfill {
   createdAt: Date;
   startedAt: Date | null;
   finishedAt: Date | null;
+  /** Why the server cancelled it; null when a client did (or it was not cancelled). */
+  reason: string | null;
 }
 
 interface Row {
@@ -54,6 +56,7 @@ interface Row {
   created_at: Date;
   started_at: Date | null;
   finished_at: Date | null;
+  reason: string | null;
 }
 
 function fromRow(row: Row): StoredBackfill {
@@ -74,6 +77,7 @@ function fromRow(row: Row): StoredBackfill {
     createdAt: row.created_at,
     startedAt: row.started_at,
     finishedAt: row.finished_at,
+    reason: row.reason,
   };
 }
 
@@ -89,6 +93,7 @@ export function backfillBody(b: StoredBackfill): BackfillBody {
     createdAt: b.createdAt.toISOString(),
     startedAt: b.startedAt?.toISOString() ?? null,
     finishedAt: b.finishedAt?.toISOString() ?? null,
+    ...(b.reason === null ? {} : { reason: b.reason }),
   };
 }
 
@@ -239,16 +244,17 @@ export class BackfillStore {
   /**
    * Cancels the backfill `id`: a queued one at once; a running one is
    * `cancelling` until its `cancelled` frame is acknowledged. Undefined if
-   * there is no such backfill.
+   * there is no such backfill. `reason`: why the server cancels it.
    */
-  async cancel(stream: string, id: string): Promise<StoredBackfill | undefined> {
+  async cancel(stream: string, id: string, reason?: string): Promise<StoredBackfill | undefined> {
     const { rows } = await this.#pool.query<Row>(
       `UPDATE ${this.#table}
           SET state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE 'cancelling' END,
-              finished_at = CASE WHEN state = 'queued' THEN now() END
+              finished_at = CASE WHEN state = 'queued' THEN now() END,
+              reason = coalesce($3, reason)
         WHERE stream = $1 AND id = $2 AND state IN ('queued', 'running')
         RETURNING *`,
-      [stream, id],
+      [stream, id, reason ?? null],
     );
     return rows[0] ? fromRow(rows[0]) : await this.get(stream, id);
   }

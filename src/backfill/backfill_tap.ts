@@ -32,6 +32,8 @@ import { NOT_THERE, type RawValue } from "../replication/row_filter.ts";
 import type { StoredCondition, StreamDefinition } from "../streams/stream_definition.ts";
 import type { TappedChanges } from "../replication/pgoutput_decoder.ts";
 import { PgConnection } from "../postgres/pg_connection.ts";
+import { sqlState } from "../postgres/database.ts";
+import { InvalidRequestError, NotFoundError } from "../errors.ts";
 import type { DatabaseConfig } from "../config.ts";
 import type { BackfillStore, StoredBackfill } from "./backfill_store.ts";
 import {
@@ -159,7 +161,7 @@ export interface BackfillTapOptions {
 function backfillChange(
   flight: Flight,
   state: "started" | "done" | "cancelled",
-  extra: { mode?: BackfillMode; rows?: number } = {},
+  extra: { mode?: BackfillMode; rows?: number; reason?: string } = {},
 ): string {
   return JSON.stringify({
     kind: "backfill",
@@ -169,6 +171,17 @@ function backfillChange(
     state,
     ...extra,
   });
+}
+
+/**
+ * Why a backfill's failure is for good, or undefined when trying again may
+ * help: its table is gone or has no key to read it by, or PostgreSQL refuses
+ * the read itself (SQLSTATE class 42: a column the filter names is gone, no
+ * privilege).
+ */
+function permanentFailure(error: unknown): string | undefined {
+  if (error instanceof NotFoundError || error instanceof InvalidRequestError) return error.message;
+  return sqlState(error)?.startsWith("42") ? `Cannot backfill: ${errorMessage(error)}` : undefined;
 }
 
 /** A random nonce: watermarks are told apart by it (an old run's, another's, a forged one). */
@@ -342,7 +355,8 @@ export class BackfillTap implements ReplicationTap {
   #cancelled(flight: Flight, lsn: Lsn, changes: TappedChanges[]): void {
     this.#flights.delete(flight.nonce);
     this.#unacked.push({ lsn, id: flight.backfill.id, apply: (p) => (p.cancelled = true) });
-    changes.push(backfillChange(flight, "cancelled"));
+    const reason = flight.backfill.reason;
+    changes.push(backfillChange(flight, "cancelled", reason === null ? {} : { reason }));
     flight.done.resolve({ sent: 0 });
   }
 
@@ -441,8 +455,9 @@ export class BackfillTap implements ReplicationTap {
     // Backfills whose last frame this run sent: not worked on again while it awaits its ack.
     const finished = new Set<string>();
     while (!signal.aborted) {
+      let backfill: StoredBackfill | undefined;
       try {
-        const backfill = await store.next(stream, [...finished]);
+        backfill = await store.next(stream, [...finished]);
         if (backfill === undefined) {
           await this.#idle(IDLE_POLL_MS);
           continue;
@@ -453,11 +468,25 @@ export class BackfillTap implements ReplicationTap {
         if (last) finished.add(backfill.id);
       } catch (error) {
         if (signal.aborted) return;
+        this.#giveUp();
+        const reason = permanentFailure(error);
+        if (backfill !== undefined && backfill.state !== "cancelling" && reason !== undefined) {
+          // It never can be read: it ends cancelled (saying why, in its frame if it began), and
+          // the stream's next backfill goes on, rather than wait behind it for good.
+          const cancelled = await store.cancel(stream, backfill.id, reason).catch(() => undefined);
+          if (cancelled !== undefined) {
+            log.warn(
+              "backfill.failed",
+              `backfill ${backfill.id} of stream "${stream}" cannot go on, and is cancelled: ${reason}`,
+              { stream, backfill: backfill.id },
+            );
+            continue;
+          }
+        }
         log.warn("backfill.retry", `a backfill of stream "${stream}" failed; trying again`, {
           stream,
           error: errorMessage(error),
         });
-        this.#giveUp();
         await this.#idle(RETRY_MS);
       }
     }

@@ -95,6 +95,8 @@ CREATE TABLE IF NOT EXISTS ${n.schema}.backfills (
   finished_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS backfills_stream ON ${n.schema}.backfills (stream, created_at);
+-- Why the server cancelled a backfill (its table was dropped, say); null when a client did.
+ALTER TABLE ${n.schema}.backfills ADD COLUMN IF NOT EXISTS reason text;
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.inserts}') THEN
     CREATE PUBLICATION ${n.inserts} FOR ALL TABLES WITH (publish = 'insert');
