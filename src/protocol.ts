@@ -167,6 +167,19 @@ export interface BackfillChange {
 }
 
 /**
+ * v2: a table left the stream (`PATCH /v2/streams/{name}` without it): the
+ * consumer drops its copy of it, and no change of it comes after.
+ */
+export interface TableRemovedChange {
+  kind: "backfill";
+  /** No backfill's: absent. */
+  id?: undefined;
+  state: "removed";
+  schema: string;
+  table: string;
+}
+
+/**
  * v2: a row of a backfill, as it is at its chunk's closing watermark: an
  * upsert (its values written exactly as an insert's).
  */
@@ -180,7 +193,13 @@ export interface ReadChange {
 }
 
 /** One entry of a frame's `change` array (v1 frames carry row changes only). */
-export type Change = RowChange | TruncateChange | SchemaChange | BackfillChange | ReadChange;
+export type Change =
+  | RowChange
+  | TruncateChange
+  | SchemaChange
+  | BackfillChange
+  | TableRemovedChange
+  | ReadChange;
 
 /**
  * Server → client text frame: one committed transaction. `nextlsn` is the

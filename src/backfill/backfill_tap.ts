@@ -30,7 +30,7 @@ import type { BackfillMode } from "../protocol.ts";
 import type { ReplicationTap } from "../replication/replication_service.ts";
 import { NOT_THERE, type RawValue } from "../replication/row_filter.ts";
 import type { StoredCondition, StreamDefinition } from "../streams/stream_definition.ts";
-import type { TappedChanges } from "../replication/pgoutput_decoder.ts";
+import type { StreamScope, TappedChanges } from "../replication/pgoutput_decoder.ts";
 import { PgConnection } from "../postgres/pg_connection.ts";
 import { sqlState } from "../postgres/database.ts";
 import { InvalidRequestError, NotFoundError } from "../errors.ts";
@@ -82,6 +82,29 @@ interface Watermark {
   low?: string;
   high?: string;
   cancel?: string;
+  /** A change of the stream's definition (`PATCH`) takes effect here: its nonce. */
+  switch?: string;
+}
+
+/** A change of a stream's definition, as the transaction that made it left it in the store. */
+export interface DefinitionSwitch {
+  /** What the stream carries from the change on. */
+  definition: StreamDefinition;
+  /** The changes its frame carries (`removed`, `cancelled`, `started`), as JSON texts. */
+  changes: string[];
+  /** Backfills whose `started` the frame carries (their rows follow, with no `started` of their own). */
+  started: string[];
+  /** Backfills the change ended (their tables left the stream or changed). */
+  ended: string[];
+}
+
+/** A change of the definition that the log may still bring, as a replication starts. */
+export interface PendingSwitch {
+  nonce: string;
+  /** Its transaction's commit position, once a decoder saw it; null before. */
+  lsn: Lsn | null;
+  /** The definition from the change on. */
+  definition: StreamDefinition;
 }
 
 /** How a step ended in the log. */
@@ -152,6 +175,17 @@ export interface BackfillTapOptions {
   stream: string;
   definition: StreamDefinition;
   wakers: BackfillWakers;
+  /** A change of the definition not yet confirmed: `definition` is the one before it. */
+  pendingSwitch?: PendingSwitch;
+  /** The decoder's scope of a definition (for a change of it). */
+  scopeOf?: (definition: StreamDefinition) => StreamScope;
+  /**
+   * A change of the definition that the log brings: checked in the store
+   * (its nonce is the stream's current change's, or it is not one), where
+   * its transaction's commit position `txLsn` is recorded before its frame
+   * may be sent.
+   */
+  markSwitch?: (nonce: string, txLsn: Lsn) => Promise<DefinitionSwitch | undefined>;
   limits?: ChunkLimits;
   /** Told of the rows each chunk sent (for the metrics). */
   countRows?: (rows: number) => void;
@@ -232,11 +266,23 @@ export class BackfillTap implements ReplicationTap {
   #decoded = 0;
   /** Key positions of each relation's columns (by its names array), for {@link touched}. */
   readonly #keyPositions = new WeakMap<readonly string[], number[] | undefined>();
+  /** The definition the log carries at the decoder's position. */
+  #definition: StreamDefinition;
+  /** A change of the definition ahead in the log: no backfill runs before it takes effect. */
+  #awaiting: PendingSwitch | undefined;
+  /** The change the open transaction carries, checked. */
+  #switching: DefinitionSwitch | undefined;
+  /** The scope to hand the decoder, once. */
+  #newScope: StreamScope | undefined;
+  /** Backfills a change of the definition ended: nothing more of them is sent. */
+  readonly #ended = new Set<string>();
 
   /** A tap of `options.stream`'s backfills. */
   constructor(options: BackfillTapOptions) {
     this.#options = options;
     this.#limits = options.limits ?? { rows: DEFAULT_CHUNK_ROWS, bytes: DEFAULT_CHUNK_BYTES };
+    this.#definition = options.definition;
+    this.#awaiting = options.pendingSwitch;
   }
 
   start(chunkBytes: number): void {
@@ -267,7 +313,7 @@ export class BackfillTap implements ReplicationTap {
 
   // ---- the decoder's side: the log, in order ---------------------------------------------------
 
-  message(content: string): void {
+  message(content: string, txLsn: Lsn): void | Promise<void> {
     let mark: Watermark;
     try {
       mark = JSON.parse(content);
@@ -275,12 +321,40 @@ export class BackfillTap implements ReplicationTap {
       return;
     }
     if (mark.stream !== this.#options.stream) return;
+    if (typeof mark.switch === "string") {
+      const markSwitch = this.#options.markSwitch;
+      if (markSwitch === undefined) return;
+      // Held until the store has it: its frame is not sent before its position is recorded.
+      return markSwitch(mark.switch, txLsn).then((found) => {
+        if (found !== undefined) this.#switching = found;
+      });
+    }
     const find = (nonce?: string) => nonce === undefined ? undefined : this.#flights.get(nonce);
     this.#marks = { low: find(mark.low), high: find(mark.high), cancel: find(mark.cancel) };
   }
 
-  began(xid: number): void {
+  began(xid: number, txLsn: Lsn): void {
     this.#recent[this.#decoded++ % RECENT_TRANSACTIONS] = xid;
+    const awaiting = this.#awaiting;
+    if (awaiting?.lsn != null && txLsn > awaiting.lsn) {
+      // The change was confirmed before this run began (the slot was ahead of what was read of it):
+      // it holds from here on.
+      this.#switchTo(awaiting.definition);
+    }
+  }
+
+  rescope(): StreamScope | undefined {
+    const scope = this.#newScope;
+    this.#newScope = undefined;
+    return scope;
+  }
+
+  /** The definition is `definition` from the decoder's position on. */
+  #switchTo(definition: StreamDefinition): void {
+    this.#definition = definition;
+    this.#awaiting = undefined;
+    this.#newScope = this.#options.scopeOf?.(definition);
+    this.#wake?.();
   }
 
   touched(names: readonly string[], values: RawValue[]): void {
@@ -320,6 +394,9 @@ export class BackfillTap implements ReplicationTap {
   }
 
   committed(nextLsn: string): readonly TappedChanges[] | undefined {
+    const switching = this.#switching;
+    this.#switching = undefined;
+    if (switching !== undefined) return this.#switched(switching, parseLsn(nextLsn));
     const marks = this.#marks;
     this.#marks = undefined;
     if (marks === undefined) return undefined;
@@ -349,6 +426,42 @@ export class BackfillTap implements ReplicationTap {
       }
     }
     return changes.length > 0 ? changes : undefined;
+  }
+
+  /**
+   * The transaction of a change of the definition: its frame carries the
+   * change's `removed`, `cancelled` and `started`; the backfills it ended
+   * send nothing more, and those it started go on from their first chunk.
+   */
+  #switched(change: DefinitionSwitch, lsn: Lsn): readonly TappedChanges[] | undefined {
+    for (const id of change.ended) this.#ended.add(id);
+    const running = [...this.#flights.values()].some((f) => this.#ended.has(f.backfill.id));
+    if (running) {
+      // The chunks read ahead of a backfill it ended are never sent.
+      this.#giveUp();
+      this.#generation++;
+      this.#restart = { cursor: null, reshaped: false };
+    }
+    for (const id of change.started) {
+      this.#sentRows.set(id, 0);
+      this.#sentCursor.set(id, null);
+      if (!this.#progress.has(id)) {
+        this.#progress.set(id, {
+          startedAcked: false,
+          cursor: null,
+          rowsDone: 0,
+          done: false,
+          cancelled: false,
+        });
+      }
+      this.#unacked.push({
+        lsn,
+        id,
+        apply: (p) => Object.assign(p, { startedAcked: true, cursor: null, rowsDone: 0 }),
+      });
+    }
+    this.#switchTo(change.definition);
+    return change.changes.length > 0 ? change.changes : undefined;
   }
 
   /** A cancellation's mark: the backfill's `cancelled`. */
@@ -456,6 +569,11 @@ export class BackfillTap implements ReplicationTap {
     const finished = new Set<string>();
     while (!signal.aborted) {
       let backfill: StoredBackfill | undefined;
+      if (this.#awaiting !== undefined) {
+        // The log has a change of the definition ahead: backfills run under the definition after it.
+        await this.#idle(IDLE_POLL_MS);
+        continue;
+      }
       try {
         backfill = await store.next(stream, [...finished]);
         if (backfill === undefined) {
@@ -555,7 +673,7 @@ export class BackfillTap implements ReplicationTap {
       reshaped: false,
       done: Promise.withResolvers(),
     };
-    if (this.#abort.signal.aborted) {
+    if (this.#abort.signal.aborted || this.#ended.has(backfill.id)) {
       // Made while the tap closed (its runner was awaiting): nothing settles it but this.
       flight.done.resolve("abandoned");
     } else {
@@ -599,9 +717,9 @@ export class BackfillTap implements ReplicationTap {
    * up to {@link CHUNKS_AHEAD} ahead of the log; true when its last was sent.
    */
   async #fill(backfill: StoredBackfill): Promise<boolean> {
-    const { pool, store, definition } = this.#options;
+    const { pool, store } = this.#options;
     const signal = this.#abort.signal;
-    const stored = definition.tables.find((t) => t.oid === backfill.tableOid);
+    const stored = this.#definition.tables.find((t) => t.oid === backfill.tableOid);
     if (stored === undefined) {
       await store.cancel(backfill.stream, backfill.id);
       return false;
@@ -632,7 +750,7 @@ export class BackfillTap implements ReplicationTap {
     /** The last chunk read: its high watermark is written with the next chunk's low one. */
     let previous: Flight | undefined;
     for (;;) {
-      if (signal.aborted) return false;
+      if (signal.aborted || this.#ended.has(backfill.id)) return false;
       if (this.#generation !== generation) {
         // A chunk is to be read again: from its start, and nothing read after it is sent.
         const restart = this.#restart!;

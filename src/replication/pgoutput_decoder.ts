@@ -136,15 +136,29 @@ export interface LogTap {
   truncated(): void;
   /** The watched table was described (again: its shape may have changed): its column names and type OIDs. */
   described(names: readonly string[], types: readonly number[]): void;
-  /** A transactional message with the prefix, in the open transaction. */
-  message(content: string): void;
-  /** A transaction (`xid`, committed) begins: every one the slot sends, whatever it carries. */
-  began(xid: number): void;
+  /**
+   * A transactional message with the prefix, in the open transaction whose
+   * commit record starts at `txLsn`; a promise holds decoding back until it
+   * settles (nothing of the transaction is sent before).
+   */
+  message(content: string, txLsn: Lsn): void | Promise<void>;
+  /**
+   * A transaction (`xid`, committed; its commit record at `txLsn`) begins:
+   * every one the slot sends, whatever it carries.
+   */
+  began(xid: number, txLsn: Lsn): void;
   /**
    * The transaction that carried its messages committed; `nextLsn` is its
    * end, the frame's nextlsn: the changes (JSON texts) to send in it, if any.
    */
   committed(nextLsn: string): readonly TappedChanges[] | undefined;
+  /**
+   * What the stream carries from here on, once, when it changed (a `PATCH`
+   * of its definition took effect at this position): asked after
+   * {@link began} and {@link committed}. Every relation is planned again
+   * with it before the next transaction.
+   */
+  rescope?(): StreamScope | undefined;
 }
 
 /**
@@ -172,6 +186,8 @@ export function v1Scope(ownSchema: string): StreamScope {
 }
 
 interface Relation {
+  /** How pgoutput described it: what it is planned from again when the stream's scope changes. */
+  description: RelationDescription;
   /** Changes to this relation are dropped. */
   skip: boolean;
   /** The stream table it is (or is a partition of). */
@@ -231,7 +247,9 @@ const POSTGRES_EPOCH_US = 946_684_800_000_000n;
 export class PgoutputDecoder {
   readonly #relations = new Map<number, Relation>();
   readonly #resolveTypes: TypeNameResolver;
-  readonly #scope: StreamScope;
+  #scope: StreamScope;
+  /** The scope changed at the last commit: every relation is planned again before the next Begin. */
+  #replan = false;
   readonly #chunkBytes: number;
   /** The open transaction's changes not sent yet. */
   readonly #pending: FrameBuilder;
@@ -283,7 +301,9 @@ export class PgoutputDecoder {
       const resumed = this.#resume !== undefined && this.#resume.txLsn === this.#txLsn;
       this.#chunked = resumed;
       this.#skip = resumed ? this.#resume!.changes : 0;
-      this.#tap?.began(view.getUint32(at + 17));
+      this.#tap?.began(view.getUint32(at + 17), this.#txLsn);
+      // The stream's definition changed at a transaction before this one (decoded in an earlier run).
+      if (this.#rescoped()) return this.#replanAll();
     },
     // Commit: flags(1) commit_lsn(8) end_lsn(8) timestamp(8). end_lsn is wal2json's nextlsn.
     [TAG_COMMIT]: (_buf, view, at) => this.#commit(view, at),
@@ -354,7 +374,29 @@ export class PgoutputDecoder {
     if (this.#buf.buffer !== bytes.buffer || this.#buf.byteOffset !== bytes.byteOffset) {
       this.#buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     }
+    if (this.#replan && bytes[at] === TAG_BEGIN) {
+      // Planned again before the first transaction under the new scope (a Begin returns no frame).
+      const buf = this.#buf;
+      return this.#replanAll().then(() => handler(buf, view, at) as Promise<void> | void);
+    }
     return handler(this.#buf, view, at);
+  }
+
+  /** Takes a new scope from the tap, if it has one; true when it did. */
+  #rescoped(): boolean {
+    const scope = this.#tap?.rescope?.();
+    if (scope === undefined) return false;
+    this.#scope = scope;
+    this.#replan = true;
+    return true;
+  }
+
+  /** Plans every relation described so far again, with the current scope. */
+  async #replanAll(): Promise<void> {
+    this.#replan = false;
+    for (const [relid, previous] of this.#relations) {
+      this.#relations.set(relid, await this.#plan(previous.description, previous));
+    }
   }
 
   #commit(view: DataView, at: number): Frame | undefined {
@@ -367,6 +409,7 @@ export class PgoutputDecoder {
         if (typeof change === "string") this.#pending.add(change);
         else this.#pending.addBytes(change.bytes, change.count);
       }
+      this.#rescoped();
     }
     const changes = this.#pending.count;
     // A transaction whose every change was filtered out is not sent; the last chunk of a chunked
@@ -379,14 +422,14 @@ export class PgoutputDecoder {
   }
 
   /** Message: a logical decoding message; a transactional one with the tap's prefix goes to it. */
-  #message(buf: Buffer, view: DataView, at: number): void {
+  #message(buf: Buffer, view: DataView, at: number): void | Promise<void> {
     const tap = this.#tap;
     if (tap === undefined || (buf[at + 1] & 1) === 0 || !this.#inTransaction) return;
     const [prefix, after] = readCString(buf, at + 10);
     if (prefix !== tap.prefix) return;
     const length = view.getInt32(after);
     this.#tapped = true;
-    tap.message(buf.toString("utf8", after + 4, after + 4 + length));
+    return tap.message(buf.toString("utf8", after + 4, after + 4 + length), this.#txLsn);
   }
 
   /** Tells the tap of a change sent of the table it watches: the row of `values`. */
@@ -462,18 +505,25 @@ export class PgoutputDecoder {
       });
       pos += 8;
     }
-    const previous = this.#relations.get(relid);
+    this.#relations.set(relid, await this.#plan(description, this.#relations.get(relid)));
+  }
+
+  /** The relation of `description` as the scope plans it now; `previous`: as it was planned before. */
+  async #plan(description: RelationDescription, previous?: Relation): Promise<Relation> {
     const plan = await this.#scope.plan(description);
-    const relation = plan === undefined ? skipped(ncols) : await this.#describe(description, plan);
-    this.#relations.set(relid, relation);
+    const relation = plan === undefined
+      ? skipped(description)
+      : await this.#describe(description, plan);
     if (this.#tap !== undefined && relation.table === this.#tap.watching) {
       this.#tap.described(relation.names, description.columns.map((c) => c.type.oid));
     }
     // The consumer learns a relation's shape before its first change with it: after the first
-    // description in a session (it may have changed while nobody streamed), and whenever it changes;
-    // announced with the next change of it that is sent, so a shape alone never makes a frame.
+    // description in a session (it may have changed while nobody streamed), and whenever it changes
+    // (or the stream's definition of it does); announced with the next change of it that is sent,
+    // so a shape alone never makes a frame.
     relation.announce = relation.schemaChange !== undefined &&
       (relation.schemaChange !== previous?.schemaChange || previous.announce);
+    return relation;
   }
 
   async #describe(description: RelationDescription, plan: RelationPlan): Promise<Relation> {
@@ -496,6 +546,7 @@ export class PgoutputDecoder {
     const names = plan.columns.map((i) => jsonNames[i]).join(",");
     const typeList = plan.columns.map((i) => jsonTypes[i]).join(",");
     return {
+      description,
       skip: false,
       table: plan.table ?? description.relid,
       names: description.columns.map((c) => c.name),
@@ -609,13 +660,14 @@ export class PgoutputDecoder {
 }
 
 /** A relation whose changes are dropped. */
-function skipped(ncols: number): Relation {
+function skipped(description: RelationDescription): Relation {
   return {
+    description,
     skip: true,
     table: 0,
     names: [],
     everyColumn: new Uint8Array(0),
-    ncols,
+    ncols: description.columns.length,
     encoders: [],
     needed: new Uint8Array(0),
     filter: undefined,

@@ -2,7 +2,7 @@
  * Test support: a consumer's copy of a stream's tables, built the way the
  * protocol says a consumer applies frames (read = upsert; insert, update,
  * delete, truncate; a `replace` backfill's `started` drops the table's
- * copy), so a test can compare it with the table itself.
+ * copy, and so does a table's `removed`), so a test can compare it with the table itself.
  * @module
  */
 
@@ -21,6 +21,8 @@ export class Replica {
   readonly tables = new Map<string, Map<string, ReplicaRow>>();
   /** Every backfill marker applied, in order. */
   readonly backfills: BackfillChange[] = [];
+  /** Every table a `removed` dropped, in order. */
+  readonly removed: string[] = [];
   readonly #key: string;
 
   /** A copy keyed by the column `key`. */
@@ -46,6 +48,12 @@ export class Replica {
     const table = this.table(`${change.schema}.${change.table}`);
     switch (change.kind) {
       case "backfill":
+        if (change.state === "removed") {
+          // The table left the stream: its copy is dropped.
+          this.removed.push(`${change.schema}.${change.table}`);
+          table.clear();
+          return;
+        }
         this.backfills.push(change);
         if (change.state === "started" && change.mode === "replace") table.clear();
         return;
