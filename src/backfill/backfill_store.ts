@@ -165,6 +165,46 @@ export class BackfillStore {
     return fromRow(rows[0]);
   }
 
+  /**
+   * Queues, on `client` in a change of the stream's definition, a backfill
+   * whose `started` that change's frame carries.
+   */
+  async queueForChange(client: pg.PoolClient, backfill: NewBackfill): Promise<StoredBackfill> {
+    const { rows } = await client.query<Row>(
+      `INSERT INTO ${this.#table}(id, stream, table_oid, schema_name, table_name, mode, conditions)
+       VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *`,
+      [
+        newId(),
+        backfill.stream,
+        backfill.tableOid,
+        backfill.schema,
+        backfill.table,
+        backfill.mode,
+        JSON.stringify(backfill.conditions),
+      ],
+    );
+    return fromRow(rows[0]);
+  }
+
+  /**
+   * Ends, on `client` in a change of the stream's definition, its unfinished
+   * backfills of the tables `oids`: cancelled, for `reason`.
+   */
+  async endForChange(
+    client: pg.PoolClient,
+    stream: string,
+    oids: number[],
+    reason: string,
+  ): Promise<StoredBackfill[]> {
+    const { rows } = await client.query<Row>(
+      `UPDATE ${this.#table} SET state = 'cancelled', finished_at = now(), reason = $3
+        WHERE stream = $1 AND table_oid = ANY ($2::oid[]) AND state IN ('queued', 'running', 'cancelling')
+       RETURNING *`,
+      [stream, oids, reason],
+    );
+    return rows.map(fromRow);
+  }
+
   /** The backfills of `stream`, oldest first: unfinished ones, and those finished within a day. */
   async list(stream: string): Promise<StoredBackfill[]> {
     const { rows } = await this.#pool.query<Row>(
@@ -230,7 +270,7 @@ export class BackfillStore {
       `UPDATE ${this.#table} SET started_acked = $2, cursor = $3, rows_done = $4,
               state = CASE WHEN $5 THEN 'done' ELSE state END,
               finished_at = CASE WHEN $5 THEN now() ELSE finished_at END
-        WHERE id = $1 AND state IN ('running', 'cancelling')`,
+        WHERE id = $1 AND state IN ('queued', 'running', 'cancelling')`,
       [
         id,
         progress.startedAcked,

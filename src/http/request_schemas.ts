@@ -16,12 +16,11 @@ import {
   MAX_SNAPSHOT_LIMIT,
   type SortOrder,
   STREAM_NAME,
-  type StreamLimits,
 } from "../protocol.ts";
 import { OPERATORS } from "../replication/row_filter.ts";
 import { isValidSlotName } from "../slots/slot_names.ts";
 import type { RequestCondition } from "../streams/stream_definition.ts";
-import type { CreateStream, StartBackfill } from "../streams/stream_manager.ts";
+import type { ChangeStream, CreateStream, StartBackfill } from "../streams/stream_manager.ts";
 import { JsonNumber } from "./json_number.ts";
 
 /** A request body's schema and the messages for its fields. */
@@ -267,10 +266,36 @@ export const V2_CREATE: RequestSchema<CreateStream> = {
   },
 };
 
-/** `PATCH /v2/streams/{name}`: what may change of a running stream (its limits). */
-export const V2_UPDATE: RequestSchema<{ limits: Partial<StreamLimits> }> = {
-  zod: z.strictObject({ limits: LIMITS }),
-  messages: LIMITS_MESSAGES,
+/**
+ * `PATCH /v2/streams/{name}`: what may change of a running stream: its
+ * tables (the full new list), its operations, its limits; `backfill: false`
+ * skips the backfills of the tables added or changed.
+ */
+export const V2_UPDATE: RequestSchema<ChangeStream> = {
+  zod: z.strictObject({
+    tables: optional(z.array(STREAM_TABLE).min(1).max(1000)),
+    operations: optional(z.array(OPERATION).min(1)),
+    limits: optional(LIMITS),
+    backfill: optional(z.boolean()),
+  }).refine(
+    (body) =>
+      body.tables !== undefined || body.operations !== undefined || body.limits !== undefined,
+    explicit([], 'give at least one of "tables", "operations" and "limits"'),
+  ).transform((body) => ({
+    ...(body.tables === undefined ? {} : { tables: body.tables }),
+    ...(body.operations === undefined ? {} : { operations: [...new Set(body.operations)] }),
+    ...(body.limits === undefined ? {} : { limits: body.limits }),
+    backfill: body.backfill ?? true,
+  })),
+  messages: {
+    tables: V2_CREATE.messages.tables,
+    "tables.*.table": V2_CREATE.messages["tables.*.table"],
+    "tables.*.columns": V2_CREATE.messages["tables.*.columns"],
+    "tables.*.where": V2_CREATE.messages["tables.*.where"],
+    operations: V2_CREATE.messages.operations,
+    backfill: '"backfill" must be true (the default) or false',
+    ...LIMITS_MESSAGES,
+  },
 };
 
 /** `POST /v2/streams/{name}/backfills`. */

@@ -77,10 +77,10 @@ export function v2Routes(server: HttpHost, routes: Routes<Hono>): void {
 
   routes.add(`${base}/:name`, {
     GET: reader(async (c) => json(await streams.get(streamName(c)))),
+    // Its tables, operations and limits: the new definition takes effect at one position in its log.
     PATCH: admin(async (c) => {
       const name = streamName(c);
-      const { limits } = await readBody(c.req.raw, V2_UPDATE);
-      return json(await streams.setLimits(name, limits));
+      return json(await streams.change(name, await readBody(c.req.raw, V2_UPDATE)));
     }),
     DELETE: admin(async (c) => {
       await streams.delete(streamName(c));

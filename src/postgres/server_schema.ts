@@ -97,6 +97,8 @@ CREATE TABLE IF NOT EXISTS ${n.schema}.backfills (
 CREATE INDEX IF NOT EXISTS backfills_stream ON ${n.schema}.backfills (stream, created_at);
 -- Why the server cancelled a backfill (its table was dropped, say); null when a client did.
 ALTER TABLE ${n.schema}.backfills ADD COLUMN IF NOT EXISTS reason text;
+-- The last change of a stream's definition (PATCH), until its consumer is past it in the log.
+ALTER TABLE ${n.schema}.streams ADD COLUMN IF NOT EXISTS switch jsonb;
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '${n.inserts}') THEN
     CREATE PUBLICATION ${n.inserts} FOR ALL TABLES WITH (publish = 'insert');
@@ -164,7 +166,7 @@ export async function ensureSchema(pool: pg.Pool, n: SchemaNames): Promise<void>
             (SELECT count(*) = 3 FROM pg_publication WHERE pubname IN ($1, $2, $3))
               AND to_regclass($4) IS NOT NULL AND to_regclass($5) IS NOT NULL
               AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($5)
-                             AND attname = 'relay_start_seq') AS ready
+                             AND attname = 'switch') AS ready
        FROM pg_roles WHERE rolname = current_user`,
     [n.inserts, n.keyed, n.truncates, `${n.schema}.slots`, `${n.schema}.streams`],
   );

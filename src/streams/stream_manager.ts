@@ -26,14 +26,28 @@ import type { SlotManager } from "../slots/slot_manager.ts";
 import type { SnapshotSource } from "../snapshots/snapshot_reader.ts";
 import type { SnapshotOwner, SnapshotStore } from "../snapshots/snapshot_store.ts";
 import type { SessionRegistry } from "./session_registry.ts";
-import { describeTables, type RequestTable, resolveDefinition } from "./stream_definition.ts";
+import {
+  describeTables,
+  type RequestTable,
+  resolveDefinition,
+  type StreamDefinition,
+} from "./stream_definition.ts";
 import {
   createInsertPublication,
   dropInsertPublication,
   insertPublicationName,
   missingTables,
+  setInsertPublication,
   streamPublications,
 } from "./stream_publication.ts";
+import {
+  diffDefinitions,
+  OPEN_TRANSACTIONS_WAIT_MS,
+  recordChange,
+  switchConfirmed,
+  waitForOpenTransactions,
+} from "./stream_change.ts";
+import { formatLsn, type Lsn, parseLsn } from "../lsn.ts";
 import { StreamView } from "./stream_view.ts";
 import { standing } from "./wal_limits.ts";
 import { type StoredStream, StreamStore } from "./stream_store.ts";
@@ -57,6 +71,16 @@ export interface CreateStream {
   limits: Partial<StreamLimits>;
   /** How its consumer gets its first copy. */
   initial: "snapshot" | "backfill";
+}
+
+/** What changing a running stream takes (`PATCH`), validated. */
+export interface ChangeStream {
+  /** The full new list of its tables. */
+  tables?: RequestTable[];
+  operations?: StreamOperation[];
+  limits?: Partial<StreamLimits>;
+  /** Whether a table added, or whose columns or filter changed, gets a `replace` backfill. */
+  backfill: boolean;
 }
 
 /** What starting a backfill takes, validated. */
@@ -222,13 +246,13 @@ export class StreamManager {
   }
 
   /** A {@link InvalidRequestError} unless the database can carry backfills (PostgreSQL 14+). */
-  async #assertBackfills(): Promise<void> {
+  async #assertBackfills(action = "Cannot backfill"): Promise<void> {
     const { rows: [{ version }] } = await this.#deps.pool.query<{ version: number }>(
       "SELECT current_setting('server_version_num')::int AS version",
     );
     if (version < BACKFILL_MIN_VERSION) {
       throw new InvalidRequestError(
-        "Cannot backfill: it needs PostgreSQL 14 or later (logical decoding messages in pgoutput)",
+        `${action}: it needs PostgreSQL 14 or later (logical decoding messages in pgoutput)`,
       );
     }
   }
@@ -481,6 +505,105 @@ export class StreamManager {
     return await this.#state(stored);
   }
 
+  /**
+   * Changes the stream's tables, operations and limits (see
+   * `stream_change.ts`): the new definition takes effect at one position in
+   * its log, and its consumer stays connected. The stream as {@link get}
+   * shows it, with the backfills started (its `backfills`).
+   */
+  async change(
+    name: string,
+    request: ChangeStream,
+  ): Promise<StreamStateBody> {
+    let stream = await this.require(name, "Cannot change stream");
+    if (request.tables === undefined && request.operations === undefined) {
+      return await this.setLimits(name, request.limits ?? {});
+    }
+    const { pool, names } = this.#deps;
+    await this.#assertBackfills("Cannot change stream");
+    const current = stream.definition;
+    const operations = request.operations ?? current.operations;
+    const definition: StreamDefinition = request.tables === undefined
+      ? { ...current, operations }
+      : {
+        ...await resolveDefinition(pool, names.schema, request.tables, operations, {
+          action: "Cannot change stream",
+          field: (index) => `tables[${index}].`,
+        }),
+        ...(current.initial ? { initial: current.initial } : {}),
+      };
+    const publication = insertPublicationName(stream.slotName);
+    const { rows: [{ own }] } = await pool.query<{ own: boolean }>(
+      "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1) AS own",
+      [publication],
+    );
+    const ownName = own ? publication : undefined;
+    // The walsender is started with the publications of the kinds of change wanted: a change may
+    // leave some out (the decoder drops what is not wanted), not ask for more.
+    const reading = new Set(streamPublications(names, current, ownName));
+    const wanted = streamPublications(names, definition, ownName);
+    if (wanted.some((p) => !reading.has(p))) {
+      throw new InvalidRequestError(
+        `Cannot change stream: "operations" may drop kinds of change, but adding ${
+          definition.operations.filter((o) => !current.operations.includes(o)).join(", ")
+        } to a running stream needs a new replication; create a new stream for them`,
+      );
+    }
+    const diff = diffDefinitions(current, definition);
+    if (request.backfill) {
+      // Every table that gets a backfill must be one a backfill can read: refused now.
+      for (const table of [...diff.added, ...diff.changed]) await resolveBackfillTable(pool, table);
+    }
+    const widens = ownName !== undefined && (diff.added.length > 0 || diff.changed.length > 0);
+    if (widens) {
+      // Every row of the old tables and the new in the log from here; then no transaction still
+      // open may have written rows before (its changes of an added table would be missing).
+      await setInsertPublication(pool, ownName, {
+        ...definition,
+        tables: [...current.tables, ...diff.added],
+      }, false);
+      try {
+        await waitForOpenTransactions(pool, OPEN_TRANSACTIONS_WAIT_MS);
+      } catch (error) {
+        await setInsertPublication(pool, ownName, current).catch(() => {});
+        throw error;
+      }
+    }
+    const outcome = await recordChange(
+      pool,
+      this.#store,
+      this.#backfills,
+      name,
+      definition,
+      request.backfill,
+    );
+    stream = outcome.stream;
+    if (ownName !== undefined && definition.operations.includes("insert")) {
+      // Exactly the new definition's rows (and filters) from here: the decoder carries it already.
+      await setInsertPublication(pool, ownName, definition).catch((error) =>
+        log.warn(
+          "stream.publication_wide",
+          `stream "${name}" still publishes every row of its tables: ${errorMessage(error)}`,
+          { stream: name },
+        )
+      );
+    }
+    if (request.limits !== undefined) {
+      stream = await this.#store.setLimits(name, { ...this.limitsOf(stream), ...request.limits }) ??
+        stream;
+    }
+    this.#wakers.wake(name);
+    log.info("stream.changed", `stream "${name}" was changed`, {
+      stream: name,
+      added: diff.added.map((t) => `${t.schema}.${t.table}`).join(","),
+      removed: diff.removed.map((t) => `${t.schema}.${t.table}`).join(","),
+      changed: diff.changed.map((t) => `${t.schema}.${t.table}`).join(","),
+      operations: definition.operations.join(","),
+      backfills: outcome.started.map((b) => b.id).join(","),
+    });
+    return { ...await this.#state(stream), backfills: outcome.started.map(backfillBody) };
+  }
+
   /** Releases the stream's snapshot before its time-to-live (it holds back vacuum). */
   async releaseSnapshot(name: string): Promise<void> {
     const stream = await this.require(name, "Cannot release snapshot");
@@ -525,13 +648,31 @@ export class StreamManager {
     );
     const own = facts.own ? name : undefined;
     const metrics = this.#deps.metrics;
+    // A change of the definition its consumer is not past yet: the log carries the one before it
+    // up to the change's transaction.
+    let pending: { nonce: string; lsn: Lsn | null; definition: StreamDefinition } | undefined;
+    const change = stream.switch;
+    if (change !== null) {
+      if (await switchConfirmed(pool, stream)) {
+        await this.#store.endSwitch(stream.name, change.nonce);
+      } else {
+        pending = {
+          nonce: change.nonce,
+          lsn: change.lsn === null ? null : parseLsn(change.lsn),
+          definition: stream.definition,
+        };
+      }
+    }
+    const definition = pending === undefined ? stream.definition : change!.previous;
+    const scopeOf = (d: StreamDefinition) => new StreamView(stream.name, d, pool).scope;
+    const store = this.#store;
     return {
       options: {
         database: config.database,
         slotName: stream.slotName,
-        publications: streamPublications(names, stream.definition, own),
+        publications: streamPublications(names, definition, own),
         resolveTypes: (types) => typeNames.resolve(types),
-        scope: this.viewOf(stream).scope,
+        scope: scopeOf(definition),
         chunkBytes: config.frameChunkBytes,
         receiveTimeoutMs: config.replicationTimeoutMs,
         tap: facts.version < BACKFILL_MIN_VERSION ? undefined : new BackfillTap({
@@ -539,7 +680,13 @@ export class StreamManager {
           pool,
           store: this.#backfills,
           stream: stream.name,
-          definition: stream.definition,
+          definition,
+          pendingSwitch: pending,
+          scopeOf,
+          async markSwitch(nonce, txLsn) {
+            const found = await store.markSwitch(stream.name, nonce, formatLsn(txLsn));
+            return found?.switch ? { ...found.switch, definition: found.definition } : undefined;
+          },
           wakers: this.#wakers,
           countRows: metrics && ((rows) => metrics.backfillRows(stream.name, rows)),
           limits: { rows: config.backfillChunkRows, bytes: DEFAULT_CHUNK_BYTES },
@@ -547,7 +694,9 @@ export class StreamManager {
       },
       check: async () => {
         if (own === undefined) return undefined;
-        const missing = await missingTables(pool, own, stream.definition);
+        // The stored definition: the publication follows it (a change widens it first).
+        const now = await store.get(stream.name);
+        const missing = await missingTables(pool, own, now?.definition ?? stream.definition);
         // Short: it is a close reason (at most 123 bytes).
         return missing.length === 0
           ? undefined

@@ -53,6 +53,51 @@ export async function createInsertPublication(
 ): Promise<string | undefined> {
   if (!definition.operations.includes("insert")) return undefined;
   const name = insertPublicationName(slotName);
+  const entries = await publicationEntries(pool, definition);
+  if (entries.length === 0) return undefined;
+  try {
+    await pool.query(`DROP PUBLICATION IF EXISTS ${name}`);
+    await pool.query(
+      `CREATE PUBLICATION ${name} FOR TABLE ${entries.join(", ")} WITH (publish = 'insert')`,
+    );
+    return name;
+  } catch (error) {
+    if (sqlState(error) !== SqlState.InsufficientPrivilege) throw error;
+    log.warn(
+      "stream.filter_in_server",
+      `stream of slot ${slotName} filters in the server only: the server's role may ` +
+        `not create a publication of its tables (${errorMessage(error)})`,
+      { slot: slotName },
+    );
+    return undefined;
+  }
+}
+
+/**
+ * Sets the tables of the insert publication `name` to those of
+ * `definition`: with their row filters, or (`filtered` false) every row of
+ * each, which is what a change of the definition publishes until it takes
+ * effect (the decoder filters meanwhile). Names and values quoted by
+ * PostgreSQL.
+ */
+export async function setInsertPublication(
+  pool: pg.Pool,
+  name: string,
+  definition: StreamDefinition,
+  filtered = true,
+): Promise<void> {
+  const entries = await publicationEntries(pool, definition, filtered);
+  if (entries.length > 0) {
+    await pool.query(`ALTER PUBLICATION ${name} SET TABLE ${entries.join(", ")}`);
+  }
+}
+
+/** `schema.table WHERE (…)` of each of `definition`'s tables that still exists, quoted. */
+async function publicationEntries(
+  pool: pg.Pool,
+  definition: StreamDefinition,
+  filtered = true,
+): Promise<string[]> {
   const { rows: [{ version }] } = await pool.query<{ version: number }>(
     "SELECT current_setting('server_version_num')::int AS version",
   );
@@ -77,7 +122,7 @@ export async function createInsertPublication(
     );
     if (quoted === undefined || quoted.qualified === null) continue; // dropped since
     let where = "";
-    if (version >= 150000 && !quoted.partitioned && table.where.length > 0) {
+    if (filtered && version >= 150000 && !quoted.partitioned && table.where.length > 0) {
       let next = 0;
       const types = new Map(table.where.map((c) => [c.column, c.typeName]));
       where = ` WHERE (${
@@ -91,23 +136,7 @@ export async function createInsertPublication(
     }
     entries.push(`${quoted.qualified}${where}`);
   }
-  if (entries.length === 0) return undefined;
-  try {
-    await pool.query(`DROP PUBLICATION IF EXISTS ${name}`);
-    await pool.query(
-      `CREATE PUBLICATION ${name} FOR TABLE ${entries.join(", ")} WITH (publish = 'insert')`,
-    );
-    return name;
-  } catch (error) {
-    if (sqlState(error) !== SqlState.InsufficientPrivilege) throw error;
-    log.warn(
-      "stream.filter_in_server",
-      `stream of slot ${slotName} filters in the server only: the server's role may ` +
-        `not create a publication of its tables (${errorMessage(error)})`,
-      { slot: slotName },
-    );
-    return undefined;
-  }
+  return entries;
 }
 
 /** Drops the stream's insert publication, if it has one. */

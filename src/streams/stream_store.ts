@@ -25,6 +25,25 @@ export interface StoredStream {
   invalidated: { at: Date; reason: string } | null;
   /** Relay mode: the sequence in its log where its current slot's frames begin. */
   relayStartSeq: number;
+  /** The last change of its definition (`PATCH`), until its consumer is known to be past it. */
+  switch: StoredSwitch | null;
+}
+
+/**
+ * A change of a stream's definition: made in one transaction, which wrote
+ * a watermark with `nonce` to the log; the decoders reading the log switch
+ * from `previous` to the stream's definition there.
+ */
+export interface StoredSwitch {
+  nonce: string;
+  previous: StreamDefinition;
+  /** The start of its transaction's commit record, once a decoder saw it ("X/Y"); null before. */
+  lsn: string | null;
+  /** What its frame carries (JSON texts). */
+  changes: string[];
+  /** Backfills it started (their `started` is in its frame) and ended. */
+  started: string[];
+  ended: string[];
 }
 
 interface Row {
@@ -37,6 +56,7 @@ interface Row {
   invalidated_at: Date | null;
   invalidation_reason: string | null;
   relay_start_seq: string;
+  switch: StoredSwitch | null;
 }
 
 function fromRow(row: Row): StoredStream {
@@ -51,6 +71,7 @@ function fromRow(row: Row): StoredStream {
       ? null
       : { at: row.invalidated_at, reason: row.invalidation_reason ?? "" },
     relayStartSeq: Number(row.relay_start_seq),
+    switch: row.switch,
   };
 }
 
@@ -105,7 +126,7 @@ export class StreamStore {
   async replaceSlot(name: string, slotName: string): Promise<StoredStream> {
     const { rows } = await this.#pool.query<Row>(
       `UPDATE ${this.#table} SET slot_name = $2, last_activity = now(), invalidated_at = NULL,
-              invalidation_reason = NULL, slot_ready = false
+              invalidation_reason = NULL, slot_ready = false, switch = NULL
         WHERE name = $1 RETURNING *`,
       [name, slotName],
     );
@@ -119,6 +140,54 @@ export class StreamStore {
       [name, JSON.stringify(limits)],
     );
     return rows[0] && fromRow(rows[0]);
+  }
+
+  /**
+   * Locks the stream `name` for a change of its definition, on `client` in
+   * its transaction; undefined if there is none.
+   */
+  async lockForChange(client: pg.PoolClient, name: string): Promise<StoredStream | undefined> {
+    const { rows } = await client.query<Row>(
+      `SELECT * FROM ${this.#table} WHERE name = $1 FOR UPDATE`,
+      [name],
+    );
+    return rows[0] && fromRow(rows[0]);
+  }
+
+  /** Records, on `client` in the change's transaction, the stream's new definition and the change. */
+  async change(
+    client: pg.PoolClient,
+    name: string,
+    definition: StreamDefinition,
+    change: StoredSwitch | null,
+  ): Promise<void> {
+    await client.query(
+      `UPDATE ${this.#table} SET definition = $2, switch = $3 WHERE name = $1`,
+      [name, JSON.stringify(definition), change === null ? null : JSON.stringify(change)],
+    );
+  }
+
+  /**
+   * The change `nonce` of the stream's definition, if it is its current one,
+   * with where a decoder saw it in the log (kept once recorded).
+   */
+  async markSwitch(name: string, nonce: string, lsn: string): Promise<StoredStream | undefined> {
+    const { rows: found } = await this.#pool.query<Row>(
+      `UPDATE ${this.#table}
+          SET switch = jsonb_set(switch, '{lsn}',
+                CASE WHEN switch ->> 'lsn' IS NULL THEN to_jsonb($3::text) ELSE switch -> 'lsn' END)
+        WHERE name = $1 AND switch ->> 'nonce' = $2 RETURNING *`,
+      [name, nonce, lsn],
+    );
+    return found[0] && fromRow(found[0]);
+  }
+
+  /** The stream's consumer is past the change `nonce`: it is forgotten. */
+  async endSwitch(name: string, nonce: string): Promise<void> {
+    await this.#pool.query(
+      `UPDATE ${this.#table} SET switch = NULL WHERE name = $1 AND switch ->> 'nonce' = $2`,
+      [name, nonce],
+    );
   }
 
   /** Relay mode: the current slot's frames begin at `seq` of the stream's log. */
