@@ -294,7 +294,10 @@ Deno.test("a PATCH that removes a table sends removed; a consumer that reconnect
   const changed = await patch(api.url, "shrink", { tables: ["sentinel"] });
   assert.equal(changed.status, 200, JSON.stringify(changed.body));
   assert.deepEqual(changed.body.backfills, []);
+  // The shared publication still carries every table's updates and deletes: the decoder drops them.
   await sql(db, "INSERT INTO orders VALUES (-2, 20)");
+  await sql(db, "UPDATE orders SET total = 21 WHERE id = -1");
+  await sql(db, "DELETE FROM orders WHERE id = 1");
   // Read, without acking, twice: the second connection starts where the first did.
   for (const round of ["first", "second"]) {
     await using client = await StreamClient.changes(api.url, "shrink");
@@ -363,9 +366,22 @@ Deno.test("PATCH refuses what cannot be changed with a clear 4xx, and the stream
   assert.equal(narrowed.status, 200, JSON.stringify(narrowed.body));
   assert.deepEqual(narrowed.body.operations, ["insert"]);
   // No consumer has read that change yet: a second one waits for it.
-  const second = await patch(api.url, "fixed", { tables: ["orders"] });
+  const second = await patch(api.url, "fixed", { tables: ["orders", "nokey", "sentinel"] });
   assert.equal(second.status, 409);
   assert.match(second.body.error!, /has not reached its consumer yet/);
+  const [{ slot_name: slot }] = await sql<{ slot_name: string }>(
+    db,
+    "SELECT slot_name FROM pgdeltastream.streams WHERE name = 'fixed'",
+  );
+  assert.deepEqual(
+    (await sql<{ tablename: string }>(
+      db,
+      "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+      [`${slot}_i`],
+    )).map((r) => r.tablename),
+    ["nokey", "orders"],
+    "a refused change leaves the publication as it was",
+  );
   const state = await (await fetch(new URL("/v2/streams/fixed", api.url))).json();
   assert.deepEqual(
     state.tables.map((t: { schema: string; table: string }) => `${t.schema}.${t.table}`),
@@ -394,6 +410,11 @@ Deno.test("PATCH refuses what cannot be changed with a clear 4xx, and the stream
   await confirmed(db, "fixed", seen.at(-1)!.nextlsn);
   const third = await patch(api.url, "fixed", { tables: ["orders"], backfill: false });
   assert.equal(third.status, 200, "once acknowledged, the next change goes through");
+  // The same change again (a retry) changes nothing, and is answered as such.
+  const retried = await patch(api.url, "fixed", { tables: ["orders"], backfill: false });
+  assert.equal(retried.status, 200, JSON.stringify(retried.body));
+  assert.deepEqual(retried.body.backfills, []);
+  assert.deepEqual(retried.body.tables.map((t) => t.table), ["orders"]);
 });
 
 Deno.test("a PATCH waits for the transactions open as it began, so a row one of them wrote to an added table is not lost", async () => {
@@ -427,6 +448,9 @@ Deno.test("a PATCH waits for the transactions open as it began, so a row one of 
     // Whatever a decoder has done by now, the change has not been recorded: it waits.
     await catchUp(db, client, replica);
     assert.equal(answered, false, "the change waits for the open transaction");
+    const meanwhile = await patch(api.url, "open", { tables: ["sentinel", "items"] });
+    assert.equal(meanwhile.status, 409, JSON.stringify(meanwhile.body));
+    assert.match(meanwhile.body.error!, /another change of it is under way/);
     await open.query("COMMIT");
     const changed = await deadline(changing, "the change to be answered");
     assert.equal(changed.status, 200, JSON.stringify(changed.body));
@@ -448,4 +472,43 @@ Deno.test("a PATCH waits for the transactions open as it began, so a row one of 
     "orders",
   );
   assert.equal(replica.table("public.orders").get("-7")?.total, 70);
+});
+
+Deno.test("a PATCH behind a large transaction: its backfills wait until the decoder carries the change, and the copy is whole", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, SETUP);
+  await using api = await startApi(db);
+  await createStream(api.url, { name: "behind", tables: ["sentinel"] });
+  await using client = await StreamClient.changes(api.url, "behind");
+  const replica = new Replica();
+  await catchUp(db, client, replica);
+  // The decoder has this to get through before it reaches the change: seconds, in which the
+  // backfill runner is woken by the change and polls the store.
+  await sql(db, "INSERT INTO sentinel SELECT g FROM generate_series(1000000, 1150000) g");
+  const changed = await patch(api.url, "behind", { tables: ["sentinel", "orders"] });
+  assert.equal(changed.status, 200, JSON.stringify(changed.body));
+  const [orders] = changed.body.backfills;
+  const seen: TransactionFrame<Change>[] = [];
+  await consume(
+    client,
+    replica,
+    (f) =>
+      f.change.some((c) => c.kind === "backfill" && c.id === orders.id && c.state !== "started"),
+    "the backfill of orders to end",
+    { seen },
+  );
+  const ends = seen.flatMap((f) =>
+    f.change.filter((c) => c.kind === "backfill" && c.id === orders.id).map((c) =>
+      c.kind === "backfill" ? c.state : ""
+    )
+  );
+  assert.deepEqual(ends, ["started", "done"], "the backfill of orders started once, and is done");
+  await catchUp(db, client, replica);
+  assertSameRows(
+    replica.table("public.orders"),
+    await rowsOf(db, "SELECT id, total FROM orders ORDER BY id"),
+    "orders",
+  );
+  assert.equal(replica.table("public.sentinel").size, 150_001 + 2);
 });

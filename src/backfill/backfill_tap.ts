@@ -88,6 +88,8 @@ interface Watermark {
 
 /** A change of a stream's definition, as the transaction that made it left it in the store. */
 export interface DefinitionSwitch {
+  /** The change's nonce, as its watermark carries it. */
+  nonce: string;
   /** What the stream carries from the change on. */
   definition: StreamDefinition;
   /** The changes its frame carries (`removed`, `cancelled`, `started`), as JSON texts. */
@@ -186,6 +188,12 @@ export interface BackfillTapOptions {
    * may be sent.
    */
   markSwitch?: (nonce: string, txLsn: Lsn) => Promise<DefinitionSwitch | undefined>;
+  /**
+   * The stream's change of definition in the store, if it has one: a change
+   * recorded while this tap runs is ahead of its decoder until its watermark
+   * comes, and no backfill runs meanwhile.
+   */
+  storedSwitch?: () => Promise<PendingSwitch | undefined>;
   limits?: ChunkLimits;
   /** Told of the rows each chunk sent (for the metrics). */
   countRows?: (rows: number) => void;
@@ -276,6 +284,8 @@ export class BackfillTap implements ReplicationTap {
   #newScope: StreamScope | undefined;
   /** Backfills a change of the definition ended: nothing more of them is sent. */
   readonly #ended = new Set<string>();
+  /** The changes of the definition this tap's decoder carried out. */
+  readonly #applied = new Set<string>();
 
   /** A tap of `options.stream`'s backfills. */
   constructor(options: BackfillTapOptions) {
@@ -339,7 +349,7 @@ export class BackfillTap implements ReplicationTap {
     if (awaiting?.lsn != null && txLsn > awaiting.lsn) {
       // The change was confirmed before this run began (the slot was ahead of what was read of it):
       // it holds from here on.
-      this.#switchTo(awaiting.definition);
+      this.#switchTo(awaiting.nonce, awaiting.definition);
     }
   }
 
@@ -349,8 +359,9 @@ export class BackfillTap implements ReplicationTap {
     return scope;
   }
 
-  /** The definition is `definition` from the decoder's position on. */
-  #switchTo(definition: StreamDefinition): void {
+  /** The definition is `definition` (of the change `nonce`) from the decoder's position on. */
+  #switchTo(nonce: string, definition: StreamDefinition): void {
+    this.#applied.add(nonce);
     this.#definition = definition;
     this.#awaiting = undefined;
     this.#newScope = this.#options.scopeOf?.(definition);
@@ -460,7 +471,7 @@ export class BackfillTap implements ReplicationTap {
         apply: (p) => Object.assign(p, { startedAcked: true, cursor: null, rowsDone: 0 }),
       });
     }
-    this.#switchTo(change.definition);
+    this.#switchTo(change.nonce, change.definition);
     return change.changes.length > 0 ? change.changes : undefined;
   }
 
@@ -575,6 +586,13 @@ export class BackfillTap implements ReplicationTap {
         continue;
       }
       try {
+        const stored = await this.#options.storedSwitch?.();
+        if (stored !== undefined && !this.#applied.has(stored.nonce) && !signal.aborted) {
+          // Recorded since this run began (the decoder has not carried it out meanwhile): the
+          // backfills it queued are of the definition after it.
+          this.#awaiting = stored;
+          continue;
+        }
         backfill = await store.next(stream, [...finished]);
         if (backfill === undefined) {
           await this.#idle(IDLE_POLL_MS);
