@@ -81,6 +81,55 @@ export async function switchConfirmed(
     parseLsn(slot.confirmed) > parseLsn(change.lsn);
 }
 
+/** A {@link ConflictError} while the stream's last change is still ahead of its consumer. */
+export async function assertSwitchConfirmed(
+  queryable: pg.Pool | pg.PoolClient,
+  stream: StoredStream,
+): Promise<void> {
+  if (!await switchConfirmed(queryable, stream)) {
+    throw new ConflictError(
+      `Cannot change stream: its last change of tables or operations has not reached its ` +
+        "consumer yet; try again once the consumer has acknowledged the frame that carries it",
+    );
+  }
+}
+
+/**
+ * Runs `change` while holding the stream's change lock (an advisory lock,
+ * so across instances too): one change of a stream at a time, from widening
+ * its publication to setting it exactly; a {@link ConflictError} if another
+ * holds it.
+ */
+export async function withChangeLock<T>(
+  pool: pg.Pool,
+  key: string,
+  change: () => Promise<T>,
+): Promise<T> {
+  const client = await pool.connect();
+  let broken: Error | undefined;
+  try {
+    const { rows: [{ locked }] } = await client.query<{ locked: boolean }>(
+      "SELECT pg_try_advisory_lock(hashtext($1)) AS locked",
+      [key],
+    );
+    if (!locked) {
+      throw new ConflictError(
+        "Cannot change stream: another change of it is under way; try again once it is answered",
+      );
+    }
+    try {
+      return await change();
+    } finally {
+      await client.query("SELECT pg_advisory_unlock(hashtext($1))", [key]).catch((error: Error) => {
+        // A connection that may still hold the lock is not given back to the pool.
+        broken = error;
+      });
+    }
+  } finally {
+    client.release(broken);
+  }
+}
+
 /**
  * Waits until every transaction open now has ended (committed or rolled
  * back): a {@link ConflictError} naming them after `ms`.
@@ -127,18 +176,14 @@ export async function recordChange(
   backfill: boolean,
 ): Promise<ChangeOutcome> {
   const client = await pool.connect();
+  let broken: Error | undefined;
   try {
     await client.query("BEGIN");
     const stream = await streams.lockForChange(client, name);
     if (stream === undefined) {
       throw new NotFoundError(`Cannot change stream: stream "${name}" does not exist`);
     }
-    if (!await switchConfirmed(client, stream)) {
-      throw new ConflictError(
-        `Cannot change stream: its last change of tables or operations has not reached its ` +
-          "consumer yet; try again once the consumer has acknowledged the frame that carries it",
-      );
-    }
+    await assertSwitchConfirmed(client, stream);
     const diff = diffDefinitions(stream.definition, definition);
     const ended = await backfills.endForChange(
       client,
@@ -202,9 +247,10 @@ export async function recordChange(
     await client.query("COMMIT");
     return { stream: { ...stream, definition, switch: change }, started };
   } catch (error) {
-    await client.query("ROLLBACK").catch(() => {});
+    // A connection whose transaction could not be rolled back is not given back to the pool.
+    await client.query("ROLLBACK").catch((failed: Error) => (broken = failed));
     throw error;
   } finally {
-    client.release();
+    client.release(broken);
   }
 }

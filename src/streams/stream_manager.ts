@@ -41,11 +41,13 @@ import {
   streamPublications,
 } from "./stream_publication.ts";
 import {
+  assertSwitchConfirmed,
   diffDefinitions,
   OPEN_TRANSACTIONS_WAIT_MS,
   recordChange,
   switchConfirmed,
   waitForOpenTransactions,
+  withChangeLock,
 } from "./stream_change.ts";
 import { formatLsn, type Lsn, parseLsn } from "../lsn.ts";
 import { StreamView } from "./stream_view.ts";
@@ -515,12 +517,23 @@ export class StreamManager {
     name: string,
     request: ChangeStream,
   ): Promise<StreamStateBody> {
-    let stream = await this.require(name, "Cannot change stream");
+    await this.require(name, "Cannot change stream");
     if (request.tables === undefined && request.operations === undefined) {
       return await this.setLimits(name, request.limits ?? {});
     }
-    const { pool, names } = this.#deps;
     await this.#assertBackfills("Cannot change stream");
+    return await withChangeLock(
+      this.#deps.pool,
+      `${this.#deps.names.schema}.change.${name}`,
+      () => this.#change(name, request),
+    );
+  }
+
+  /** {@link change} of the tables or operations, under the stream's change lock. */
+  async #change(name: string, request: ChangeStream): Promise<StreamStateBody> {
+    const { pool, names } = this.#deps;
+    // Read under the lock: no other change of the stream is under way.
+    let stream = await this.require(name, "Cannot change stream");
     const current = stream.definition;
     const operations = request.operations ?? current.operations;
     const definition: StreamDefinition = request.tables === undefined
@@ -532,6 +545,19 @@ export class StreamManager {
         }),
         ...(current.initial ? { initial: current.initial } : {}),
       };
+    const diff = diffDefinitions(current, definition);
+    const sameOperations = definition.operations.length === current.operations.length &&
+      definition.operations.every((o) => current.operations.includes(o));
+    if (
+      sameOperations && diff.added.length === 0 && diff.removed.length === 0 &&
+      diff.changed.length === 0
+    ) {
+      // Nothing to change in the log (a retried request, say): no switch, which would hold back
+      // the next change.
+      if (request.limits !== undefined) stream = await this.#limited(stream, request.limits);
+      return { ...await this.#state(stream), backfills: [] };
+    }
+    await assertSwitchConfirmed(pool, stream);
     const publication = insertPublicationName(stream.slotName);
     const { rows: [{ own }] } = await pool.query<{ own: boolean }>(
       "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1) AS own",
@@ -549,34 +575,55 @@ export class StreamManager {
         } to a running stream needs a new replication; create a new stream for them`,
       );
     }
-    const diff = diffDefinitions(current, definition);
     if (request.backfill) {
       // Every table that gets a backfill must be one a backfill can read: refused now.
       for (const table of [...diff.added, ...diff.changed]) await resolveBackfillTable(pool, table);
     }
     const widens = ownName !== undefined && (diff.added.length > 0 || diff.changed.length > 0);
+    /** Puts the publication back as it was, unless the change was recorded after all. */
+    const revert = async () => {
+      if (!widens) return;
+      const now = await this.#store.get(name);
+      if (now !== undefined && JSON.stringify(now.definition) !== JSON.stringify(current)) return;
+      await setInsertPublication(pool, ownName, current).catch((error) =>
+        log.warn(
+          "stream.publication_wide",
+          `stream "${name}" still publishes every row of its tables: ${errorMessage(error)}`,
+          { stream: name },
+        )
+      );
+    };
     if (widens) {
       // Every row of the old tables and the new in the log from here; then no transaction still
       // open may have written rows before (its changes of an added table would be missing).
-      await setInsertPublication(pool, ownName, {
-        ...definition,
-        tables: [...current.tables, ...diff.added],
-      }, false);
       try {
-        await waitForOpenTransactions(pool, OPEN_TRANSACTIONS_WAIT_MS);
+        await setInsertPublication(pool, ownName, {
+          ...definition,
+          tables: [...current.tables, ...diff.added],
+        }, false);
       } catch (error) {
-        await setInsertPublication(pool, ownName, current).catch(() => {});
-        throw error;
+        if (sqlState(error) !== SqlState.InsufficientPrivilege) throw error;
+        throw new InvalidRequestError(
+          `Cannot change stream: the server's role may not publish the tables added ` +
+            `(${errorMessage(error)}); grant it ownership of them, or create a new stream`,
+        );
       }
     }
-    const outcome = await recordChange(
-      pool,
-      this.#store,
-      this.#backfills,
-      name,
-      definition,
-      request.backfill,
-    );
+    let outcome;
+    try {
+      if (widens) await waitForOpenTransactions(pool, OPEN_TRANSACTIONS_WAIT_MS);
+      outcome = await recordChange(
+        pool,
+        this.#store,
+        this.#backfills,
+        name,
+        definition,
+        request.backfill,
+      );
+    } catch (error) {
+      await revert().catch(() => {});
+      throw error;
+    }
     stream = outcome.stream;
     if (ownName !== undefined && definition.operations.includes("insert")) {
       // Exactly the new definition's rows (and filters) from here: the decoder carries it already.
@@ -588,10 +635,7 @@ export class StreamManager {
         )
       );
     }
-    if (request.limits !== undefined) {
-      stream = await this.#store.setLimits(name, { ...this.limitsOf(stream), ...request.limits }) ??
-        stream;
-    }
+    if (request.limits !== undefined) stream = await this.#limited(stream, request.limits);
     this.#wakers.wake(name);
     log.info("stream.changed", `stream "${name}" was changed`, {
       stream: name,
@@ -602,6 +646,12 @@ export class StreamManager {
       backfills: outcome.started.map((b) => b.id).join(","),
     });
     return { ...await this.#state(stream), backfills: outcome.started.map(backfillBody) };
+  }
+
+  /** `stream` with `limits` (those given) stored. */
+  async #limited(stream: StoredStream, limits: Partial<StreamLimits>): Promise<StoredStream> {
+    return await this.#store.setLimits(stream.name, { ...this.limitsOf(stream), ...limits }) ??
+      stream;
   }
 
   /** Releases the stream's snapshot before its time-to-live (it holds back vacuum). */
@@ -686,6 +736,17 @@ export class StreamManager {
           async markSwitch(nonce, txLsn) {
             const found = await store.markSwitch(stream.name, nonce, formatLsn(txLsn));
             return found?.switch ? { ...found.switch, definition: found.definition } : undefined;
+          },
+          async storedSwitch() {
+            const now = await store.get(stream.name);
+            const change = now?.switch;
+            return change
+              ? {
+                nonce: change.nonce,
+                lsn: change.lsn === null ? null : parseLsn(change.lsn),
+                definition: now!.definition,
+              }
+              : undefined;
           },
           wakers: this.#wakers,
           countRows: metrics && ((rows) => metrics.backfillRows(stream.name, rows)),
