@@ -220,16 +220,22 @@ Deno.test("a PATCH that adds a table and widens another's filter, under a writer
     ["public.items", "replace"],
     ["public.orders", "replace"],
   ]);
-  for (const backfill of started) {
-    await consume(
-      client,
-      replica,
-      (f) =>
-        f.change.some((c) => c.kind === "backfill" && c.id === backfill.id && c.state === "done"),
-      `the backfill ${backfill.id} of ${backfill.table} to be done`,
-      { seen },
-    );
-  }
+  const dones: string[] = [];
+  await consume(
+    client,
+    replica,
+    (f) => {
+      for (const c of f.change) {
+        if (c.kind === "backfill" && c.state === "done" && started.some((b) => b.id === c.id)) {
+          dones.push(c.id!);
+        }
+      }
+      return dones.length === started.length;
+    },
+    "both backfills of the change to be done",
+    { seen },
+  );
+  assert.deepEqual(dones, started.map((b) => b.id), "they run in the definition's table order");
   const statements = await writes.stop();
   await catchUp(db, client, replica, { seen });
   assertSameRows(

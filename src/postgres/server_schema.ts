@@ -90,11 +90,14 @@ CREATE TABLE IF NOT EXISTS ${n.schema}.backfills (
   rows_done bigint NOT NULL DEFAULT 0,
   rows_estimated bigint,
   shape text,
-  created_at timestamptz NOT NULL DEFAULT now(),
+  created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
   started_at timestamptz,
   finished_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS backfills_stream ON ${n.schema}.backfills (stream, created_at);
+-- Backfills run in the order they were queued, also those one transaction queues (a PATCH's, an
+-- initial copy's): now() would give them one time, and their order would be their random ids'.
+ALTER TABLE ${n.schema}.backfills ALTER COLUMN created_at SET DEFAULT clock_timestamp();
 -- Why the server cancelled a backfill (its table was dropped, say); null when a client did.
 ALTER TABLE ${n.schema}.backfills ADD COLUMN IF NOT EXISTS reason text;
 -- The last change of a stream's definition (PATCH), until its consumer is past it in the log.
