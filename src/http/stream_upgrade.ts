@@ -13,10 +13,10 @@ import {
 } from "../replication/replication_service.ts";
 import type { SessionRegistry } from "../streams/session_registry.ts";
 import {
+  closeSocket,
   ConsumerSession,
   type SessionMonitor,
   type SessionObserver,
-  truncateReason,
 } from "../streams/consumer_session.ts";
 import { replicationSource } from "../streams/replication_source.ts";
 import { assertWebSocketHandshake } from "./websocket_handshake.ts";
@@ -77,7 +77,7 @@ export function refuseInvalidated(
 /** Upgrades `request` and closes the socket at once with `code` and `reason`: a final answer in websocket terms. */
 function closeAtOnce(request: Request, code: number, reason: string): Response {
   const { socket, response } = Deno.upgradeWebSocket(request);
-  socket.addEventListener("open", () => socket.close(code, truncateReason(reason)), { once: true });
+  closeSocket(socket, code, reason);
   return response;
 }
 

@@ -120,6 +120,21 @@ export function truncateReason(reason: string): string {
   return new TextDecoder().decode(bytes.slice(0, 120)).replace(/\uFFFD$/, "") + "...";
 }
 
+/**
+ * Closes `socket` with `code` and `reason` (shortened to fit). One still
+ * connecting is closed once it opens: closed before, Deno drops it without
+ * a close frame, and the client, which saw it open, never hears why.
+ */
+export function closeSocket(socket: WebSocket, code: number, reason: string): void {
+  if (socket.readyState === WebSocket.CONNECTING) {
+    socket.addEventListener("open", () => closeSocket(socket, code, reason), { once: true });
+  } else if (socket.readyState === WebSocket.OPEN) {
+    try {
+      socket.close(code, truncateReason(reason));
+    } catch { /* already closing */ }
+  }
+}
+
 /** A websocket bound to a {@link FrameSource} until either side ends. */
 export class ConsumerSession {
   readonly label: string;
@@ -265,12 +280,6 @@ export class ConsumerSession {
   close(code: CloseCodeValue, reason: string): void {
     this.#closed ??= { code, reason, by: "server" };
     this.#abort.abort();
-    if (
-      this.#socket.readyState === WebSocket.OPEN || this.#socket.readyState === WebSocket.CONNECTING
-    ) {
-      try {
-        this.#socket.close(code, truncateReason(reason));
-      } catch { /* already closing */ }
-    }
+    closeSocket(this.#socket, code, reason);
   }
 }

@@ -9,6 +9,7 @@
 
 import { atTime } from "../deadline_timer.ts";
 import { CloseCode, type CloseCodeValue } from "../protocol.ts";
+import { closeSocket } from "./consumer_session.ts";
 
 /** A tail's buffered bytes beyond which it is closed as too slow. */
 export const TAIL_MAX_BUFFERED_BYTES = 8 << 20;
@@ -70,11 +71,7 @@ export class TailHub {
 
   /** Closes every tail of `stream` with `code` and `reason`. */
   close(stream: string, code: CloseCodeValue, reason: string): void {
-    for (const socket of this.#tails.get(stream) ?? []) {
-      if (socket.readyState === WebSocket.OPEN || socket.readyState === WebSocket.CONNECTING) {
-        socket.close(code, reason);
-      }
-    }
+    for (const socket of this.#tails.get(stream) ?? []) closeSocket(socket, code, reason);
   }
 
   /** Closes every tail. */
