@@ -348,7 +348,6 @@ Deno.test("PATCH refuses what cannot be changed with a clear 4xx, and the stream
   const refusals: [unknown, number, RegExp][] = [
     [{}, 400, /at least one of "tables", "operations" and "limits"/],
     [{ tables: ["missing"] }, 404, /missing/],
-    [{ tables: ["orders"], operations: ["insert", "update", "truncate"] }, 400, /adding truncate/],
     [
       { tables: ["orders", "nokey"] },
       400,
@@ -517,4 +516,78 @@ Deno.test("a PATCH behind a large transaction: its backfills wait until the deco
     "orders",
   );
   assert.equal(replica.table("public.sentinel").size, 150_001 + 2);
+});
+
+Deno.test("a PATCH that adds updates, deletes and truncates to an insert-only stream: its walsender starts again at the change, the consumer keeps its connection, and a reconnect before the ack gets the same", async () => {
+  await using postgres = await startPostgres();
+  const db = postgres.database;
+  await sql(db, SETUP);
+  await using api = await startApi(db);
+  await createStream(api.url, {
+    name: "more",
+    tables: ["orders", "sentinel"],
+    operations: ["insert"],
+  });
+  /** What each change of `seen` is, with the id of its row. */
+  const described = (seen: TransactionFrame<Change>[]) =>
+    seen.flatMap((f) =>
+      f.change.map((c) => {
+        if ("oldkeys" in c && c.kind === "delete") {
+          return `delete ${c.table} ${c.oldkeys?.keyvalues[0]}`;
+        }
+        if (c.kind === "insert" || c.kind === "update") {
+          return `${c.kind} ${c.table} ${c.columnvalues?.[0]}`;
+        }
+        return `${c.kind} ${"table" in c ? c.table : ""}`;
+      })
+    ).filter((d) => !d.startsWith("insert sentinel") && !d.startsWith("schema"));
+  const wanted = ["insert orders -5", "update orders 2", "delete orders 3", "truncate sentinel"];
+  {
+    await using client = await StreamClient.changes(api.url, "more");
+    const replica = new Replica();
+    await catchUp(db, client, replica);
+    // Before the change: not carried.
+    await sql(db, "UPDATE orders SET total = -1 WHERE id = 1");
+    const changed = await patch(api.url, "more", {
+      operations: ["insert", "update", "delete", "truncate"],
+    });
+    assert.equal(changed.status, 200, JSON.stringify(changed.body));
+    assert.deepEqual(changed.body.operations, ["insert", "update", "delete", "truncate"]);
+    await sql(db, "INSERT INTO orders VALUES (-5, 5)");
+    await sql(db, "UPDATE orders SET total = -2 WHERE id = 2");
+    await sql(db, "DELETE FROM orders WHERE id = 3");
+    await sql(db, "TRUNCATE sentinel");
+    const seen: TransactionFrame<Change>[] = [];
+    await consume(
+      client,
+      replica,
+      (f) => f.change.some((c) => c.kind === "truncate"),
+      "the truncate of sentinel, on the connection open through the change",
+      { seen, ack: false },
+    );
+    assert.deepEqual(described(seen), wanted, "the first connection");
+  }
+  // Not acknowledged: the next connection starts before the change, with the walsender of the
+  // old definition, and is started again at the change as the first was.
+  await using client = await StreamClient.changes(api.url, "more");
+  const seen: TransactionFrame<Change>[] = [];
+  await consume(
+    client,
+    new Replica(),
+    (f) => f.change.some((c) => c.kind === "truncate"),
+    "the truncate of sentinel, on a connection after a reconnect",
+    { seen },
+  );
+  assert.deepEqual(described(seen), wanted, "the connection after a reconnect");
+  await confirmed(db, "more", seen.at(-1)!.nextlsn);
+  await sql(db, "UPDATE orders SET total = -4 WHERE id = 4");
+  const after: TransactionFrame<Change>[] = [];
+  await consume(
+    client,
+    new Replica(),
+    (f) => f.change.some((c) => c.kind === "update"),
+    "the update after the change was acknowledged",
+    { seen: after },
+  );
+  assert.deepEqual(described(after), ["update orders 4"]);
 });

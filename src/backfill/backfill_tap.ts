@@ -194,6 +194,8 @@ export interface BackfillTapOptions {
    * comes, and no backfill runs meanwhile.
    */
   storedSwitch?: () => Promise<PendingSwitch | undefined>;
+  /** The publications a replication of `definition` reads (for a change that adds kinds of change). */
+  publicationsOf?: (definition: StreamDefinition) => Promise<string[]>;
   limits?: ChunkLimits;
   /** Told of the rows each chunk sent (for the metrics). */
   countRows?: (rows: number) => void;
@@ -286,6 +288,8 @@ export class BackfillTap implements ReplicationTap {
   readonly #ended = new Set<string>();
   /** The changes of the definition this tap's decoder carried out. */
   readonly #applied = new Set<string>();
+  /** Where the replication starts again, with which publications, after a change that needs it. */
+  #republish: { publications: Promise<string[]>; from: Lsn } | undefined;
 
   /** A tap of `options.stream`'s backfills. */
   constructor(options: BackfillTapOptions) {
@@ -351,6 +355,12 @@ export class BackfillTap implements ReplicationTap {
       // it holds from here on.
       this.#switchTo(awaiting.nonce, awaiting.definition);
     }
+  }
+
+  republish(): { publications: Promise<string[]>; from: Lsn } | undefined {
+    const restart = this.#republish;
+    this.#republish = undefined;
+    return restart;
   }
 
   rescope(): StreamScope | undefined {
@@ -470,6 +480,15 @@ export class BackfillTap implements ReplicationTap {
         id,
         apply: (p) => Object.assign(p, { startedAcked: true, cursor: null, rowsDone: 0 }),
       });
+    }
+    const before = new Set(this.#definition.operations);
+    const publicationsOf = this.#options.publicationsOf;
+    if (publicationsOf !== undefined && change.definition.operations.some((o) => !before.has(o))) {
+      // The walsender was started for fewer kinds of change: from the change's end it is started
+      // again with the publications of the new definition.
+      const publications = publicationsOf(change.definition);
+      publications.catch(() => {}); // the replication's restart reports it
+      this.#republish = { publications, from: lsn };
     }
     this.#switchTo(change.nonce, change.definition);
     return change.changes.length > 0 ? change.changes : undefined;

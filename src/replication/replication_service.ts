@@ -12,7 +12,7 @@
 
 import type { DatabaseConfig } from "../config.ts";
 import { ConflictError, NotFoundError } from "../errors.ts";
-import { type Lsn, ZERO_LSN } from "../lsn.ts";
+import { formatLsn, type Lsn, ZERO_LSN } from "../lsn.ts";
 import { SqlState, sqlState } from "../postgres/database.ts";
 import { PgConnection } from "../postgres/pg_connection.ts";
 import { log } from "../observability/log.ts";
@@ -66,7 +66,17 @@ export interface ReplicationTap extends LogTap {
   acknowledged(lsn: Lsn): void;
   /** The replication ended: stop, and let go. */
   close(): Promise<void>;
+  /**
+   * Asked after each commit: the publications to read from `from` (the
+   * commit's end) on, when the change of definition the transaction carried
+   * wants kinds of change the walsender was not started for. The replication is then started again
+   * there, on a new connection; the consumer sees one stream.
+   */
+  republish?(): { publications: Promise<string[]>; from: Lsn } | undefined;
 }
+
+/** How long a restarted replication waits for the slot its last walsender held. */
+const RESTART_BUSY_MS = 30_000;
 
 /**
  * Starts replication of `options.slotName`, waiting up to `busyTimeoutSeconds`
@@ -134,6 +144,8 @@ export class ReplicationLostError extends Error {
 /** CopyData payload tags of the streaming replication protocol. */
 const XLOG_DATA = 0x77; // w: start(8) end(8) send time(8), then a pgoutput message
 const KEEPALIVE = 0x6b; // k: WAL end(8) send time(8) reply requested(1)
+/** The pgoutput message that ends a transaction (after which a restart may begin). */
+const PGOUTPUT_COMMIT = 0x43; // C
 
 /**
  * Streams one slot. `readable` yields committed transactions in commit
@@ -162,10 +174,15 @@ export class ReplicationService implements AsyncDisposable {
   #statusQueued = false;
   /** The tap was started: replication began, and the tap is closed with it. */
   #tapStarted = false;
+  /** The publications the walsender reads. */
+  #publications: string[];
+  /** Started again with other publications: what the old connection still brings is not read. */
+  #restarting = false;
 
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
     this.#options = options;
+    this.#publications = options.publications;
     this.#decoder = new PgoutputDecoder(
       options.resolveTypes,
       options.scope,
@@ -196,16 +213,22 @@ export class ReplicationService implements AsyncDisposable {
     return service;
   }
 
-  async #start(): Promise<void> {
+  /** Starts the walsender from the slot's confirmed position, or (`from`, a restart) from there. */
+  async #start(from?: Lsn): Promise<void> {
     const connection = await PgConnection.connect(this.#options.database, true);
+    if (this.#closing) {
+      await connection.close();
+      return;
+    }
     this.#connection = connection;
     // From 0/0: PostgreSQL resumes at the slot's confirmed_flush_lsn, the last acknowledged
-    // position. Slot and publication names are [a-z0-9_] (checked by the callers), safe to quote.
+    // position; from a later position, it skips the transactions that committed before it. Slot
+    // and publication names are [a-z0-9_] (checked by the callers), safe to quote.
     const messages = this.#options.tap === undefined ? "" : ", messages 'true'";
     const copy = connection.copyBoth(
-      `START_REPLICATION SLOT "${this.slotName}" LOGICAL 0/0 (proto_version '1', publication_names '${
-        this.#options.publications.join(",")
-      }'${messages})`,
+      `START_REPLICATION SLOT "${this.slotName}" LOGICAL ${
+        formatLsn(from ?? ZERO_LSN)
+      } (proto_version '1', publication_names '${this.#publications.join(",")}'${messages})`,
       (bytes, view, start, end) => this.#onCopyData(bytes, view, start, end),
       {
         linger: () => this.#decoder.betweenFrames,
@@ -213,9 +236,14 @@ export class ReplicationService implements AsyncDisposable {
         onQuiet: () => this.#sendStatus(true),
       },
     );
+    // The end of a connection the replication left behind (a restart) is no loss.
     this.#ended = copy.done.then(
-      () => this.#lost(undefined),
-      (error) => this.#lost(error),
+      () => {
+        if (connection === this.#connection) this.#lost(undefined);
+      },
+      (error) => {
+        if (connection === this.#connection) this.#lost(error);
+      },
     );
     try {
       await copy.started;
@@ -230,8 +258,47 @@ export class ReplicationService implements AsyncDisposable {
       }
       throw error;
     }
+    if (from !== undefined) return; // a restart: the tap runs on
     this.#tapStarted = this.#options.tap !== undefined;
     this.#options.tap?.start(this.#options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+  }
+
+  /**
+   * Ends the walsender and starts another from `from` (the end of the
+   * transaction just decoded) with `publications`: nothing the old one sent
+   * after it is read, and the new one sends it again, with what the new
+   * publications add. Waits for the slot while the old walsender lets go.
+   */
+  async #restart(publications: Promise<string[]>, from: Lsn): Promise<void> {
+    this.#restarting = true;
+    const old = this.#connection;
+    this.#connection = undefined;
+    try {
+      this.#publications = await publications;
+      await old?.close();
+      const deadline = Date.now() + RESTART_BUSY_MS;
+      for (let delay = 20;; delay = Math.min(delay * 2, 500)) {
+        if (this.#closing) return;
+        try {
+          await this.#start(from);
+          break;
+        } catch (error) {
+          if (!(error instanceof SlotInUseError) || Date.now() + delay > deadline) throw error;
+          await new Promise((resolve) => setTimeout(resolve, delay));
+        }
+      }
+      this.#restarting = false;
+      log.info("replication.restarted", `replication of slot "${this.slotName}" started again`, {
+        slot: this.slotName,
+        from: formatLsn(from),
+        publications: this.#publications.join(","),
+      });
+      // The position acknowledged so far, to the new walsender.
+      this.#sendStatus();
+    } catch (error) {
+      this.#restarting = false;
+      this.#lost(error);
+    }
   }
 
   /** One CopyData payload: XLogData (a pgoutput message) or a keepalive. */
@@ -241,15 +308,24 @@ export class ReplicationService implements AsyncDisposable {
     start: number,
     end: number,
   ): void | Promise<void> {
-    if (this.#closing) return;
+    if (this.#closing || this.#restarting) return;
     const tag = bytes[start];
     if (tag === XLOG_DATA) {
       if (start + 25 >= end) return;
       const result = this.#decoder.decode(bytes, view, start + 25);
-      if (result === undefined) return;
       if (result instanceof Promise) return result;
-      this.#controller.enqueue(result);
-      this.#enqueued = result.nextLsn;
+      if (result !== undefined) {
+        this.#controller.enqueue(result);
+        this.#enqueued = result.nextLsn;
+      }
+      if (bytes[start + 25] === PGOUTPUT_COMMIT) {
+        const again = this.#options.tap?.republish?.();
+        if (again !== undefined) {
+          void this.#restart(again.publications, again.from);
+          return;
+        }
+      }
+      if (result === undefined) return;
       if ((this.#controller.desiredSize ?? 0) <= 0) {
         // Backpressure: nothing more is read from PostgreSQL until the consumer catches up.
         return new Promise<void>((resolve) => (this.#wake = resolve));

@@ -564,22 +564,17 @@ export class StreamManager {
       [publication],
     );
     const ownName = own ? publication : undefined;
-    // The walsender is started with the publications of the kinds of change wanted: a change may
-    // leave some out (the decoder drops what is not wanted), not ask for more.
-    const reading = new Set(streamPublications(names, current, ownName));
-    const wanted = streamPublications(names, definition, ownName);
-    if (wanted.some((p) => !reading.has(p))) {
-      throw new InvalidRequestError(
-        `Cannot change stream: "operations" may drop kinds of change, but adding ${
-          definition.operations.filter((o) => !current.operations.includes(o)).join(", ")
-        } to a running stream needs a new replication; create a new stream for them`,
-      );
-    }
+    // Kinds of change dropped are dropped by the decoder; added ones need the walsender started
+    // again (by the replication, at the change) with their publications, which exist already:
+    // the shared ones, or the stream's own insert publication, set to the new tables first.
+    const insertAdded = definition.operations.includes("insert") &&
+      !current.operations.includes("insert");
     if (request.backfill) {
       // Every table that gets a backfill must be one a backfill can read: refused now.
       for (const table of [...diff.added, ...diff.changed]) await resolveBackfillTable(pool, table);
     }
-    const widens = ownName !== undefined && (diff.added.length > 0 || diff.changed.length > 0);
+    const widens = ownName !== undefined &&
+      (diff.added.length > 0 || diff.changed.length > 0 || insertAdded);
     /** Puts the publication back as it was, unless the change was recorded after all. */
     const revert = async () => {
       if (!widens) return;
@@ -736,6 +731,13 @@ export class StreamManager {
           async markSwitch(nonce, txLsn) {
             const found = await store.markSwitch(stream.name, nonce, formatLsn(txLsn));
             return found?.switch ? { ...found.switch, definition: found.definition } : undefined;
+          },
+          async publicationsOf(next) {
+            const { rows: [{ exists }] } = await pool.query<{ exists: boolean }>(
+              "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1) AS exists",
+              [name],
+            );
+            return streamPublications(names, next, exists ? name : undefined);
           },
           async storedSwitch() {
             const now = await store.get(stream.name);
