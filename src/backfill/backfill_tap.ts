@@ -26,7 +26,7 @@
 import type pg from "pg";
 import { type Lsn, parseLsn } from "../lsn.ts";
 import { errorMessage, log } from "../observability/log.ts";
-import type { BackfillMode } from "../protocol.ts";
+import type { BackfillMode, StreamOperation } from "../protocol.ts";
 import type { ReplicationTap } from "../replication/replication_service.ts";
 import { NOT_THERE, type RawValue } from "../replication/row_filter.ts";
 import type { StoredCondition, StreamDefinition } from "../streams/stream_definition.ts";
@@ -196,6 +196,8 @@ export interface BackfillTapOptions {
   storedSwitch?: () => Promise<PendingSwitch | undefined>;
   /** The publications a replication of `definition` reads (for a change that adds kinds of change). */
   publicationsOf?: (definition: StreamDefinition) => Promise<string[]>;
+  /** The kinds of change the walsender was started for (default: the definition's). */
+  reading?: readonly StreamOperation[];
   limits?: ChunkLimits;
   /** Told of the rows each chunk sent (for the metrics). */
   countRows?: (rows: number) => void;
@@ -288,6 +290,8 @@ export class BackfillTap implements ReplicationTap {
   readonly #ended = new Set<string>();
   /** The changes of the definition this tap's decoder carried out. */
   readonly #applied = new Set<string>();
+  /** The kinds of change the walsender reads. */
+  #reading: Set<StreamOperation>;
   /** Where the replication starts again, with which publications, after a change that needs it. */
   #republish: { publications: Promise<string[]>; from: Lsn } | undefined;
 
@@ -297,6 +301,7 @@ export class BackfillTap implements ReplicationTap {
     this.#limits = options.limits ?? { rows: DEFAULT_CHUNK_ROWS, bytes: DEFAULT_CHUNK_BYTES };
     this.#definition = options.definition;
     this.#awaiting = options.pendingSwitch;
+    this.#reading = new Set(options.reading ?? options.definition.operations);
   }
 
   start(chunkBytes: number): void {
@@ -481,9 +486,12 @@ export class BackfillTap implements ReplicationTap {
         apply: (p) => Object.assign(p, { startedAcked: true, cursor: null, rowsDone: 0 }),
       });
     }
-    const before = new Set(this.#definition.operations);
     const publicationsOf = this.#options.publicationsOf;
-    if (publicationsOf !== undefined && change.definition.operations.some((o) => !before.has(o))) {
+    if (
+      publicationsOf !== undefined &&
+      change.definition.operations.some((o) => !this.#reading.has(o))
+    ) {
+      this.#reading = new Set(change.definition.operations);
       // The walsender was started for fewer kinds of change: from the change's end it is started
       // again with the publications of the new definition.
       const publications = publicationsOf(change.definition);

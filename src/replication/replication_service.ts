@@ -176,8 +176,8 @@ export class ReplicationService implements AsyncDisposable {
   #tapStarted = false;
   /** The publications the walsender reads. */
   #publications: string[];
-  /** Started again with other publications: what the old connection still brings is not read. */
-  #restarting = false;
+  /** A restart under way (see {@link #restart}), awaited by {@link close}. */
+  #restarting: Promise<void> | undefined;
 
   private constructor(options: ReplicationOptions) {
     this.slotName = options.slotName;
@@ -229,26 +229,32 @@ export class ReplicationService implements AsyncDisposable {
       `START_REPLICATION SLOT "${this.slotName}" LOGICAL ${
         formatLsn(from ?? ZERO_LSN)
       } (proto_version '1', publication_names '${this.#publications.join(",")}'${messages})`,
-      (bytes, view, start, end) => this.#onCopyData(bytes, view, start, end),
+      // Only the current connection is read: one left behind (a restart) may still bring data.
+      (bytes, view, start, end) =>
+        connection === this.#connection ? this.#onCopyData(bytes, view, start, end) : undefined,
       {
         linger: () => this.#decoder.betweenFrames,
         receiveTimeoutMs: this.#options.receiveTimeoutMs,
         onQuiet: () => this.#sendStatus(true),
       },
     );
-    // The end of a connection the replication left behind (a restart) is no loss.
+    // The end of a copy that started is a loss; not that of one left behind (a restart), nor of
+    // one refused (its caller is told).
+    let began = false;
+    copy.started.then(() => (began = true), () => {});
     this.#ended = copy.done.then(
       () => {
-        if (connection === this.#connection) this.#lost(undefined);
+        if (began && connection === this.#connection) this.#lost(undefined);
       },
       (error) => {
-        if (connection === this.#connection) this.#lost(error);
+        if (began && connection === this.#connection) this.#lost(error);
       },
     );
     try {
       await copy.started;
     } catch (error) {
-      this.#closing = true;
+      if (from === undefined) this.#closing = true;
+      this.#connection = undefined;
       void connection.close();
       switch (sqlState(error)) {
         case SqlState.UndefinedObject:
@@ -270,12 +276,11 @@ export class ReplicationService implements AsyncDisposable {
    * publications add. Waits for the slot while the old walsender lets go.
    */
   async #restart(publications: Promise<string[]>, from: Lsn): Promise<void> {
-    this.#restarting = true;
     const old = this.#connection;
     this.#connection = undefined;
     try {
-      this.#publications = await publications;
       await old?.close();
+      this.#publications = await publications;
       const deadline = Date.now() + RESTART_BUSY_MS;
       for (let delay = 20;; delay = Math.min(delay * 2, 500)) {
         if (this.#closing) return;
@@ -287,7 +292,7 @@ export class ReplicationService implements AsyncDisposable {
           await new Promise((resolve) => setTimeout(resolve, delay));
         }
       }
-      this.#restarting = false;
+      if (this.#closing) return;
       log.info("replication.restarted", `replication of slot "${this.slotName}" started again`, {
         slot: this.slotName,
         from: formatLsn(from),
@@ -296,7 +301,6 @@ export class ReplicationService implements AsyncDisposable {
       // The position acknowledged so far, to the new walsender.
       this.#sendStatus();
     } catch (error) {
-      this.#restarting = false;
       this.#lost(error);
     }
   }
@@ -308,7 +312,7 @@ export class ReplicationService implements AsyncDisposable {
     start: number,
     end: number,
   ): void | Promise<void> {
-    if (this.#closing || this.#restarting) return;
+    if (this.#closing) return;
     const tag = bytes[start];
     if (tag === XLOG_DATA) {
       if (start + 25 >= end) return;
@@ -321,7 +325,7 @@ export class ReplicationService implements AsyncDisposable {
       if (bytes[start + 25] === PGOUTPUT_COMMIT) {
         const again = this.#options.tap?.republish?.();
         if (again !== undefined) {
-          void this.#restart(again.publications, again.from);
+          this.#restarting = this.#restart(again.publications, again.from);
           return;
         }
       }
@@ -412,6 +416,7 @@ export class ReplicationService implements AsyncDisposable {
     try {
       this.#controller.close();
     } catch { /* already closed or errored */ }
+    await this.#restarting; // it gives up, seeing the replication closed
     await this.#connection?.close();
     await this.#ended;
     if (this.#tapStarted) await this.#options.tap?.close();

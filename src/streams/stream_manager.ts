@@ -709,13 +709,19 @@ export class StreamManager {
       }
     }
     const definition = pending === undefined ? stream.definition : change!.previous;
+    // Before a change not yet past, the walsender reads the kinds of change of both definitions
+    // (the decoder drops what the one it carries does not want): wherever in the log it starts
+    // (the slot's position may move while it waits for the slot), it needs no restart.
+    const reading = pending === undefined ? definition.operations : [
+      ...new Set([...definition.operations, ...stream.definition.operations]),
+    ];
     const scopeOf = (d: StreamDefinition) => new StreamView(stream.name, d, pool).scope;
     const store = this.#store;
     return {
       options: {
         database: config.database,
         slotName: stream.slotName,
-        publications: streamPublications(names, definition, own),
+        publications: streamPublications(names, { ...definition, operations: reading }, own),
         resolveTypes: (types) => typeNames.resolve(types),
         scope: scopeOf(definition),
         chunkBytes: config.frameChunkBytes,
@@ -732,6 +738,7 @@ export class StreamManager {
             const found = await store.markSwitch(stream.name, nonce, formatLsn(txLsn));
             return found?.switch ? { ...found.switch, definition: found.definition } : undefined;
           },
+          reading,
           async publicationsOf(next) {
             const { rows: [{ exists }] } = await pool.query<{ exists: boolean }>(
               "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1) AS exists",
